@@ -1,0 +1,678 @@
+"""The kerasbn BatchNormalization layer (local and synchronized)."""
+
+from __future__ import annotations
+
+import numbers
+
+import keras
+import tensorflow as tf
+from keras import constraints, initializers, regularizers
+
+from kerasbn import cross_replica
+from kerasbn.moments import local_moments, merge_moments, variance_from_moments
+
+_RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+_FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
+
+
+def _check_fraction(name: str, value, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"`{name}` must be a float in [0, 1)"
+            + (" or None" if allow_none else "")
+            + f"; received {name}={value!r}."
+        )
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1); received {name}={value!r}.")
+    return float(value)
+
+
+def _check_positive_int(name: str, value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"`{name}` must be a positive int or None; received {name}={value!r}."
+        )
+    if value <= 0:
+        raise ValueError(
+            f"`{name}` must be a positive int or None; received {name}={value!r}."
+        )
+    return int(value)
+
+
+def _check_renorm_clipping(renorm_clipping) -> dict:
+    if renorm_clipping is None:
+        return {}
+    if not isinstance(renorm_clipping, dict):
+        raise TypeError(
+            "`renorm_clipping` must be a dict with keys among "
+            f"{_RENORM_CLIPPING_KEYS}; received {renorm_clipping!r}."
+        )
+    unknown = set(renorm_clipping) - set(_RENORM_CLIPPING_KEYS)
+    if unknown:
+        raise ValueError(
+            f"Unknown `renorm_clipping` keys {sorted(unknown)}; expected keys "
+            f"among {_RENORM_CLIPPING_KEYS}."
+        )
+    clipping = {k: (None if v is None else float(v)) for k, v in renorm_clipping.items()}
+    rmin, rmax, dmax = (clipping.get(k) for k in ("rmin", "rmax", "dmax"))
+    if rmin is not None and rmax is not None and rmin > rmax:
+        raise ValueError(
+            f"`renorm_clipping` needs rmin <= rmax; received rmin={rmin}, rmax={rmax}."
+        )
+    if dmax is not None and dmax < 0:
+        raise ValueError(f"`renorm_clipping` needs dmax >= 0; received dmax={dmax}.")
+    return clipping
+
+
+@keras.saving.register_keras_serializable(package="kerasbn")
+class BatchNormalization(keras.layers.Layer):
+    """Batch normalization (Ioffe & Szegedy, 2015), local or synchronized.
+
+    During training (``training=True``) each channel is normalized with the
+    mean and the biased variance of the current batch, computed over every
+    axis but ``axis`` (for convolutions: the batch and all spatial
+    positions), then scaled by ``gamma`` and shifted by ``beta`` (the paper's
+    Algorithm 1); gradients flow through the statistics. The population
+    statistics used at inference are tracked as
+
+    ``moving = momentum * moving + (1 - momentum) * batch_statistic``
+
+    where, by default, the variance fed to the average is the *unbiased*
+    ``m / (m - 1) * batch_variance`` of the paper's Algorithm 2 (``m`` values
+    per channel in the batch). Keras' own layer averages the biased variance.
+    During inference (``training=False``, and always when
+    ``trainable=False``, as in Keras) the moving statistics are used and never
+    change.
+
+    Everything about ``keras.layers.BatchNormalization`` holds here (same
+    arguments, defaults and weights), plus: the unbiased population variance,
+    exact cumulative averages (``momentum=None``), ghost batches
+    (``virtual_batch_size``), float32 statistics under any dtype policy,
+    TensorFlow's fused kernel where possible, safe empty and one-value
+    batches, and synchronization across replicas with one collective.
+
+    Args:
+        axis: int, the channel axis to keep (-1 for channels-last, 1 for
+            channels-first convolutions).
+        momentum: float in [0, 1), the moving average's momentum; or None
+            for the cumulative average over all training batches seen
+            (exact population statistics, counted by ``num_batches``).
+        epsilon: float > 0 added to the variance before the square root.
+        center: if True, add the learned offset ``beta``.
+        scale: if True, multiply by the learned ``gamma``.
+        beta_initializer, gamma_initializer: initializers of ``beta`` and
+            ``gamma``.
+        moving_mean_initializer, moving_variance_initializer: initializers of
+            the moving statistics.
+        beta_regularizer, gamma_regularizer: optional regularizers.
+        beta_constraint, gamma_constraint: optional constraints.
+        unbiased_variance: if True (default), the moving variance averages
+            ``m / (m - 1)`` times the batch variance (Algorithm 2). A batch
+            with a single value per channel (``m = 1``) carries no variance
+            estimate: it is still normalized (its output is ``beta``) but
+            leaves the moving statistics unchanged. If False, the biased
+            batch variance is averaged, as Keras does.
+        virtual_batch_size: int or None. Ghost batch normalization: each
+            consecutive group of ``virtual_batch_size`` examples is
+            normalized with its own statistics; it must divide the batch.
+            The moving statistics then average the ghost batches' statistics
+            (their mean of means and mean of unbiased variances: each ghost
+            batch is one of Algorithm 2's mini-batches). Not combinable with
+            ``renorm`` or ``synchronized``.
+        renorm: if True, Batch Renormalization (Ioffe, 2017): training output
+            ``gamma * (x_hat * r + d) + beta`` with ``r``, ``d`` from the
+            renorm moving statistics, clipped; inference is unchanged.
+        renorm_clipping: dict with optional keys ``rmax``, ``rmin``, ``dmax``
+            (defaults inf, 0, inf); ``r`` is clipped to ``[rmin, rmax]`` and
+            ``d`` to ``[-dmax, dmax]``.
+        renorm_momentum: float in [0, 1), momentum of the renorm statistics.
+        synchronized: if True, under a ``tf.distribute`` strategy the batch
+            statistics are those of the global batch across replicas, merged
+            with one collective per layer (see ``SyncBatchNormalization``).
+        sync_group_size: int or None; with ``synchronized=True``, replicas
+            share statistics within consecutive groups of this many replicas
+            (it must divide the replica count); None means all replicas.
+        fused: None (default) uses TensorFlow's fused batch-norm kernel
+            whenever the case allows it (float16/bfloat16/float32 input, no
+            mask, no ghost batch, no renorm, not synchronized across several
+            replicas); False never uses it; True requires it.
+        **kwargs: base layer arguments (``name``, ``dtype``, ``trainable``).
+
+    Call arguments:
+        inputs: a tensor of rank >= 2.
+        training: Python bool; True normalizes with batch statistics and
+            updates the moving statistics.
+        mask: optional boolean tensor of ``inputs``' shape without the channel
+            axis; False positions are left out of the statistics (they are
+            still normalized).
+
+    Example:
+
+    >>> import numpy as np, keras, kerasbn
+    >>> layer = kerasbn.BatchNormalization(momentum=None)
+    >>> x = np.random.RandomState(0).normal(5.0, 2.0, (64, 3)).astype("float32")
+    >>> y = layer(x, training=True)
+    >>> bool(abs(float(np.mean(y))) < 1e-4)
+    True
+    >>> np.round(layer.moving_mean.numpy(), 1).shape
+    (3,)
+
+    Reference: Ioffe & Szegedy, "Batch Normalization: Accelerating Deep
+    Network Training by Reducing Internal Covariate Shift", ICML 2015,
+    https://arxiv.org/abs/1502.03167.
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        unbiased_variance=True,
+        virtual_batch_size=None,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
+        synchronized=False,
+        sync_group_size=None,
+        fused=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(
+                f"`axis` must be an int (the channel axis); received axis={axis!r}."
+            )
+        self.axis = int(axis)
+        self.momentum = _check_fraction("momentum", momentum, allow_none=True)
+        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+            raise TypeError(f"`epsilon` must be a float > 0; received epsilon={epsilon!r}.")
+        if not epsilon > 0:
+            raise ValueError(f"`epsilon` must be > 0; received epsilon={epsilon!r}.")
+        self.epsilon = float(epsilon)
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.unbiased_variance = bool(unbiased_variance)
+        self.virtual_batch_size = _check_positive_int("virtual_batch_size", virtual_batch_size)
+        self.renorm = bool(renorm)
+        if renorm_clipping is not None and not self.renorm:
+            raise ValueError(
+                "`renorm_clipping` is only used with renorm=True; received "
+                f"renorm_clipping={renorm_clipping!r} with renorm=False."
+            )
+        self.renorm_clipping = _check_renorm_clipping(renorm_clipping)
+        self.renorm_momentum = _check_fraction("renorm_momentum", renorm_momentum)
+        self.synchronized = bool(synchronized)
+        self.sync_group_size = _check_positive_int("sync_group_size", sync_group_size)
+        if self.sync_group_size is not None and not self.synchronized:
+            raise ValueError(
+                "`sync_group_size` needs synchronized=True; received "
+                f"sync_group_size={sync_group_size} with synchronized=False."
+            )
+        if self.virtual_batch_size is not None and (self.renorm or self.synchronized):
+            raise ValueError(
+                "`virtual_batch_size` (ghost batches) cannot be combined with "
+                "renorm=True or synchronized=True."
+            )
+        if fused not in (None, True, False):
+            raise TypeError(f"`fused` must be None, True or False; received fused={fused!r}.")
+        if fused and (self.virtual_batch_size or self.renorm):
+            raise ValueError(
+                "fused=True is impossible with virtual_batch_size or renorm; "
+                "use fused=None to pick the fused kernel when possible."
+            )
+        self.fused = fused
+        self.supports_masking = True
+        self.gamma = None
+        self.beta = None
+        self.moving_mean = None
+        self.moving_variance = None
+        self.num_batches = None
+
+    # ------------------------------------------------------------------ build
+    def _channel_axis(self, rank: int) -> int:
+        if rank < 2:
+            raise ValueError(
+                f"{type(self).__name__} expects inputs of rank >= 2 (batch and "
+                f"channels); received rank {rank}."
+            )
+        if not -rank <= self.axis < rank:
+            raise ValueError(
+                f"`axis`={self.axis} is out of range for inputs of rank {rank}; "
+                f"expected an int in [{-rank}, {rank - 1}]."
+            )
+        axis = self.axis % rank
+        if axis == 0 and self.virtual_batch_size is not None:
+            raise ValueError("`virtual_batch_size` needs a batch axis other than `axis`=0.")
+        return axis
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        rank = len(input_shape)
+        axis = self._channel_axis(rank)
+        channels = input_shape[axis]
+        if channels is None:
+            raise ValueError(
+                f"The channel dimension (axis {self.axis}) of the inputs must be "
+                f"known to build {type(self).__name__}; received input shape "
+                f"{input_shape}."
+            )
+        if self.fused and not self._fusable_shape(rank, axis):
+            raise ValueError(
+                f"fused=True needs the channel axis first or last after the batch "
+                f"axis; received axis={self.axis} for rank {rank}."
+            )
+        shape = (channels,)
+        # The statistics are float32 under every dtype policy: a float16
+        # moving variance overflows at activations around 250.
+        statistics_aggregation = self._statistics_aggregation()
+
+        def add_statistic(name, initializer):
+            return self.add_weight(
+                shape=shape,
+                name=name,
+                initializer=initializer,
+                dtype="float32",
+                trainable=False,
+                autocast=False,
+                aggregation=statistics_aggregation,
+            )
+
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape,
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape,
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        self.moving_mean = add_statistic("moving_mean", self.moving_mean_initializer)
+        self.moving_variance = add_statistic(
+            "moving_variance", self.moving_variance_initializer
+        )
+        if self.momentum is None:
+            self.num_batches = self.add_weight(
+                shape=(),
+                name="num_batches",
+                initializer="zeros",
+                dtype="float32",
+                trainable=False,
+                autocast=False,
+                aggregation=statistics_aggregation,
+            )
+        if self.renorm:
+            moving_variance_initializer = self.moving_variance_initializer
+
+            def stddev_initializer(shape, dtype=None):
+                return tf.sqrt(moving_variance_initializer(shape, dtype="float32"))
+
+            self.renorm_mean = add_statistic("renorm_mean", self.moving_mean_initializer)
+            self.renorm_stddev = add_statistic("renorm_stddev", stddev_initializer)
+        self.input_spec = keras.layers.InputSpec(ndim=rank, axes={axis: channels})
+        self._rank = rank
+        self._positive_axis = axis
+        self._reduction_axes = [a for a in range(rank) if a != axis]
+
+    def _statistics_aggregation(self) -> str:
+        # Synchronized over all replicas, every replica computes identical
+        # statistics: replica 0's write is the truth and costs nothing.
+        # Otherwise the replicas' updates differ, and a MEAN aggregation keeps
+        # one consistent set instead of copies that drift apart.
+        if self.synchronized and self.sync_group_size is None:
+            return "only_first_replica"
+        return "mean"
+
+    @staticmethod
+    def _fusable_shape(rank: int, axis: int) -> bool:
+        return axis == rank - 1 or axis == 1
+
+    def _use_fused(self, inputs, mask, replicas: int) -> bool:
+        if self.fused is False or mask is not None:
+            return False
+        if self.virtual_batch_size or self.renorm:
+            return False
+        if self.synchronized and replicas > 1:
+            if self.fused:
+                raise ValueError(
+                    "fused=True cannot synchronize statistics across replicas; "
+                    "use fused=None."
+                )
+            return False
+        if not self._fusable_shape(self._rank, self._positive_axis):
+            return False
+        if inputs.dtype not in _FUSED_DTYPES:
+            if self.fused:
+                raise TypeError(
+                    f"fused=True needs float16, bfloat16 or float32 inputs; "
+                    f"received {inputs.dtype.name}."
+                )
+            return False
+        return True
+
+    # ------------------------------------------------------------------- call
+    def call(self, inputs, training=None, mask=None):
+        inputs = tf.convert_to_tensor(inputs)
+        if not inputs.dtype.is_floating:
+            raise TypeError(
+                f"{type(self).__name__} expects floating-point inputs; received "
+                f"dtype {inputs.dtype.name}."
+            )
+        if mask is not None:
+            mask = self._expand_mask(inputs, mask)
+        gamma, beta = self._affine_parameters()
+        if not (training and self.trainable):
+            return self._inference(inputs, gamma, beta)
+
+        replicas = cross_replica.num_replicas_in_sync()
+        if self.synchronized:
+            cross_replica.check_group_size(self.sync_group_size, replicas)
+        if self._use_fused(inputs, mask, replicas):
+            return self._fused_training(inputs, gamma, beta)
+        return self._general_training(inputs, mask, gamma, beta)
+
+    def _expand_mask(self, inputs, mask):
+        mask = tf.convert_to_tensor(mask)
+        if mask.shape.rank != self._rank - 1:
+            raise ValueError(
+                "`mask` must have the inputs' shape without the channel axis "
+                f"(rank {self._rank - 1}); received mask shape {mask.shape} for "
+                f"inputs shape {inputs.shape}."
+            )
+        return tf.expand_dims(tf.cast(mask, tf.bool), self._positive_axis)
+
+    def _affine_parameters(self):
+        gamma = tf.cast(self.gamma, tf.float32) if self.scale else None
+        beta = tf.cast(self.beta, tf.float32) if self.center else None
+        return gamma, beta
+
+    def _broadcast_shape(self):
+        shape = [1] * self._rank
+        shape[self._positive_axis] = -1
+        return shape
+
+    def _affine(self, inputs, mean, variance, gamma, beta):
+        """``gamma * (x - mean) / sqrt(variance + eps) + beta`` as x * a + b."""
+        multiplier = tf.math.rsqrt(variance + self.epsilon)
+        if gamma is not None:
+            multiplier = multiplier * gamma
+        offset = -mean * multiplier
+        if beta is not None:
+            offset = offset + beta
+        shape = self._broadcast_shape()
+        multiplier = tf.reshape(multiplier, shape)
+        offset = tf.reshape(offset, shape)
+        x = tf.cast(inputs, tf.float32)
+        return tf.cast(x * multiplier + offset, self.compute_dtype)
+
+    def _inference(self, inputs, gamma, beta):
+        return self._affine(inputs, self.moving_mean, self.moving_variance, gamma, beta)
+
+    def _fused_training(self, inputs, gamma, beta):
+        channels = inputs.shape[self._positive_axis]
+        shape = tf.shape(inputs)
+        if self._positive_axis == self._rank - 1:
+            data_format = "NHWC"
+            as_4d = [shape[0], -1, 1, channels]
+        else:
+            data_format = "NCHW"
+            as_4d = [shape[0], channels, -1, 1]
+        # Any rank folds into the kernel's 4D layout: (N, rest, 1, C) or
+        # (N, C, rest, 1) reduces over exactly the same values.
+        x = inputs if self._rank == 4 else tf.reshape(inputs, as_4d)
+        ones = tf.ones([channels], tf.float32)
+        y, batch_mean, batch_variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=x,
+            scale=gamma if gamma is not None else ones,
+            offset=beta if beta is not None else tf.zeros([channels], tf.float32),
+            mean=tf.zeros([0], tf.float32),
+            variance=tf.zeros([0], tf.float32),
+            epsilon=self.epsilon,
+            is_training=True,
+            data_format=data_format,
+        )
+        count = tf.cast(tf.size(inputs, out_type=tf.int64) // channels, tf.float32)
+        # The fused kernel returns the Bessel-corrected variance (and NaN for
+        # an empty batch); turn it back into the biased one we track.
+        variance = batch_variance * (tf.maximum(count, 2.0) - 1.0) / tf.maximum(count, 2.0)
+        variance = tf.where(count > 1.0, variance, tf.zeros_like(variance))
+        mean = tf.where(count > 0.0, batch_mean, tf.zeros_like(batch_mean))
+        self._update_moving_statistics(
+            tf.fill([1, channels], count), mean[None], variance[None]
+        )
+        if self._rank != 4:
+            y = tf.reshape(y, shape)
+        return tf.cast(y, self.compute_dtype)
+
+    def _general_training(self, inputs, mask, gamma, beta):
+        x = inputs
+        shape = tf.shape(inputs)
+        axis = self._positive_axis
+        if self.virtual_batch_size:
+            x, mask, axis = self._split_ghost_batches(x, mask)
+            reduction_axes = [a for a in range(self._rank + 1) if a not in (0, axis)]
+        else:
+            reduction_axes = self._reduction_axes
+        count, mean, m2 = local_moments(x, reduction_axes, mask)
+        if self.synchronized:
+            count, mean, m2 = cross_replica.global_moments(
+                tf.reshape(count, [-1]),
+                tf.reshape(mean, [-1]),
+                tf.reshape(m2, [-1]),
+                self.sync_group_size,
+            )
+        channels = inputs.shape[self._positive_axis]
+        groups_shape = [-1, channels]  # (ghost batches or 1, C)
+        count = tf.reshape(count, groups_shape)
+        mean = tf.reshape(mean, groups_shape)
+        variance = variance_from_moments(count, tf.reshape(m2, groups_shape))
+        if self.renorm:
+            gamma, beta = self._renorm_affine(count, mean, variance, gamma, beta)
+        self._update_moving_statistics(count, mean, variance)
+
+        if not self.virtual_batch_size:
+            return self._affine(x, mean[0], variance[0], gamma, beta)
+        # Ghost batches: one (multiplier, offset) per group and channel.
+        multiplier = tf.math.rsqrt(variance + self.epsilon)
+        if gamma is not None:
+            multiplier = multiplier * gamma
+        offset = -mean * multiplier
+        if beta is not None:
+            offset = offset + beta
+        ghost_shape = [1] * (self._rank + 1)
+        ghost_shape[0], ghost_shape[axis] = -1, channels
+        y = tf.cast(x, tf.float32) * tf.reshape(multiplier, ghost_shape)
+        y = y + tf.reshape(offset, ghost_shape)
+        return tf.cast(tf.reshape(y, shape), self.compute_dtype)
+
+    def _split_ghost_batches(self, x, mask):
+        """Reshapes (B, ...) into (B / k, k, ...); returns the new channel axis."""
+        k = self.virtual_batch_size
+        batch = x.shape[0]
+        if batch is not None and batch % k:
+            raise ValueError(
+                f"`virtual_batch_size`={k} must divide the batch size; received "
+                f"a batch of {batch}."
+            )
+        dynamic_batch = tf.shape(x)[0]
+        if batch is None:
+            tf.debugging.assert_equal(
+                dynamic_batch % k,
+                0,
+                message=f"`virtual_batch_size`={k} must divide the batch size",
+            )
+        ghost_shape = tf.concat([[dynamic_batch // k, k], tf.shape(x)[1:]], 0)
+        x = tf.reshape(x, ghost_shape)
+        if mask is not None:
+            mask_shape = tf.concat([[dynamic_batch // k, k], tf.shape(mask)[1:]], 0)
+            mask = tf.reshape(mask, mask_shape)
+        return x, mask, self._positive_axis + 1
+
+    def _renorm_affine(self, count, mean, variance, gamma, beta):
+        """Folds Batch Renormalization's (r, d) into gamma and beta."""
+        stddev = tf.sqrt(variance[0] + self.epsilon)
+        renorm_stddev = tf.maximum(self.renorm_stddev, tf.sqrt(self.epsilon))
+        r = stddev / renorm_stddev
+        d = (mean[0] - self.renorm_mean) / renorm_stddev
+        rmin = self.renorm_clipping.get("rmin")
+        rmax = self.renorm_clipping.get("rmax")
+        dmax = self.renorm_clipping.get("dmax")
+        if rmin is not None:
+            r = tf.maximum(r, rmin)
+        if rmax is not None:
+            r = tf.minimum(r, rmax)
+        if dmax is not None:
+            d = tf.clip_by_value(d, -dmax, dmax)
+        r, d = tf.stop_gradient(r), tf.stop_gradient(d)
+        valid = count[0] > 0.0
+        momentum = self.renorm_momentum
+        self.renorm_mean.assign(
+            tf.where(valid, momentum * self.renorm_mean + (1 - momentum) * mean[0],
+                     self.renorm_mean)
+        )
+        self.renorm_stddev.assign(
+            tf.where(valid, momentum * self.renorm_stddev + (1 - momentum) * stddev,
+                     self.renorm_stddev)
+        )
+        # gamma * (x_hat * r + d) + beta = x_hat * (gamma r) + (gamma d + beta)
+        new_gamma = r if gamma is None else gamma * r
+        new_beta = d if gamma is None else gamma * d
+        if beta is not None:
+            new_beta = new_beta + beta
+        return new_gamma, new_beta
+
+    def _update_moving_statistics(self, count, mean, variance):
+        """Feeds per-group (G, C) batch statistics to the moving averages.
+
+        A group counts when it carries a variance estimate: at least two
+        values per channel with ``unbiased_variance``, at least one without.
+        Groups are averaged (ghost batches); a batch with no valid group
+        leaves everything unchanged, so empty batches never write NaN.
+        """
+        if self.unbiased_variance:
+            valid = count > 1.0
+            variance = variance * count / tf.maximum(count - 1.0, 1.0)
+        else:
+            valid = count > 0.0
+        weights = tf.cast(valid, tf.float32)
+        valid_groups = tf.reduce_sum(weights, 0)
+        any_valid = valid_groups > 0.0
+        batch_mean = tf.reduce_sum(weights * mean, 0) / tf.maximum(valid_groups, 1.0)
+        batch_variance = tf.reduce_sum(weights * variance, 0) / tf.maximum(valid_groups, 1.0)
+        if self.momentum is None:
+            # Cumulative average: moving += (batch - moving) / (n + 1).
+            updated = tf.cast(tf.reduce_any(any_valid), tf.float32)
+            seen = self.num_batches + updated
+            rate = updated / tf.maximum(seen, 1.0)
+            self.num_batches.assign(seen)
+        else:
+            rate = 1.0 - self.momentum
+        rate = tf.where(any_valid, rate, 0.0)
+        self.moving_mean.assign(self.moving_mean + rate * (batch_mean - self.moving_mean))
+        self.moving_variance.assign(
+            self.moving_variance + rate * (batch_variance - self.moving_variance)
+        )
+
+    # ------------------------------------------------------------ the rest
+    def compute_output_shape(self, input_shape):
+        self._channel_axis(len(input_shape))
+        return tuple(input_shape)
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "axis": self.axis,
+                "momentum": self.momentum,
+                "epsilon": self.epsilon,
+                "center": self.center,
+                "scale": self.scale,
+                "beta_initializer": initializers.serialize(self.beta_initializer),
+                "gamma_initializer": initializers.serialize(self.gamma_initializer),
+                "moving_mean_initializer": initializers.serialize(
+                    self.moving_mean_initializer
+                ),
+                "moving_variance_initializer": initializers.serialize(
+                    self.moving_variance_initializer
+                ),
+                "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+                "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+                "beta_constraint": constraints.serialize(self.beta_constraint),
+                "gamma_constraint": constraints.serialize(self.gamma_constraint),
+                "unbiased_variance": self.unbiased_variance,
+                "virtual_batch_size": self.virtual_batch_size,
+                "renorm": self.renorm,
+                "renorm_clipping": self.renorm_clipping or None,
+                "renorm_momentum": self.renorm_momentum,
+                "synchronized": self.synchronized,
+                "sync_group_size": self.sync_group_size,
+                "fused": self.fused,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="kerasbn")
+class SyncBatchNormalization(BatchNormalization):
+    """``BatchNormalization(synchronized=True)`` under its own name.
+
+    Under ``tf.distribute.MirroredStrategy`` or ``MultiWorkerMirroredStrategy``
+    the batch statistics in training are those of the global batch (or of
+    each group of ``sync_group_size`` replicas), merged from every replica's
+    ``(count, mean, M2)`` with a single all-reduce per layer; gradients are
+    those of single-device batch normalization on the concatenated batch.
+    Outside a strategy, or with one replica, it is exactly the local layer.
+    Takes every argument of :class:`BatchNormalization`.
+
+    Example:
+
+    >>> import tensorflow as tf, kerasbn
+    >>> strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    >>> with strategy.scope():
+    ...     layer = kerasbn.SyncBatchNormalization()
+    >>> layer.synchronized
+    True
+    """
+
+    def __init__(self, *args, synchronized=True, **kwargs):
+        if not synchronized:
+            raise ValueError(
+                "SyncBatchNormalization is always synchronized; use "
+                "kerasbn.BatchNormalization for synchronized=False."
+            )
+        super().__init__(*args, synchronized=True, **kwargs)
