@@ -424,18 +424,20 @@ class BatchNormalization(keras.layers.Layer):
         return shape
 
     def _affine(self, inputs, mean, variance, gamma, beta):
-        """``gamma * (x - mean) / sqrt(variance + eps) + beta`` as x * a + b."""
+        """``gamma * (x - mean) / sqrt(variance + eps) + beta``.
+
+        Centred first: ``x * a + (beta - mean * a)`` rounds away the output
+        when a channel's mean is large against its spread.
+        """
         multiplier = tf.math.rsqrt(variance + self.epsilon)
         if gamma is not None:
             multiplier = multiplier * gamma
-        offset = -mean * multiplier
-        if beta is not None:
-            offset = offset + beta
         shape = self._broadcast_shape()
-        multiplier = tf.reshape(multiplier, shape)
-        offset = tf.reshape(offset, shape)
         x = tf.cast(inputs, tf.float32)
-        return tf.cast(x * multiplier + offset, self.compute_dtype)
+        y = (x - tf.reshape(mean, shape)) * tf.reshape(multiplier, shape)
+        if beta is not None:
+            y = y + tf.reshape(beta, shape)
+        return tf.cast(y, self.compute_dtype)
 
     def _inference(self, inputs, gamma, beta):
         return self._affine(inputs, self.moving_mean, self.moving_variance, gamma, beta)
@@ -508,13 +510,12 @@ class BatchNormalization(keras.layers.Layer):
         multiplier = tf.math.rsqrt(variance + self.epsilon)
         if gamma is not None:
             multiplier = multiplier * gamma
-        offset = -mean * multiplier
-        if beta is not None:
-            offset = offset + beta
         ghost_shape = [1] * (self._rank + 1)
         ghost_shape[0], ghost_shape[axis] = -1, channels
-        y = tf.cast(x, tf.float32) * tf.reshape(multiplier, ghost_shape)
-        y = y + tf.reshape(offset, ghost_shape)
+        centred = tf.cast(x, tf.float32) - tf.reshape(mean, ghost_shape)
+        y = centred * tf.reshape(multiplier, ghost_shape)
+        if beta is not None:
+            y = y + tf.reshape(beta, ghost_shape[1:])
         return tf.cast(tf.reshape(y, shape), self.compute_dtype)
 
     def _split_ghost_batches(self, x, mask):
