@@ -9,7 +9,7 @@ import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
 from kerasbn import cross_replica
-from kerasbn.moments import local_moments, merge_moments, variance_from_moments
+from kerasbn.moments import local_moments, variance_from_moments
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
@@ -359,18 +359,19 @@ class BatchNormalization(keras.layers.Layer):
     def _fusable_shape(rank: int, axis: int) -> bool:
         return axis == rank - 1 or axis == 1
 
-    def _use_fused(self, inputs, mask, replicas: int) -> bool:
-        if self.fused is False or mask is not None:
+    def _use_fused(self, inputs, mask=None, replicas: int = 1, training: bool = True) -> bool:
+        if self.fused is False:
             return False
-        if self.virtual_batch_size or self.renorm:
-            return False
-        if self.synchronized and replicas > 1:
-            if self.fused:
-                raise ValueError(
-                    "fused=True cannot synchronize statistics across replicas; "
-                    "use fused=None."
-                )
-            return False
+        if training:
+            if mask is not None or self.virtual_batch_size or self.renorm:
+                return False
+            if self.synchronized and replicas > 1:
+                if self.fused:
+                    raise ValueError(
+                        "fused=True cannot synchronize statistics across "
+                        "replicas; use fused=None."
+                    )
+                return False
         if not self._fusable_shape(self._rank, self._positive_axis):
             return False
         if inputs.dtype not in _FUSED_DTYPES:
@@ -432,17 +433,22 @@ class BatchNormalization(keras.layers.Layer):
         multiplier = tf.math.rsqrt(variance + self.epsilon)
         if gamma is not None:
             multiplier = multiplier * gamma
-        shape = self._broadcast_shape()
-        x = tf.cast(inputs, tf.float32)
-        y = (x - tf.reshape(mean, shape)) * tf.reshape(multiplier, shape)
+        if self._positive_axis != self._rank - 1:
+            shape = self._broadcast_shape()
+            mean, multiplier = tf.reshape(mean, shape), tf.reshape(multiplier, shape)
+            beta = None if beta is None else tf.reshape(beta, shape)
+        y = (tf.cast(inputs, tf.float32) - mean) * multiplier
         if beta is not None:
-            y = y + tf.reshape(beta, shape)
+            y = y + beta
         return tf.cast(y, self.compute_dtype)
 
     def _inference(self, inputs, gamma, beta):
+        # Measured: at batch 1 the fused kernel's fixed cost exceeds two
+        # broadcast element-wise ops, so inference stays element-wise.
         return self._affine(inputs, self.moving_mean, self.moving_variance, gamma, beta)
 
-    def _fused_training(self, inputs, gamma, beta):
+    def _fused(self, inputs, gamma, beta, training):
+        """TensorFlow's FusedBatchNormV3 (oneDNN on CPU, cuDNN on GPU)."""
         channels = inputs.shape[self._positive_axis]
         shape = tf.shape(inputs)
         if self._positive_axis == self._rank - 1:
@@ -454,17 +460,24 @@ class BatchNormalization(keras.layers.Layer):
         # Any rank folds into the kernel's 4D layout: (N, rest, 1, C) or
         # (N, C, rest, 1) reduces over exactly the same values.
         x = inputs if self._rank == 4 else tf.reshape(inputs, as_4d)
-        ones = tf.ones([channels], tf.float32)
+        empty = tf.zeros([0], tf.float32)
         y, batch_mean, batch_variance, *_ = tf.raw_ops.FusedBatchNormV3(
             x=x,
-            scale=gamma if gamma is not None else ones,
+            scale=gamma if gamma is not None else tf.ones([channels], tf.float32),
             offset=beta if beta is not None else tf.zeros([channels], tf.float32),
-            mean=tf.zeros([0], tf.float32),
-            variance=tf.zeros([0], tf.float32),
+            mean=empty if training else self.moving_mean,
+            variance=empty if training else self.moving_variance,
             epsilon=self.epsilon,
-            is_training=True,
+            is_training=training,
             data_format=data_format,
         )
+        if self._rank != 4:
+            y = tf.reshape(y, shape)
+        return tf.cast(y, self.compute_dtype), batch_mean, batch_variance
+
+    def _fused_training(self, inputs, gamma, beta):
+        channels = inputs.shape[self._positive_axis]
+        y, batch_mean, batch_variance = self._fused(inputs, gamma, beta, training=True)
         count = tf.cast(tf.size(inputs, out_type=tf.int64) // channels, tf.float32)
         # The fused kernel returns the Bessel-corrected variance (and NaN for
         # an empty batch); turn it back into the biased one we track.
@@ -474,9 +487,7 @@ class BatchNormalization(keras.layers.Layer):
         self._update_moving_statistics(
             tf.fill([1, channels], count), mean[None], variance[None]
         )
-        if self._rank != 4:
-            y = tf.reshape(y, shape)
-        return tf.cast(y, self.compute_dtype)
+        return y
 
     def _general_training(self, inputs, mask, gamma, beta):
         x = inputs
@@ -529,11 +540,14 @@ class BatchNormalization(keras.layers.Layer):
             )
         dynamic_batch = tf.shape(x)[0]
         if batch is None:
-            tf.debugging.assert_equal(
+            check = tf.debugging.assert_equal(
                 dynamic_batch % k,
                 0,
                 message=f"`virtual_batch_size`={k} must divide the batch size",
             )
+            # Ordered before the reshape, which would fail first, unclearly.
+            with tf.control_dependencies([check]):
+                x = tf.identity(x)
         ghost_shape = tf.concat([[dynamic_batch // k, k], tf.shape(x)[1:]], 0)
         x = tf.reshape(x, ghost_shape)
         if mask is not None:

@@ -25,7 +25,7 @@ Numerical care taken here, one line each:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 

@@ -1,8 +1,8 @@
 """Bad arguments and inputs raise ValueError/TypeError naming what was expected."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 
 import kerasbn
 

@@ -1,9 +1,9 @@
 """kerasbn.BatchNormalization against float64 numpy and Keras' own layer."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import keras
 
 import kerasbn
 from tests import reference

@@ -1,0 +1,1 @@
+"""Training recipes built on kerasbn; each runnable with ``python -m``."""
