@@ -1,0 +1,82 @@
+"""Helpers that run distributed scenarios in fresh processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 300
+
+
+def _env(extra=None):
+    env = dict(os.environ)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("TF_CONFIG", None)
+    env.update(extra or {})
+    return env
+
+
+def _check(proc_result, what):
+    if proc_result.returncode != 0:
+        raise AssertionError(f"{what} failed:\n{proc_result.stderr[-4000:]}")
+
+
+def run_script(script, args, tmp_path):
+    """Runs ``script`` once (MirroredStrategy scenarios); returns its npz."""
+    out = tmp_path / "result.npz"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / script), *args, "--out", str(out)],
+        capture_output=True, text=True, timeout=TIMEOUT, env=_env(),
+    )
+    _check(result, f"{script} {' '.join(args)}")
+    return dict(np.load(out))
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def tf_config(ports, index):
+    workers = [f"127.0.0.1:{p}" for p in ports]
+    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+
+
+def run_workers(script, args, tmp_path, workers=2):
+    """Runs ``script`` as a MultiWorkerMirroredStrategy cluster on loopback.
+
+    Returns the list of each worker's npz (index = task index).
+    """
+    ports = free_ports(workers)
+    procs = []
+    for index in range(workers):
+        out = tmp_path / f"worker{index}.npz"
+        procs.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / script), *args, "--out", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=_env({"TF_CONFIG": tf_config(ports, index)}),
+        ))
+    failures = []
+    for index, proc in enumerate(procs):
+        try:
+            _, stderr = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise AssertionError(f"worker {index} timed out") from None
+        if proc.returncode != 0:
+            failures.append(f"worker {index}:\n{stderr[-3000:]}")
+    if failures:
+        raise AssertionError("\n".join(failures))
+    return [dict(np.load(tmp_path / f"worker{i}.npz")) for i in range(workers)]

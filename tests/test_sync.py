@@ -1,0 +1,159 @@
+"""Synchronized BN under real tf.distribute strategies, against float64 numpy.
+
+Each scenario runs in a fresh process: logical CPU devices must be set before
+TensorFlow initializes, and multi-worker clusters need one process per worker.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kerasbn
+from tests import reference
+from tests.distributed import run_script, run_workers
+
+pytestmark = pytest.mark.slow
+EPS = 1e-3
+
+
+def _global_data(sizes, loc=3.0, spread=2.0, channels=4, shape=(3, 3)):
+    from tests.sync_worker import make_data
+
+    return make_data(sizes, shape, channels, loc, spread)
+
+
+def _merge(results):
+    merged = {}
+    for r in results:
+        merged.update(r)
+    return merged
+
+
+def _check_against_reference(result, sizes, group_size=None, momentum=0.5, **data):
+    xs, dys, gamma, beta = _global_data(sizes, **data)
+    k = group_size or len(sizes)
+    expected_mean, expected_var = [], []
+    for g in range(len(sizes) // k):
+        members = range(g * k, (g + 1) * k)
+        x = np.concatenate([xs[r] for r in members])
+        dy = np.concatenate([dys[r] for r in members])
+        y_ref, mu, var = reference.bn_forward(x, -1, gamma, beta, EPS)
+        dx_ref, dgamma_ref, dbeta_ref = reference.bn_backward(x, dy, -1, gamma, EPS)
+        bounds = np.cumsum([0] + [sizes[r] for r in members])
+        for i, r in enumerate(members):
+            assert not np.isnan(result[f"y_{r}"]).any()
+            np.testing.assert_allclose(result[f"y_{r}"], y_ref[bounds[i]:bounds[i + 1]],
+                                       rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(result[f"dx_{r}"], dx_ref[bounds[i]:bounds[i + 1]],
+                                       rtol=1e-3, atol=1e-4)
+        # The optimizer sums the replicas' gradients: the group's sum is its reference.
+        np.testing.assert_allclose(sum(result[f"dgamma_{r}"] for r in members), dgamma_ref,
+                                   rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(sum(result[f"dbeta_{r}"] for r in members), dbeta_ref,
+                                   rtol=1e-4, atol=1e-3)
+        m = len(x) * 9
+        expected_mean.append((1 - momentum) * mu)
+        expected_var.append(momentum + (1 - momentum) * var * m / (m - 1))
+    # One consistent set of moving statistics: the mean over groups, on every replica.
+    for copy_mean, copy_var in zip(result["moving_mean"], result["moving_variance"]):
+        np.testing.assert_allclose(copy_mean, np.mean(expected_mean, 0), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(copy_var, np.mean(expected_var, 0), rtol=1e-4)
+
+
+@pytest.mark.parametrize("sizes", ["4,4", "5,3", "7,0"])
+def test_two_replicas_match_the_global_batch(sizes, tmp_path):
+    result = run_script("sync_worker.py", ["--replicas", "2", "--sizes", sizes], tmp_path)
+    _check_against_reference(result, [int(s) for s in sizes.split(",")])
+    assert result["collectives_per_replica"] == 2  # one forward, one in the gradient
+
+
+def test_four_replicas_unequal_and_empty(tmp_path):
+    sizes = [5, 3, 0, 4]
+    result = run_script("sync_worker.py", ["--replicas", "4", "--sizes", "5,3,0,4"], tmp_path)
+    assert result["y_2"].shape == (0, 3, 3, 4)
+    _check_against_reference(result, sizes)
+    assert result["collectives_per_replica"] == 2
+
+
+def test_sync_groups_of_two_among_four_replicas(tmp_path):
+    sizes = [4, 2, 3, 5]
+    result = run_script("sync_worker.py",
+                        ["--replicas", "4", "--sizes", "4,2,3,5", "--group-size", "2"], tmp_path)
+    _check_against_reference(result, sizes, group_size=2)
+
+
+def test_group_size_that_does_not_divide_the_replicas_is_a_clear_error(tmp_path):
+    with pytest.raises(AssertionError, match="sync_group_size=3 must divide"):
+        run_script("sync_worker.py",
+                   ["--replicas", "4", "--sizes", "4,4,4,4", "--group-size", "3"], tmp_path)
+
+
+def test_one_replica_is_the_local_layer_without_collectives(tmp_path):
+    result = run_script("sync_worker.py", ["--replicas", "1", "--sizes", "6"], tmp_path)
+    _check_against_reference(result, [6])
+    assert result["collectives_per_replica"] == 0
+
+
+def test_outside_a_strategy_no_collective_is_traced():
+    layer = kerasbn.SyncBatchNormalization()
+    x = tf.random.normal((4, 3, 3, 2))
+    fn = tf.function(lambda x: layer(x, training=True))
+    ops = {op.type for op in fn.get_concrete_function(x).graph.get_operations()}
+    assert not any("Collective" in t for t in ops)
+    local = kerasbn.BatchNormalization()
+    np.testing.assert_allclose(fn(x), local(x, training=True), rtol=1e-6)
+
+
+def test_large_channel_mean_keeps_the_variance(tmp_path):
+    """Mean 1e4, std 1: E[x^2] - E[x]^2 in float32 loses the variance entirely."""
+    args = ["--replicas", "2", "--sizes", "16,16", "--shape", "8,8", "--loc", "1e4",
+            "--spread", "1", "--momentum", "0"]
+    result = run_script("sync_worker.py", args, tmp_path)
+    xs, _, _, _ = _global_data([16, 16], loc=1e4, spread=1.0, shape=(8, 8))
+    flat = reference.channels_last(np.concatenate(xs), -1)
+    relative = np.abs(result["moving_variance"][0] / flat.var(0, ddof=1) - 1)
+    assert relative.max() <= 1e-4, relative
+
+
+def test_unsynchronized_layers_keep_one_consistent_set_of_statistics(tmp_path):
+    sizes = [4, 6]
+    result = run_script("sync_worker.py",
+                        ["--replicas", "2", "--sizes", "4,6", "--layer", "unsync"], tmp_path)
+    xs, _, _, _ = _global_data(sizes)
+    means, variances = [], []
+    for x in xs:
+        flat = reference.channels_last(x, -1)
+        means.append(0.5 * flat.mean(0))
+        variances.append(0.5 + 0.5 * flat.var(0, ddof=1))
+    for copy_mean, copy_var in zip(result["moving_mean"], result["moving_variance"]):
+        np.testing.assert_allclose(copy_mean, np.mean(means, 0), rtol=1e-5)
+        np.testing.assert_allclose(copy_var, np.mean(variances, 0), rtol=1e-5)
+    assert result["collectives_per_replica"] == 0
+
+
+def test_two_workers_on_loopback_match_the_global_batch(tmp_path):
+    sizes = [5, 3]
+    results = run_workers("sync_worker.py", ["--multi-worker", "--sizes", "5,3"], tmp_path)
+    _check_against_reference(_merge(results), sizes)
+    assert results[0]["collectives_per_replica"] == 2
+
+
+@pytest.mark.parametrize("convert", [False, True])
+def test_model_fit_under_mirrored_strategy(convert, tmp_path):
+    args = ["--replicas", "2"] + (["--convert"] if convert else [])
+    result = run_script("fit_worker.py", args, tmp_path)
+    assert str(result["layer_type"]) == "SyncBatchNormalization"
+    assert np.all(np.isfinite(result["loss"])) and result["loss"][-1] < result["loss"][0]
+    copies = result["moving_variance_copies"]
+    assert len(copies) == 2
+    np.testing.assert_array_equal(copies[0], copies[1])
+    assert not np.allclose(copies[0], 1.0)  # the statistics did move
+
+
+def test_model_fit_with_two_workers_on_loopback(tmp_path):
+    results = run_workers("fit_worker.py", ["--multi-worker"], tmp_path)
+    for r in results:
+        assert int(r["replicas"]) == 2
+        assert np.all(np.isfinite(r["loss"])) and r["loss"][-1] < r["loss"][0]
+    np.testing.assert_allclose(results[0]["moving_variance_copies"],
+                               results[1]["moving_variance_copies"], rtol=1e-6)
