@@ -9,7 +9,13 @@ import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
 from kerasbn import cross_replica
-from kerasbn.moments import local_moments, variance_from_moments
+from kerasbn.moments import (
+    fused_moments,
+    fused_moments_untrusted,
+    local_moments,
+    variance_from_moments,
+)
+from kerasbn.normalize import normalize_with_batch_statistics
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
@@ -479,55 +485,78 @@ class BatchNormalization(keras.layers.Layer):
         channels = inputs.shape[self._positive_axis]
         y, batch_mean, batch_variance = self._fused(inputs, gamma, beta, training=True)
         count = tf.cast(tf.size(inputs, out_type=tf.int64) // channels, tf.float32)
-        # The fused kernel returns the Bessel-corrected variance (and NaN for
-        # an empty batch); turn it back into the biased one we track.
-        variance = batch_variance * (tf.maximum(count, 2.0) - 1.0) / tf.maximum(count, 2.0)
-        variance = tf.where(count > 1.0, variance, tf.zeros_like(variance))
-        mean = tf.where(count > 0.0, batch_mean, tf.zeros_like(batch_mean))
-        self._update_moving_statistics(
-            tf.fill([1, channels], count), mean[None], variance[None]
+        # The kernel returns the Bessel-corrected variance, and NaN for an
+        # empty batch: back to (count, mean, M2), with empty batches zero.
+        mean = tf.where(count > 0.0, batch_mean, 0.0)
+        m2 = tf.where(count > 1.0, batch_variance * (count - 1.0), 0.0)
+
+        def fused():
+            variance = variance_from_moments(count, m2)
+            return y, tf.fill([1, channels], count), mean[None], variance[None]
+
+        def precise():
+            return self._normalize_general(inputs, None, gamma, beta)
+
+        y, count, mean, variance = tf.cond(
+            fused_moments_untrusted(count, mean, m2), precise, fused
         )
+        self._update_moving_statistics(count, mean, variance)
         return y
 
     def _general_training(self, inputs, mask, gamma, beta):
-        x = inputs
+        y, count, mean, variance = self._normalize_general(inputs, mask, gamma, beta)
+        self._update_moving_statistics(count, mean, variance)
+        return y
+
+    def _normalize_general(self, inputs, mask, gamma, beta):
+        """Returns y (compute dtype) and per-group (G, C) count, mean, variance."""
         shape = tf.shape(inputs)
         axis = self._positive_axis
+        x = inputs
         if self.virtual_batch_size:
             x, mask, axis = self._split_ghost_batches(x, mask)
-            reduction_axes = [a for a in range(self._rank + 1) if a not in (0, axis)]
-        else:
-            reduction_axes = self._reduction_axes
-        count, mean, m2 = local_moments(x, reduction_axes, mask)
-        if self.synchronized:
-            count, mean, m2 = cross_replica.global_moments(
-                tf.reshape(count, [-1]),
-                tf.reshape(mean, [-1]),
-                tf.reshape(m2, [-1]),
-                self.sync_group_size,
-            )
+        rank = x.shape.rank
+        reduction_axes = [a for a in range(rank) if a != axis]
+        if self.virtual_batch_size:
+            reduction_axes.remove(0)  # each ghost batch keeps its own statistics
         channels = inputs.shape[self._positive_axis]
-        groups_shape = [-1, channels]  # (ghost batches or 1, C)
-        count = tf.reshape(count, groups_shape)
-        mean = tf.reshape(mean, groups_shape)
-        variance = variance_from_moments(count, tf.reshape(m2, groups_shape))
-        if self.renorm:
-            gamma, beta = self._renorm_affine(count, mean, variance, gamma, beta)
-        self._update_moving_statistics(count, mean, variance)
+        local_statistics = None
+        if (mask is None and not self.virtual_batch_size and self.fused is not False
+                and inputs.dtype in _FUSED_DTYPES
+                and self._fusable_shape(self._rank, self._positive_axis)):
+            keepdims = [1] * rank
+            keepdims[axis] = channels
 
-        if not self.virtual_batch_size:
-            return self._affine(x, mean[0], variance[0], gamma, beta)
-        # Ghost batches: one (multiplier, offset) per group and channel.
-        multiplier = tf.math.rsqrt(variance + self.epsilon)
-        if gamma is not None:
-            multiplier = multiplier * gamma
-        ghost_shape = [1] * (self._rank + 1)
-        ghost_shape[0], ghost_shape[axis] = -1, channels
-        centred = tf.cast(x, tf.float32) - tf.reshape(mean, ghost_shape)
-        y = centred * tf.reshape(multiplier, ghost_shape)
-        if beta is not None:
-            y = y + tf.reshape(beta, ghost_shape[1:])
-        return tf.cast(tf.reshape(y, shape), self.compute_dtype)
+            def local_statistics(x):
+                return [tf.reshape(t, keepdims) for t in fused_moments(x, axis)]
+
+        if self.renorm:
+            count, mean, m2 = (
+                local_statistics(x) if local_statistics
+                else local_moments(tf.stop_gradient(x), reduction_axes, mask)
+            )
+            if self.synchronized:
+                count, mean, m2 = cross_replica.global_moments(
+                    tf.reshape(count, [-1]), tf.reshape(mean, [-1]), tf.reshape(m2, [-1]),
+                    self.sync_group_size,
+                )
+            variance = variance_from_moments(count, m2)
+            gamma, beta = self._renorm_affine(
+                tf.reshape(count, [1, channels]), tf.reshape(mean, [1, channels]),
+                tf.reshape(variance, [1, channels]), gamma, beta,
+            )
+        broadcast = [1] * rank
+        broadcast[axis] = channels
+        gamma = tf.ones(broadcast) if gamma is None else tf.reshape(gamma, broadcast)
+        beta = tf.zeros(broadcast) if beta is None else tf.reshape(beta, broadcast)
+        y, count, mean, variance = normalize_with_batch_statistics(
+            x, reduction_axes, gamma, beta, self.epsilon, mask=mask,
+            synchronized=self.synchronized, group_size=self.sync_group_size,
+            local_statistics=local_statistics,
+        )
+        groups_shape = [-1, channels]  # (ghost batches or 1, C)
+        y = tf.cast(tf.reshape(y, shape), self.compute_dtype)
+        return (y, *(tf.reshape(t, groups_shape) for t in (count, mean, variance)))
 
     def _split_ghost_batches(self, x, mask):
         """Reshapes (B, ...) into (B / k, k, ...); returns the new channel axis."""

@@ -57,18 +57,45 @@ def global_moments(
         with one replica (per group) the input is returned and no collective
         is issued.
     """
-    context = tf.distribute.get_replica_context()
     replicas = num_replicas_in_sync()
     group_size = check_group_size(group_size, replicas)
     if replicas == 1 or group_size == 1:
         return count, mean, m2
 
-    packed = tf.stack([count, mean, m2])  # (3, C)
+    table = _group_table(tf.stack([count, mean, m2]), group_size)  # (k, 3, C)
+    return merge_moments(table[:, 0], table[:, 1], table[:, 2], axis=0)
+
+
+def group_sum(values: tf.Tensor, group_size: int | None = None) -> tf.Tensor:
+    """Sums ``values`` over this replica's group, in one collective.
+
+    Used by the backward pass (sums of ``dy`` and ``dy * x_hat``). Identity
+    outside a strategy or with one replica.
+    """
+    replicas = num_replicas_in_sync()
+    group_size = check_group_size(group_size, replicas)
+    if replicas == 1 or group_size == 1:
+        return values
+    if group_size == replicas:
+        context = tf.distribute.get_replica_context()
+        return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
+    return tf.reduce_sum(_group_table(values, group_size), 0)
+
+
+def _group_table(packed: tf.Tensor, group_size: int) -> tf.Tensor:
+    """The rows ``packed`` of every replica in this replica's group.
+
+    Each replica writes its row into an otherwise-zero (replicas, ...) table
+    that one SUM all-reduce completes: an all-gather in a single collective
+    whose gradient is a single all-reduce.
+    """
+    context = tf.distribute.get_replica_context()
+    replicas = context.num_replicas_in_sync
     replica_id = context.replica_id_in_sync_group
     own_row = tf.one_hot(replica_id, replicas, dtype=packed.dtype)
-    table = own_row[:, None, None] * packed[None]  # (replicas, 3, C)
-    table = context.all_reduce(tf.distribute.ReduceOp.SUM, table)
+    own_row = tf.reshape(own_row, [replicas] + [1] * packed.shape.rank)
+    table = context.all_reduce(tf.distribute.ReduceOp.SUM, own_row * packed[None])
     if group_size < replicas:
-        groups = tf.reshape(table, [replicas // group_size, group_size, 3, -1])
+        groups = tf.reshape(table, [replicas // group_size, group_size] + packed.shape.as_list())
         table = tf.gather(groups, replica_id // group_size)
-    return merge_moments(table[:, 0], table[:, 1], table[:, 2], axis=0)
+    return table

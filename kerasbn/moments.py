@@ -18,6 +18,11 @@ Numerical care taken here, one line each:
 - Counts are exact: from the static/dynamic shape, or from the mask; no
   input-sized tensor of ones is allocated to count.
 - An empty input gives count 0, mean 0, M2 0: never NaN.
+- TensorFlow's fused kernel (oneDNN on CPU) is used for speed where it
+  applies, but it loses the variance when a channel's mean is large against
+  its spread (measured: 56x too large at mean 1e4, std 1, 200k values per
+  channel); when any channel has ``mean^2 > 1e6 * variance`` the two-pass
+  computation runs instead (:func:`fused_moments`).
 - The merge computes deviations from the merged mean directly (within-part
   M2 plus count-weighted between-part squares), so it stays stable for any
   number of parts, empty parts included.
@@ -97,3 +102,57 @@ def merge_moments(
 def variance_from_moments(count: tf.Tensor, m2: tf.Tensor) -> tf.Tensor:
     """The biased (population) variance ``M2 / n``; 0 where ``n = 0``."""
     return m2 / tf.maximum(count, 1.0)
+
+
+# Above this mean^2 / variance the fused kernel's float32 variance is not
+# trusted (its error grows like eps * mean^2 / variance * sqrt(n)).
+FUSED_MOMENTS_MAX_RATIO = 1e6
+
+
+def fused_moments(x: tf.Tensor, channel_axis: int):
+    """``(count, mean, m2)`` per channel, shape ``(C,)``, via FusedBatchNormV3.
+
+    ``x`` must have float16/bfloat16/float32 dtype and its channel axis first
+    (after the batch axis) or last. Falls back to :func:`local_moments`
+    inside a ``tf.cond`` when a channel's mean is too large against its
+    spread for the fused kernel's precision. No gradient: the caller
+    normalizes with its own differentiable function.
+    """
+    x = tf.stop_gradient(x)
+    rank = x.shape.rank
+    channels = x.shape[channel_axis]
+    shape = tf.shape(x)
+    if channel_axis == rank - 1:
+        data_format, as_4d = "NHWC", [shape[0], -1, 1, channels]
+    else:
+        data_format, as_4d = "NCHW", [shape[0], channels, -1, 1]
+    _, mean, unbiased, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=tf.reshape(x, as_4d),
+        scale=tf.ones([channels], tf.float32),
+        offset=tf.zeros([channels], tf.float32),
+        mean=tf.zeros([0], tf.float32),
+        variance=tf.zeros([0], tf.float32),
+        epsilon=1e-3,
+        is_training=True,
+        data_format=data_format,
+    )
+    count = tf.cast(tf.size(x, out_type=tf.int64) // channels, tf.float32)
+    mean = tf.where(count > 0.0, mean, 0.0)
+    m2 = tf.where(count > 1.0, unbiased * (count - 1.0), 0.0)
+
+    def precise():
+        axes = [a for a in range(rank) if a != channel_axis]
+        return tuple(tf.reshape(t, [channels]) for t in local_moments(x, axes))
+
+    def fused():
+        return tf.fill([channels], count), mean, m2
+
+    return tf.cond(fused_moments_untrusted(count, mean, m2), precise, fused)
+
+
+def fused_moments_untrusted(count, mean, m2) -> tf.Tensor:
+    """True when some channel's mean is too large against its spread for
+    the fused kernel's float32 variance (or the statistics are not finite)."""
+    variance = m2 / tf.maximum(count, 1.0)
+    trusted = tf.square(mean) <= FUSED_MOMENTS_MAX_RATIO * variance + 1e-30
+    return tf.logical_not(tf.reduce_all(trusted))

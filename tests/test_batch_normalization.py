@@ -223,7 +223,7 @@ def test_mask_propagates_through_a_model():
     tokens = np.array([[1, 2, 0, 0, 0], [3, 4, 5, 0, 0]])
     model(tokens, training=True)
     emb = model.layers[1](tokens).numpy()[tokens > 0]
-    np.testing.assert_allclose(model.layers[2].moving_mean, emb.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(model.layers[2].moving_mean, emb.mean(0), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16", "float16", "bfloat16"])
@@ -361,3 +361,67 @@ def test_fit_updates_moving_statistics_towards_the_data():
     conv = keras.Model(model.inputs, model.layers[1].output)
     features = reference.channels_last(conv(x).numpy(), -1)
     np.testing.assert_allclose(model.layers[2].moving_mean, features.mean(0), rtol=0.2, atol=0.05)
+
+
+@pytest.mark.parametrize("ghost", [None, 4])
+def test_masked_and_ghost_gradients_match_autodiff_of_the_naive_formula(ghost):
+    """Independent reference: float64 TF autodiff through the textbook formula."""
+    x = _data((8, 5, 3))
+    mask = np.random.RandomState(5).rand(8, 5) > 0.3
+    dy = _data((8, 5, 3), seed=2, loc=0.0, spread=1.0)
+    layer = _layer(-1, None, virtual_batch_size=ghost)
+    layer.build(x.shape)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        loss = tf.reduce_sum(layer(xt, training=True, mask=mask) * dy)
+    grads = tape.gradient(loss, [xt, layer.gamma, layer.beta])
+
+    x64 = tf.constant(x, tf.float64)
+    gamma = tf.constant(layer.gamma.numpy(), tf.float64)
+    beta = tf.constant(layer.beta.numpy(), tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch([x64, gamma, beta])
+        k = ghost or 8
+        xs = tf.reshape(x64, (-1, k, 5, 3))
+        w = tf.reshape(tf.cast(mask, tf.float64), (-1, k, 5, 1))
+        n = tf.reduce_sum(w, (1, 2), keepdims=True)
+        mu = tf.reduce_sum(xs * w, (1, 2), keepdims=True) / n
+        var = tf.reduce_sum(w * (xs - mu) ** 2, (1, 2), keepdims=True) / n
+        y = (xs - mu) / tf.sqrt(var + EPS) * gamma + beta
+        loss = tf.reduce_sum(tf.reshape(y, x.shape) * dy)
+    expected = tape.gradient(loss, [x64, gamma, beta])
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_renorm_gradients_match_keras():
+    clipping = {"rmax": 1.2, "rmin": 0.8, "dmax": 0.3}
+    ours = _layer(-1, None, renorm=True, renorm_clipping=clipping, renorm_momentum=0.5)
+    theirs = keras.layers.BatchNormalization(
+        epsilon=EPS, renorm=True, renorm_clipping=clipping, renorm_momentum=0.5,
+        gamma_initializer=keras.initializers.RandomUniform(0.5, 1.5, seed=1),
+        beta_initializer=keras.initializers.RandomUniform(-1, 1, seed=2),
+    )
+    x = tf.constant(_data((16, 2, 3), loc=2.0, spread=3.0))
+    for layer in (ours, theirs):
+        layer(x, training=True)  # move the renorm statistics off their initial values
+    results = []
+    for layer in (ours, theirs):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=True) ** 3)
+        results.append(tape.gradient(loss, [x, layer.gamma, layer.beta]))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_large_channel_mean_against_small_spread(fused):
+    """Mean 1e4, std 1, 200k values per channel: the fused kernel alone is off 56x."""
+    x = (np.random.RandomState(0).normal(0, 1, (64, 56, 56, 4)) + 1e4).astype("float32")
+    layer = kerasbn.BatchNormalization(fused=fused, momentum=0.0)
+    y = layer(x, training=True).numpy()
+    flat = reference.channels_last(x, -1)
+    np.testing.assert_allclose(layer.moving_variance, flat.var(0, ddof=1), rtol=1e-4)
+    np.testing.assert_allclose(reference.channels_last(y, -1).std(0), 1.0, rtol=1e-3)
