@@ -1,0 +1,162 @@
+"""Folding inference-mode batch normalization into the preceding layer.
+
+At inference BN is the fixed affine map ``y = a * z + b`` per channel, with
+``a = gamma / sqrt(moving_variance + epsilon)`` and
+``b = beta - a * moving_mean`` (the paper's section 3.1). When ``z`` is the
+linear output of a convolution or dense layer, ``a`` scales its kernel's
+output channels and ``b`` joins its bias, and the BN disappears.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+
+from kerasbn.convert import is_batch_normalization
+
+_FOLDABLE = (
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv2D,
+    keras.layers.Dense,
+)
+
+
+@keras.saving.register_keras_serializable(package="kerasbn")
+class FoldedBatchNorm(keras.layers.Layer):
+    """What a folded BN leaves behind: the identity (accepts BN's call arguments)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, inputs, training=None, mask=None):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def bn_affine(bn) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel ``(a, b)`` of ``bn``'s inference map, in float64."""
+    mean = np.asarray(bn.moving_mean.numpy(), np.float64)
+    variance = np.asarray(bn.moving_variance.numpy(), np.float64)
+    gamma = np.asarray(bn.gamma.numpy(), np.float64) if bn.scale else 1.0
+    beta = np.asarray(bn.beta.numpy(), np.float64) if bn.center else 0.0
+    a = gamma / np.sqrt(variance + bn.epsilon)
+    return a * np.ones_like(mean), beta - a * mean
+
+
+def _channel_axis_matches(producer, bn) -> bool:
+    axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
+    if axis is None:
+        return False
+    rank = len(producer.output.shape)
+    axis %= rank
+    channels_first = getattr(producer, "data_format", "channels_last") == "channels_first"
+    return axis == (1 if channels_first else rank - 1)
+
+
+def _producer(bn):
+    """The layer whose output feeds ``bn`` alone, when BN can fold into it."""
+    if len(bn._inbound_nodes) != 1:
+        return None
+    tensors = bn._inbound_nodes[0].arguments.keras_tensors
+    if len(tensors) != 1:
+        return None
+    producer = tensors[0]._keras_history.operation
+    if not isinstance(producer, _FOLDABLE):
+        return None
+    if len(producer._inbound_nodes) != 1 or len(producer._outbound_nodes) != 1:
+        return None  # shared layer, or its output also feeds something else
+    if keras.activations.serialize(producer.activation) not in ("linear", None):
+        return None
+    if producer.dtype_policy.name != "float32" and producer.dtype_policy.variable_dtype != "float32":
+        return None
+    if not _channel_axis_matches(producer, bn):
+        return None
+    return producer
+
+
+def _folded_weights(producer, bn) -> list[np.ndarray]:
+    a, b = bn_affine(bn)
+    weights = {w.name: np.asarray(w.numpy(), np.float64) for w in producer.weights}
+    bias = weights.get("bias", np.zeros_like(a))
+    if isinstance(producer, keras.layers.SeparableConv2D):
+        depthwise, pointwise = weights["depthwise_kernel"], weights["pointwise_kernel"]
+        kernels = [depthwise, pointwise * a]
+    elif isinstance(producer, keras.layers.DepthwiseConv2D):
+        kernel = weights["kernel"]  # (kh, kw, in, multiplier); output i*mult + j
+        kernels = [kernel * a.reshape(kernel.shape[-2], kernel.shape[-1])]
+    else:
+        kernels = [weights["kernel"] * a]  # output channels are the last axis
+    return [k.astype("float32") for k in kernels] + [(a * bias + b).astype("float32")]
+
+
+def fold_batch_norm(model):
+    """A copy of ``model`` with every foldable BN folded into its producer.
+
+    A BN layer (Keras' or kerasbn's) folds when its input is the output of
+    a ``Conv1D/2D/3D``, ``DepthwiseConv2D``, ``SeparableConv2D`` (into the
+    pointwise kernel) or ``Dense`` layer with no activation, used by no
+    other layer, along that layer's channel axis. The producer gains a bias
+    if it had none; the BN becomes a ``FoldedBatchNorm`` identity. Other BN layers stay. The
+    copy computes the original's *inference* function; ``model`` is not
+    modified. Folding happens in float64 before rounding to float32.
+
+    Args:
+        model: a built functional or Sequential Keras model (nested ones too).
+
+    Returns:
+        The folded copy (``model`` itself, with a warning, when it has no BN).
+
+    Example:
+
+    >>> import keras, kerasbn
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+    ...                           kerasbn.BatchNormalization()])
+    >>> [type(l).__name__ for l in kerasbn.fold_batch_norm(model).layers]
+    ['Dense', 'FoldedBatchNorm']
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"`model` must be a keras.Model; received {type(model).__name__}.")
+    layers = list(model._flatten_layers(include_self=False))
+    bns = [layer for layer in layers if is_batch_normalization(layer)]
+    if not bns:
+        warnings.warn(
+            f"fold_batch_norm: model {model.name!r} has no batch-normalization layer; "
+            "returning it unchanged.", stacklevel=2)
+        return model
+    if not isinstance(model, keras.Sequential) and not hasattr(model, "_nodes_by_depth"):
+        raise ValueError(
+            "fold_batch_norm needs a functional or Sequential model; "
+            f"{type(model).__name__} is a subclassed model.")
+    folds = {}
+    for bn in bns:
+        producer = _producer(bn)
+        if producer is not None:
+            folds[id(producer)] = bn
+    folded_bns = {id(bn) for bn in folds.values()}
+    pairs = []
+
+    def clone(layer):
+        if id(layer) in folded_bns:
+            return FoldedBatchNorm(name=layer.name)
+        config = layer.get_config()
+        if id(layer) in folds:
+            config["use_bias"] = True
+        new = layer.__class__.from_config(config)
+        pairs.append((layer, new))
+        return new
+
+    folded = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    for source, target in pairs:
+        if id(source) in folds:
+            target.set_weights(_folded_weights(source, folds[id(source)]))
+        else:
+            target.set_weights(source.get_weights())
+    return folded
