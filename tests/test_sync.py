@@ -157,3 +157,11 @@ def test_model_fit_with_two_workers_on_loopback(tmp_path):
         assert np.all(np.isfinite(r["loss"])) and r["loss"][-1] < r["loss"][0]
     np.testing.assert_allclose(results[0]["moving_variance_copies"],
                                results[1]["moving_variance_copies"], rtol=1e-6)
+
+
+def test_recalibration_under_mirrored_strategy_uses_global_batches(tmp_path):
+    result = run_script("recalibrate_worker.py", [], tmp_path)
+    z = result["x"].astype(np.float64) @ result["kernel"].astype(np.float64)
+    batches = z.reshape(5, 16, 4)  # global batches of 16, 8 per replica
+    np.testing.assert_allclose(result["moving_mean"], batches.mean(1).mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(result["moving_variance"], batches.var(1, ddof=1).mean(0), rtol=1e-4)
