@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kerasbn-installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test bench lint venv
+.PHONY: demo test bench lint venv fashion-mnist
 
 venv: $(STAMP)
 
@@ -16,7 +16,17 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[test,recipes,serve]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+# Fashion-MNIST installs offline from Debian's dataset-fashion-mnist package.
+fashion-mnist:
+	@test -d $(FASHION_MNIST) || ! command -v apt-get >/dev/null || \
+	  { SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	    $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	    { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
+	    echo "note: could not install dataset-fashion-mnist; the demo will try to download it"; }
+
+demo: $(STAMP) fashion-mnist
 	$(PY) -m recipes.demo
 
 test: $(STAMP)
