@@ -80,3 +80,18 @@ def run_workers(script, args, tmp_path, workers=2):
     if failures:
         raise AssertionError("\n".join(failures))
     return [dict(np.load(tmp_path / f"worker{i}.npz")) for i in range(workers)]
+
+
+def make_strategy(replicas=1, multi_worker=False):
+    """Inside a worker process: ``(strategy, task_index)``.
+
+    MultiWorkerMirroredStrategy from TF_CONFIG, or MirroredStrategy over
+    ``replicas`` logical CPU devices (configured before TensorFlow starts).
+    """
+    import tensorflow as tf
+
+    if multi_worker:
+        return tf.distribute.MultiWorkerMirroredStrategy(), json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)]), 0

@@ -5,7 +5,6 @@
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -14,6 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+from tests.distributed import make_strategy  # noqa: E402
 
 
 def main(argv=None):
@@ -24,15 +25,7 @@ def main(argv=None):
                         help="build with Keras' BN and convert_sync_batchnorm it")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    if args.multi_worker:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-    else:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * args.replicas)
-        strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(args.replicas)])
-        task = 0
+    strategy, task = make_strategy(args.replicas, args.multi_worker)
 
     import keras
 

@@ -14,7 +14,6 @@ them with a float64 numpy reference of the global batch.
 """
 
 import argparse
-import json
 import os
 import sys
 from collections import Counter
@@ -24,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+from tests.distributed import make_strategy  # noqa: E402
 
 COLLECTIVE_OPS = ("CollectiveReduceV2", "CollectiveReduce", "CollectiveGatherV2",
                   "CollectiveGather", "NcclAllReduce", "CollectiveAllToAllV2")
@@ -67,16 +68,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    if args.multi_worker:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-    else:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * args.replicas
-        )
-        strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(args.replicas)])
-        task = 0
+    strategy, task = make_strategy(args.replicas, args.multi_worker)
     sizes = [int(s) for s in args.sizes.split(",")]
     assert len(sizes) == strategy.num_replicas_in_sync, (sizes, strategy.num_replicas_in_sync)
     shape = tuple(int(s) for s in args.shape.split(",") if s)
