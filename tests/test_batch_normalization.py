@@ -27,6 +27,16 @@ def _data(shape, seed=0, loc=3.0, spread=2.0):
     return (rng.normal(loc, spread, shape)).astype("float32")
 
 
+def _keras_twin(**kwargs):
+    """Keras' own layer, initialized like :func:`_layer`."""
+    return keras.layers.BatchNormalization(
+        epsilon=EPS,
+        gamma_initializer=keras.initializers.RandomUniform(0.5, 1.5, seed=1),
+        beta_initializer=keras.initializers.RandomUniform(-1, 1, seed=2),
+        **kwargs,
+    )
+
+
 def _layer(axis, fused, **kwargs):
     kwargs.setdefault("gamma_initializer", keras.initializers.RandomUniform(0.5, 1.5, seed=1))
     kwargs.setdefault("beta_initializer", keras.initializers.RandomUniform(-1, 1, seed=2))
@@ -108,11 +118,7 @@ def test_trainable_false_means_inference_and_frozen_statistics():
 @pytest.mark.parametrize("shape,axis", [((16, 5), -1), ((4, 6, 6, 5), -1), ((4, 5, 6, 6), 1)])
 def test_agrees_with_keras_layer_when_variance_is_biased(shape, axis, fused):
     ours = _layer(axis, fused, unbiased_variance=False, momentum=0.8)
-    theirs = keras.layers.BatchNormalization(
-        axis=axis, epsilon=EPS, momentum=0.8,
-        gamma_initializer=keras.initializers.RandomUniform(0.5, 1.5, seed=1),
-        beta_initializer=keras.initializers.RandomUniform(-1, 1, seed=2),
-    )
+    theirs = _keras_twin(axis=axis, momentum=0.8)
     for seed in range(4):
         x = _data(shape, seed=seed)
         np.testing.assert_allclose(
@@ -172,11 +178,7 @@ def test_ghost_batch_that_does_not_divide_the_batch_is_a_clear_error():
 def test_batch_renormalization_matches_keras():
     clipping = {"rmax": 1.5, "rmin": 0.7, "dmax": 0.5}
     ours = _layer(-1, None, renorm=True, renorm_clipping=clipping, renorm_momentum=0.5)
-    theirs = keras.layers.BatchNormalization(
-        epsilon=EPS, renorm=True, renorm_clipping=clipping, renorm_momentum=0.5,
-        gamma_initializer=keras.initializers.RandomUniform(0.5, 1.5, seed=1),
-        beta_initializer=keras.initializers.RandomUniform(-1, 1, seed=2),
-    )
+    theirs = _keras_twin(renorm=True, renorm_clipping=clipping, renorm_momentum=0.5)
     for seed in range(4):
         x = _data((16, 3), seed=seed, loc=seed, spread=1 + seed)
         np.testing.assert_allclose(
@@ -398,11 +400,7 @@ def test_masked_and_ghost_gradients_match_autodiff_of_the_naive_formula(ghost):
 def test_renorm_gradients_match_keras():
     clipping = {"rmax": 1.2, "rmin": 0.8, "dmax": 0.3}
     ours = _layer(-1, None, renorm=True, renorm_clipping=clipping, renorm_momentum=0.5)
-    theirs = keras.layers.BatchNormalization(
-        epsilon=EPS, renorm=True, renorm_clipping=clipping, renorm_momentum=0.5,
-        gamma_initializer=keras.initializers.RandomUniform(0.5, 1.5, seed=1),
-        beta_initializer=keras.initializers.RandomUniform(-1, 1, seed=2),
-    )
+    theirs = _keras_twin(renorm=True, renorm_clipping=clipping, renorm_momentum=0.5)
     x = tf.constant(_data((16, 2, 3), loc=2.0, spread=3.0))
     for layer in (ours, theirs):
         layer(x, training=True)  # move the renorm statistics off their initial values
