@@ -12,10 +12,10 @@ from kerasbn import cross_replica
 from kerasbn.moments import (
     fused_moments,
     fused_moments_untrusted,
-    local_moments,
+    to_fused_layout,
     variance_from_moments,
 )
-from kerasbn.normalize import normalize_with_batch_statistics
+from kerasbn.normalize import batch_statistics, normalize_with_batch_statistics
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
@@ -365,19 +365,18 @@ class BatchNormalization(keras.layers.Layer):
     def _fusable_shape(rank: int, axis: int) -> bool:
         return axis == rank - 1 or axis == 1
 
-    def _use_fused(self, inputs, mask=None, replicas: int = 1, training: bool = True) -> bool:
-        if self.fused is False:
+    def _use_fused(self, inputs, mask, replicas: int) -> bool:
+        if self.fused is False or mask is not None:
             return False
-        if training:
-            if mask is not None or self.virtual_batch_size or self.renorm:
-                return False
-            if self.synchronized and replicas > 1:
-                if self.fused:
-                    raise ValueError(
-                        "fused=True cannot synchronize statistics across "
-                        "replicas; use fused=None."
-                    )
-                return False
+        if self.virtual_batch_size or self.renorm:
+            return False
+        if self.synchronized and replicas > 1:
+            if self.fused:
+                raise ValueError(
+                    "fused=True cannot synchronize statistics across replicas; "
+                    "use fused=None."
+                )
+            return False
         if not self._fusable_shape(self._rank, self._positive_axis):
             return False
         if inputs.dtype not in _FUSED_DTYPES:
@@ -453,37 +452,28 @@ class BatchNormalization(keras.layers.Layer):
         # broadcast element-wise ops, so inference stays element-wise.
         return self._affine(inputs, self.moving_mean, self.moving_variance, gamma, beta)
 
-    def _fused(self, inputs, gamma, beta, training):
-        """TensorFlow's FusedBatchNormV3 (oneDNN on CPU, cuDNN on GPU)."""
+    def _fused_normalization(self, inputs, gamma, beta):
+        """TensorFlow's FusedBatchNormV3 (oneDNN on CPU, cuDNN on GPU), training mode."""
         channels = inputs.shape[self._positive_axis]
-        shape = tf.shape(inputs)
-        if self._positive_axis == self._rank - 1:
-            data_format = "NHWC"
-            as_4d = [shape[0], -1, 1, channels]
-        else:
-            data_format = "NCHW"
-            as_4d = [shape[0], channels, -1, 1]
-        # Any rank folds into the kernel's 4D layout: (N, rest, 1, C) or
-        # (N, C, rest, 1) reduces over exactly the same values.
-        x = inputs if self._rank == 4 else tf.reshape(inputs, as_4d)
+        x, data_format = to_fused_layout(inputs, self._positive_axis)
         empty = tf.zeros([0], tf.float32)
         y, batch_mean, batch_variance, *_ = tf.raw_ops.FusedBatchNormV3(
             x=x,
             scale=gamma if gamma is not None else tf.ones([channels], tf.float32),
             offset=beta if beta is not None else tf.zeros([channels], tf.float32),
-            mean=empty if training else self.moving_mean,
-            variance=empty if training else self.moving_variance,
+            mean=empty,
+            variance=empty,
             epsilon=self.epsilon,
-            is_training=training,
+            is_training=True,
             data_format=data_format,
         )
         if self._rank != 4:
-            y = tf.reshape(y, shape)
+            y = tf.reshape(y, tf.shape(inputs))
         return tf.cast(y, self.compute_dtype), batch_mean, batch_variance
 
     def _fused_training(self, inputs, gamma, beta):
         channels = inputs.shape[self._positive_axis]
-        y, batch_mean, batch_variance = self._fused(inputs, gamma, beta, training=True)
+        y, batch_mean, batch_variance = self._fused_normalization(inputs, gamma, beta)
         count = tf.cast(tf.size(inputs, out_type=tf.int64) // channels, tf.float32)
         # The kernel returns the Bessel-corrected variance, and NaN for an
         # empty batch: back to (count, mean, M2), with empty batches zero.
@@ -530,29 +520,23 @@ class BatchNormalization(keras.layers.Layer):
             def local_statistics(x):
                 return [tf.reshape(t, keepdims) for t in fused_moments(x, axis)]
 
+        statistics = batch_statistics(
+            x, reduction_axes, mask, synchronized=self.synchronized,
+            group_size=self.sync_group_size, local_statistics=local_statistics,
+        )
+        count, mean, m2 = statistics
+        variance = variance_from_moments(count, m2)
         if self.renorm:
-            count, mean, m2 = (
-                local_statistics(x) if local_statistics
-                else local_moments(tf.stop_gradient(x), reduction_axes, mask)
-            )
-            if self.synchronized:
-                count, mean, m2 = cross_replica.global_moments(
-                    tf.reshape(count, [-1]), tf.reshape(mean, [-1]), tf.reshape(m2, [-1]),
-                    self.sync_group_size,
-                )
-            variance = variance_from_moments(count, m2)
             gamma, beta = self._renorm_affine(
-                tf.reshape(count, [1, channels]), tf.reshape(mean, [1, channels]),
-                tf.reshape(variance, [1, channels]), gamma, beta,
+                *(tf.reshape(t, [1, channels]) for t in (count, mean, variance)), gamma, beta
             )
         broadcast = [1] * rank
         broadcast[axis] = channels
         gamma = tf.ones(broadcast) if gamma is None else tf.reshape(gamma, broadcast)
         beta = tf.zeros(broadcast) if beta is None else tf.reshape(beta, broadcast)
-        y, count, mean, variance = normalize_with_batch_statistics(
-            x, reduction_axes, gamma, beta, self.epsilon, mask=mask,
+        y = normalize_with_batch_statistics(
+            x, reduction_axes, statistics, gamma, beta, self.epsilon, mask=mask,
             synchronized=self.synchronized, group_size=self.sync_group_size,
-            local_statistics=local_statistics,
         )
         groups_shape = [-1, channels]  # (ghost batches or 1, C)
         y = tf.cast(tf.reshape(y, shape), self.compute_dtype)

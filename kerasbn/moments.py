@@ -109,6 +109,23 @@ def variance_from_moments(count: tf.Tensor, m2: tf.Tensor) -> tf.Tensor:
 FUSED_MOMENTS_MAX_RATIO = 1e6
 
 
+def to_fused_layout(x: tf.Tensor, channel_axis: int) -> tuple[tf.Tensor, str]:
+    """``x`` as FusedBatchNormV3's 4D input, and its data format.
+
+    Any rank folds in: ``(N, rest, 1, C)`` ("NHWC") or ``(N, C, rest, 1)``
+    ("NCHW") reduce over exactly the same values. ``channel_axis`` must be
+    1 or the last axis.
+    """
+    rank = x.shape.rank
+    data_format = "NHWC" if channel_axis == rank - 1 else "NCHW"
+    if rank == 4:
+        return x, data_format
+    shape, channels = tf.shape(x), x.shape[channel_axis]
+    if data_format == "NHWC":
+        return tf.reshape(x, [shape[0], -1, 1, channels]), data_format
+    return tf.reshape(x, [shape[0], channels, -1, 1]), data_format
+
+
 def fused_moments(x: tf.Tensor, channel_axis: int):
     """``(count, mean, m2)`` per channel, shape ``(C,)``, via FusedBatchNormV3.
 
@@ -121,13 +138,9 @@ def fused_moments(x: tf.Tensor, channel_axis: int):
     x = tf.stop_gradient(x)
     rank = x.shape.rank
     channels = x.shape[channel_axis]
-    shape = tf.shape(x)
-    if channel_axis == rank - 1:
-        data_format, as_4d = "NHWC", [shape[0], -1, 1, channels]
-    else:
-        data_format, as_4d = "NCHW", [shape[0], channels, -1, 1]
+    x_4d, data_format = to_fused_layout(x, channel_axis)
     _, mean, unbiased, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=tf.reshape(x, as_4d),
+        x=x_4d,
         scale=tf.ones([channels], tf.float32),
         offset=tf.zeros([channels], tf.float32),
         mean=tf.zeros([0], tf.float32),

@@ -29,52 +29,64 @@ from kerasbn import cross_replica
 from kerasbn.moments import local_moments, variance_from_moments
 
 
+def batch_statistics(
+    x: tf.Tensor,
+    axes: Sequence[int],
+    mask: tf.Tensor | None = None,
+    synchronized: bool = False,
+    group_size: int | None = None,
+    local_statistics=None,
+):
+    """This replica group's ``(count, mean, m2)`` of ``x``, keepdims layout, no gradient.
+
+    Args:
+        x: input (any float dtype; computed in float32).
+        axes: axes reduced for the statistics.
+        mask: optional boolean tensor broadcastable to ``x``.
+        synchronized: merge across the replica group of the current
+            ``tf.distribute`` replica context (one collective).
+        group_size: replicas per group; None means all.
+        local_statistics: optional ``f(x) -> (count, mean, m2)`` in the
+            keepdims layout replacing :func:`local_moments` (the fused
+            kernel, where it applies).
+    """
+    if local_statistics is None:
+        count, mean, m2 = local_moments(tf.stop_gradient(x), list(axes), mask)
+    else:
+        count, mean, m2 = local_statistics(x)
+    if not synchronized:
+        return count, mean, m2
+    shape = tf.shape(mean)
+    flat = [tf.reshape(t, [-1]) for t in (count, mean, m2)]
+    merged = cross_replica.global_moments(*flat, group_size=group_size)
+    return tuple(tf.reshape(t, shape) for t in merged)
+
+
 def normalize_with_batch_statistics(
     x: tf.Tensor,
     axes: Sequence[int],
+    statistics: tuple[tf.Tensor, tf.Tensor, tf.Tensor],
     gamma: tf.Tensor,
     beta: tf.Tensor,
     epsilon: float,
     mask: tf.Tensor | None = None,
     synchronized: bool = False,
     group_size: int | None = None,
-    local_statistics=None,
-):
-    """Returns ``(y, count, mean, variance)``; ``y`` float32, the rest keepdims.
+) -> tf.Tensor:
+    """Normalizes ``x`` with :func:`batch_statistics`' output; returns float32 ``y``.
 
     Args:
-        x: input (any float dtype; computed in float32).
-        axes: axes reduced for the statistics.
+        x, axes, mask, synchronized, group_size: as given to
+            :func:`batch_statistics` (the backward pass sums over the same
+            axes and group).
+        statistics: ``(count, mean, m2)`` from :func:`batch_statistics`.
         gamma, beta: float32, broadcastable to ``x`` (keepdims layout).
         epsilon: added to the variance.
-        mask: optional boolean tensor broadcastable to ``x``.
-        synchronized: merge statistics and gradient sums across the replica
-            group of the current ``tf.distribute`` replica context.
-        group_size: replicas per group; None means all.
-        local_statistics: optional ``f(x) -> (count, mean, m2)`` in the
-            keepdims layout replacing :func:`local_moments` (the fused
-            kernel, where it applies).
-
-    ``count``, ``mean`` and the biased ``variance`` carry no gradient.
     """
     axes = list(axes)
     x = tf.cast(x, tf.float32)
-
-    def merge(count, mean, m2):
-        if not synchronized:
-            return count, mean, m2
-        shape = tf.shape(mean)
-        flat = [tf.reshape(t, [-1]) for t in (count, mean, m2)]
-        merged = cross_replica.global_moments(*flat, group_size=group_size)
-        return [tf.reshape(t, shape) for t in merged]
-
-    if local_statistics is None:
-        count, mean, m2 = local_moments(tf.stop_gradient(x), axes, mask)
-    else:
-        count, mean, m2 = local_statistics(x)
-    count, mean, m2 = merge(count, mean, m2)
+    count, mean, m2 = statistics
     variance = variance_from_moments(count, m2)
-
     inv_std = tf.math.rsqrt(variance + epsilon)
     inv_count = 1.0 / tf.maximum(count, 1.0)
 
@@ -105,7 +117,7 @@ def normalize_with_batch_statistics(
 
         return y, grad
 
-    return normalize(x, gamma, beta), count, mean, variance
+    return normalize(x, gamma, beta)
 
 
 def _unbroadcast(total: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
