@@ -1,0 +1,140 @@
+"""Train several variants on the same data and compare them like the paper's Figure 2 and table.
+
+    python -m recipes.inception_bn.compare --dataset fashion_mnist --run-dir runs/compare \\
+        --width-multiplier 0.25 --steps 1500
+
+Each variant trains in its own process (``train.py``, so each is resumable)
+into ``RUN_DIR/<variant>``; then ``RUN_DIR/compare.png`` plots evaluation
+accuracy against training steps, one line per variant, and
+``RUN_DIR/compare.md`` gives the paper's table: steps for each variant to
+reach the no-BN baseline's best accuracy, the best accuracy, the speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from recipes.inception_bn.data import SOURCES
+from recipes.inception_bn.train import DIVERGED, read_history
+from recipes.inception_bn.variants import PAPER_VARIANTS, VARIANTS, get_variant
+
+BASELINE = "inception"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m recipes.inception_bn.compare",
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default=",".join(PAPER_VARIANTS),
+                        help=f"comma-separated, the first is the baseline (default: {','.join(PAPER_VARIANTS)}; "
+                        f"all: {','.join(VARIANTS)})")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--dataset", default="fashion_mnist", choices=SOURCES)
+    parser.add_argument("--title", default=None, help="plot title")
+    args, train_args = parser.parse_known_args(argv)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    try:
+        for name in names:
+            get_variant(name)
+    except ValueError as error:
+        parser.error(str(error))
+    if not names:
+        parser.error("--variants is empty")
+    for flag in ("--variant", "--run-dir", "--dataset"):
+        if any(a == flag or a.startswith(flag + "=") for a in train_args):
+            parser.error(f"{flag} is set per variant by compare")
+    return args, names, train_args
+
+
+def run_variant(name, run_dir: Path, dataset, train_args) -> dict:
+    """Trains one variant in a fresh process; returns its outcome."""
+    command = [sys.executable, "-m", "recipes.inception_bn.train", "--variant", name, "--dataset", dataset,
+               "--run-dir", str(run_dir / name), "--quiet", "--no-export", *train_args]
+    print(f"\n== {name}: {VARIANTS[name].description}", flush=True)
+    start = time.perf_counter()
+    result = subprocess.run(command)
+    seconds = time.perf_counter() - start
+    diverged = run_dir / name / DIVERGED
+    if result.returncode != 0 and not diverged.exists():
+        raise SystemExit(f"error: {name} failed (exit {result.returncode}); rerun to resume it")
+    return {"seconds": seconds, "diverged": json.loads(diverged.read_text()) if diverged.exists() else None}
+
+
+def steps_to_reach(history, target):
+    for row in history:
+        if float(row["eval_accuracy"]) >= target:
+            return int(row["step"])
+    return None
+
+
+def summarize(run_dir: Path, names, outcomes) -> tuple[str, dict]:
+    """The markdown table and the per-variant histories."""
+    histories = {name: read_history(run_dir / name / "history.csv") for name in names}
+    baseline = names[0]
+    if not histories[baseline]:
+        raise SystemExit(f"error: the baseline {baseline} has no evaluations")
+    best_row = max(histories[baseline], key=lambda r: float(r["eval_accuracy"]))
+    target, baseline_steps = float(best_row["eval_accuracy"]), int(best_row["step"])
+    lines = [f"Target: {baseline}'s best evaluation accuracy, {target:.4f}, reached at step {baseline_steps}.", "",
+             "| variant | initial lr | steps to reach target | best accuracy | speed-up | note |",
+             "|---|---|---|---|---|---|"]
+    for name in names:
+        history = histories[name]
+        outcome = outcomes.get(name, {})
+        lr = float(history[0]["learning_rate"]) if history else float("nan")
+        reach = steps_to_reach(history, target)
+        best = max((float(r["eval_accuracy"]) for r in history), default=float("nan"))
+        note = ""
+        if outcome.get("diverged"):
+            note = f"diverged at step {outcome['diverged']['step']} (loss {outcome['diverged']['loss']})"
+        elif reach is None and history:
+            last = int(history[-1]["step"])
+            note = f"never reached the target in {last} steps"
+        speedup = f"{baseline_steps / reach:.1f}x" if reach else "-"
+        lines.append(f"| {name} | {lr:.4g} | {reach if reach else '-'} | {best:.4f} | {speedup} | {note} |")
+    return "\n".join(lines) + "\n", histories
+
+
+def plot(path: Path, histories, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, history in histories.items():
+        if history:
+            ax.plot([int(r["step"]) for r in history], [float(r["eval_accuracy"]) for r in history],
+                    marker=".", label=name)
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("evaluation accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args, names, train_args = parse_args(argv)
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    outcomes = {name: run_variant(name, run_dir, args.dataset, train_args) for name in names}
+    table, histories = summarize(run_dir, names, outcomes)
+    (run_dir / "compare.md").write_text(table)
+    plot(run_dir / "compare.png", histories, args.title or f"BN-Inception variants on {args.dataset}")
+    print("\n" + table)
+    print(f"Table: {run_dir / 'compare.md'}; plot: {run_dir / 'compare.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

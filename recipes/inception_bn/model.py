@@ -1,0 +1,209 @@
+"""BN-Inception (Ioffe & Szegedy 2015, appendix Figure 5) and its no-BN baseline.
+
+The table's per-branch filter counts, as TF-slim's ``inception_v2`` builds
+them: module 4c has a 128-filter pooling projection and 4d 160+192+192+...,
+so both output 608 channels where the table's output column says 576. At
+1000 classes the network has about 11.2M weights (11.15M trainable); the
+paper's text says 13.6M, which matches no consistent reading of its table.
+
+Each row is ``(name, 1x1, 3x3 reduce, 3x3, double 3x3 reduce, double 3x3,
+pool, pool projection, stride)``. A stride-2 module (3c, 4e) has no 1x1
+branch and its pooling branch passes the input through (max pooling) so
+its channels add to the output.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+import kerasbn
+
+MODULES = (
+    # name  1x1  3r   3x3  d3r  d3   pool   proj stride
+    ("3a",  64,  64,  64,  64,  96,  "avg", 32,  1),
+    ("3b",  64,  64,  96,  64,  96,  "avg", 64,  1),
+    ("3c",  0,   128, 160, 64,  96,  "max", 0,   2),
+    ("4a",  224, 64,  96,  96,  128, "avg", 128, 1),
+    ("4b",  192, 96,  128, 96,  128, "avg", 128, 1),
+    ("4c",  160, 128, 160, 128, 160, "avg", 128, 1),
+    ("4d",  96,  128, 192, 160, 192, "avg", 128, 1),
+    ("4e",  0,   128, 192, 192, 256, "max", 0,   2),
+    ("5a",  352, 192, 320, 160, 224, "avg", 128, 1),
+    ("5b",  352, 192, 320, 192, 224, "max", 128, 1),
+)
+
+
+@keras.saving.register_keras_serializable(package="recipes")
+class LocalResponseNormalization(keras.layers.Layer):
+    """GoogLeNet's across-channel LRN (the no-BN baseline keeps it; BN removes it).
+
+    Args:
+        depth_radius: half-width of the channel window (GoogLeNet: size 5, so 2).
+        bias, alpha, beta: ``x / (bias + alpha * sum(x^2 over the window)) ** beta``;
+            ``alpha`` is per element, as in ``tf.nn.local_response_normalization``
+            (Caffe's 1e-4 over a window of 5 is 2e-5 here).
+        **kwargs: base ``keras.layers.Layer`` arguments.
+
+    Example:
+
+    >>> LocalResponseNormalization()(tf.ones((1, 2, 2, 8))).shape
+    TensorShape([1, 2, 2, 8])
+    """
+
+    def __init__(self, depth_radius=2, bias=1.0, alpha=2e-5, beta=0.75, **kwargs):
+        super().__init__(**kwargs)
+        self.depth_radius, self.bias, self.alpha, self.beta = int(depth_radius), float(bias), float(alpha), float(beta)
+
+    def call(self, inputs):
+        return tf.nn.local_response_normalization(inputs, self.depth_radius, self.bias, self.alpha, self.beta)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "depth_radius": self.depth_radius, "bias": self.bias,
+                "alpha": self.alpha, "beta": self.beta}
+
+
+class _Builder:
+    """Holds the choices every convolution shares."""
+
+    def __init__(self, activation, batch_norm, synchronized, width_multiplier, min_depth,
+                 kernel_initializer, bn_momentum, bn_epsilon):
+        self.activation = activation
+        self.batch_norm = batch_norm
+        self.synchronized = synchronized
+        self.width_multiplier = width_multiplier
+        self.min_depth = min_depth
+        self.kernel_initializer = kernel_initializer
+        self.bn_momentum = bn_momentum
+        self.bn_epsilon = bn_epsilon
+
+    def depth(self, filters):
+        return max(self.min_depth, int(filters * self.width_multiplier))
+
+    def finish(self, x, name):
+        """BN before the non-linearity (section 3.2), or the non-linearity alone."""
+        if self.batch_norm:
+            x = kerasbn.BatchNormalization(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                                           synchronized=self.synchronized, name=f"{name}_bn")(x)
+        return keras.layers.Activation(self.activation, name=f"{name}_{self.activation}")(x)
+
+    def conv(self, x, filters, size, name, strides=1):
+        # The BN's beta replaces the bias (section 3.2).
+        x = keras.layers.Conv2D(self.depth(filters), size, strides, padding="same",
+                                use_bias=not self.batch_norm, kernel_initializer=self.kernel_initializer,
+                                name=name)(x)
+        return self.finish(x, name)
+
+    def module(self, x, name, f1, f3r, f3, d3r, d3, pool, proj, stride):
+        prefix = f"mixed_{name}"
+        branches = []
+        if f1:
+            branches.append(self.conv(x, f1, 1, f"{prefix}_1x1"))
+        b = self.conv(x, f3r, 1, f"{prefix}_3x3_reduce")
+        branches.append(self.conv(b, f3, 3, f"{prefix}_3x3", strides=stride))
+        b = self.conv(x, d3r, 1, f"{prefix}_double_3x3_reduce")
+        b = self.conv(b, d3, 3, f"{prefix}_double_3x3a")
+        branches.append(self.conv(b, d3, 3, f"{prefix}_double_3x3b", strides=stride))
+        pooling = keras.layers.AveragePooling2D if pool == "avg" else keras.layers.MaxPooling2D
+        b = pooling(3, stride, padding="same", name=f"{prefix}_{pool}_pool")(x)
+        if proj:
+            b = self.conv(b, proj, 1, f"{prefix}_pool_proj")
+        branches.append(b)
+        return keras.layers.Concatenate(name=prefix)(branches)
+
+
+def _network(num_classes, input_shape, activation, batch_norm, synchronized, width_multiplier,
+             lrn, dropout, min_depth, kernel_initializer, bn_momentum, bn_epsilon, name):
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes}.")
+    if width_multiplier <= 0:
+        raise ValueError(f"width_multiplier must be positive, got {width_multiplier}.")
+    if len(input_shape) != 3 or any(s is not None and s < 1 for s in input_shape):
+        raise ValueError(f"input_shape must be (height, width, channels), got {input_shape}.")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+    build = _Builder(activation, batch_norm, synchronized, width_multiplier, min_depth,
+                     kernel_initializer, bn_momentum, bn_epsilon)
+    inputs = keras.Input(input_shape, name="images")
+    # Separable first convolution, depth multiplier 8 (TF-slim: min(depth(64) // 3, 8)).
+    stem = build.depth(64)
+    x = keras.layers.SeparableConv2D(stem, 7, 2, padding="same", depth_multiplier=max(1, min(stem // 3, 8)),
+                                     use_bias=not batch_norm, depthwise_initializer=kernel_initializer,
+                                     pointwise_initializer=kernel_initializer, name="conv1_7x7_s2")(inputs)
+    x = build.finish(x, "conv1_7x7_s2")
+    x = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool1_3x3_s2")(x)
+    if lrn:
+        x = LocalResponseNormalization(name="pool1_lrn")(x)
+    x = build.conv(x, 64, 1, "conv2_1x1")
+    x = build.conv(x, 192, 3, "conv2_3x3")
+    if lrn:
+        x = LocalResponseNormalization(name="conv2_lrn")(x)
+    x = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool2_3x3_s2")(x)
+    for row in MODULES:
+        x = build.module(x, *row)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    # The classifier is the only fully-connected layer; logits, no softmax.
+    outputs = keras.layers.Dense(num_classes, kernel_initializer="glorot_uniform", name="logits")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def bn_inception(num_classes: int = 1000, input_shape=(224, 224, 3), activation: str = "relu",
+                 batch_norm: bool = True, synchronized: bool = False, width_multiplier: float = 1.0,
+                 dropout: float = 0.0, min_depth: int = 8, kernel_initializer="he_normal",
+                 bn_momentum: float = 0.99, bn_epsilon: float = 1e-3,
+                 name: str = "bn_inception") -> keras.Model:
+    """The paper's BN-Inception: BN before every non-linearity, no LRN, no dropout.
+
+    Args:
+        num_classes: classifier outputs (logits).
+        input_shape: ``(height, width, channels)``; any size from 28 up (the
+            network downsamples 32x; global average pooling follows).
+        activation: the non-linearity (``"relu"``; ``"sigmoid"`` for BN-x5-Sigmoid).
+        batch_norm: False builds the same network without BN (convolutions get
+            biases back); see :func:`inception` for the paper's no-BN baseline.
+        synchronized: ``kerasbn.BatchNormalization(synchronized=True)``: the
+            global batch's statistics under a ``tf.distribute`` strategy.
+        width_multiplier: scales every layer's filters (at least ``min_depth``);
+            0.25 with a small ``input_shape`` gives a network a CPU trains.
+        dropout: dropout rate before the classifier (the accelerated variants: 0).
+        min_depth: the fewest filters any layer gets after scaling.
+        kernel_initializer: for every convolution.
+        bn_momentum, bn_epsilon: the BN layers' ``momentum`` and ``epsilon``.
+        name: the model's name.
+
+    Example:
+
+    >>> model = bn_inception(10, input_shape=(32, 32, 1), width_multiplier=0.25)
+    >>> model.output_shape
+    (None, 10)
+    """
+    return _network(num_classes, tuple(input_shape), activation, batch_norm, synchronized, width_multiplier,
+                    lrn=False, dropout=dropout, min_depth=min_depth, kernel_initializer=kernel_initializer,
+                    bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, name=name)
+
+
+def inception(num_classes: int = 1000, input_shape=(224, 224, 3), activation: str = "relu",
+              width_multiplier: float = 1.0, dropout: float = 0.4, lrn: bool = True, min_depth: int = 8,
+              kernel_initializer="he_normal", name: str = "inception") -> keras.Model:
+    """The no-BN baseline: BN-Inception's layers with LRN and dropout, as GoogLeNet.
+
+    Args:
+        num_classes, input_shape, activation, width_multiplier, min_depth,
+        kernel_initializer, name: as :func:`bn_inception`.
+        dropout: dropout rate before the classifier (GoogLeNet: 0.4).
+        lrn: local response normalization after the first pooling and the
+            second convolution, as GoogLeNet.
+
+    Example:
+
+    >>> inception(10, input_shape=(32, 32, 1), width_multiplier=0.25).output_shape
+    (None, 10)
+    """
+    return _network(num_classes, tuple(input_shape), activation, False, False, width_multiplier,
+                    lrn=lrn, dropout=dropout, min_depth=min_depth, kernel_initializer=kernel_initializer,
+                    bn_momentum=0.99, bn_epsilon=1e-3, name=name)
