@@ -1,0 +1,185 @@
+"""The training recipe end to end, in fresh processes: kill and resume, export and serve,
+two replicas, two workers on loopback, and the one-line errors."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.distributed import ROOT, TIMEOUT, _env, free_ports, tf_config
+
+SMALL = ["--dataset", "synthetic", "--image-size", "32", "--width-multiplier", "0.125", "--batch-size", "8"]
+
+
+def _train(run_dir, *args, env=None, check=True):
+    result = subprocess.run(
+        [sys.executable, "-m", "recipes.inception_bn.train", "--run-dir", str(run_dir), *args],
+        capture_output=True, text=True, timeout=TIMEOUT, env=_env(env), cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def _history(run_dir):
+    with open(run_dir / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _checkpoint_steps(run_dir):
+    return sorted(int(p.name[len("ckpt-"):-len(".index")]) for p in (run_dir / "checkpoints").glob("ckpt-*.index"))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_exports_a_serving_model(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--variant", "bn-x5", *SMALL, "--steps", "60", "--eval-every", "4", "--eval-examples", "16"]
+    proc = subprocess.Popen([sys.executable, "-m", "recipes.inception_bn.train", "--run-dir", str(run_dir), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
+    deadline = time.time() + TIMEOUT
+    while not _checkpoint_steps(run_dir) or _checkpoint_steps(run_dir)[-1] < 8:
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up
+    proc.wait()
+    killed_at = _checkpoint_steps(run_dir)[-1]
+    assert killed_at < 60 and not (run_dir / "export").exists()
+
+    result = _train(run_dir, *args)
+    assert f"Resuming {run_dir} from step {killed_at} of 60" in result.stdout
+    steps = [int(row["step"]) for row in _history(run_dir)]
+    assert steps == list(range(4, 61, 4))  # each evaluation once: nothing lost, nothing repeated
+    assert _checkpoint_steps(run_dir)[-1] == 60
+
+    # The SavedModel (BN folded) serves the trained network: same outputs as the checkpoint's
+    # weights in a freshly built model, run in inference mode.
+    import tensorflow as tf
+
+    from recipes.inception_bn.variants import VARIANTS
+
+    model = VARIANTS["bn-x5"].build_model(10, (32, 32, 3), width_multiplier=0.125)
+    tf.train.Checkpoint(model=model).restore(str(run_dir / "checkpoints" / "ckpt-60")).expect_partial()
+    x = np.random.RandomState(1).uniform(-1, 1, (3, 32, 32, 3)).astype("float32")
+    served = tf.saved_model.load(str(run_dir / "export")).serve(tf.constant(x)).numpy()
+    np.testing.assert_allclose(served, model(x, training=False).numpy(), rtol=1e-4, atol=1e-4)
+
+    again = _train(run_dir, *args)  # a finished run: says so, trains nothing
+    assert "already trained 60 of 60 steps" in again.stdout
+    assert len(_history(run_dir)) == len(steps)
+
+
+@pytest.mark.slow
+def test_two_replicas_train_with_synchronized_bn(tmp_path):
+    result = _train(tmp_path, "--variant", "bn-x30", *SMALL, "--cpu-replicas", "2", "--steps", "6",
+                    "--eval-every", "3", "--eval-examples", "32")
+    assert "2 replica(s) x batch 8 = 16, synchronized BN" in result.stdout
+    rows = _history(tmp_path)
+    assert [int(r["step"]) for r in rows] == [3, 6]
+    assert all(np.isfinite(float(r["train_loss"])) for r in rows)
+    # Learning rate scaled for the global batch of 16 (linear rule): 0.045 * 16 / 32.
+    assert float(rows[0]["learning_rate"]) == pytest.approx(0.0225, rel=1e-3)
+    assert (tmp_path / "export" / "saved_model.pb").exists()
+
+
+@pytest.mark.slow
+def test_two_workers_on_loopback_train_checkpoint_and_resume(tmp_path):
+    def run_cluster(steps):
+        ports = free_ports(2)
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "recipes.inception_bn.train", "--run-dir", str(tmp_path), "--variant", "bn-x5",
+             *SMALL, "--steps", str(steps), "--eval-every", "3", "--eval-examples", "32"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env=_env({"TF_CONFIG": tf_config(ports, index)})) for index in range(2)]
+        outputs = []
+        for index, proc in enumerate(procs):
+            try:
+                out, err = proc.communicate(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                for p in procs:
+                    p.kill()
+                raise AssertionError(f"worker {index} timed out") from None
+            assert proc.returncode == 0, f"worker {index}:\n{err[-3000:]}"
+            outputs.append(out)
+        return outputs
+
+    chief, worker = run_cluster(3)
+    assert "2 replica(s) x batch 8 = 16, synchronized BN" in chief and worker == ""
+    assert _checkpoint_steps(tmp_path) == [3]
+    assert not [p for p in tmp_path.rglob("worker1-*")]
+    chief, _ = run_cluster(6)
+    assert f"Resuming {tmp_path} from step 3 of 6" in chief
+    assert [int(r["step"]) for r in _history(tmp_path)] == [3, 6]
+    assert (tmp_path / "export" / "saved_model.pb").exists()
+
+
+def test_help_lists_the_variants():
+    result = subprocess.run([sys.executable, "-m", "recipes.inception_bn.train", "--help"],
+                            capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120)
+    assert result.returncode == 0
+    for name in ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid"):
+        assert f"  {name} " in result.stdout
+
+
+@pytest.mark.parametrize("setup, expected", [
+    ("missing", "does not exist; it must hold ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar"),
+    ("empty", "lacks ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar"),
+    ("no_val", "lacks ILSVRC2012_img_val.tar"),
+])
+def test_missing_imagenet_is_one_line(tmp_path, setup, expected):
+    data_dir = tmp_path / "imagenet"
+    if setup != "missing":
+        data_dir.mkdir()
+    if setup == "no_val":
+        (data_dir / "ILSVRC2012_img_train.tar").write_bytes(b"x" * 10)
+        (data_dir / "ILSVRC2012_img_val.tar").write_bytes(b"")  # empty counts as missing
+    result = _train(tmp_path / "run", "--variant", "bn-x5", "--dataset", "imagenet2012", "--data-dir",
+                    str(data_dir), "--prepared-dir", str(tmp_path / "prepared"), check=False)
+    assert result.returncode == 2
+    err = result.stderr.strip()
+    assert err.startswith("error: --data-dir") and expected in err and str(data_dir) in err
+    assert "\n" not in err and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--variant", "bn-x6"], "invalid choice"),
+    (["--variant", "bn-x5", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--variant", "bn-x5", "--dataset", "cifar"], "invalid choice"),
+])
+def test_bad_flags(tmp_path, args, expected):
+    result = _train(tmp_path, *args, check=False)
+    assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unwritable_run_dir_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = _train(blocker / "run", "--variant", "bn-x5", *SMALL, check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: --run-dir")
+    assert "Traceback" not in result.stderr
+
+
+def test_divergence_stops_with_a_clear_message(tmp_path):
+    # A learning rate no network survives: the loss overflows; the run stops, says so, and
+    # compare reads the marker it leaves.
+    from recipes.inception_bn import train
+
+    assert train.DIVERGED == "diverged.json"
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from recipes.inception_bn import variants as V, train; import dataclasses;"
+         "V.VARIANTS['inception'] = dataclasses.replace(V.VARIANTS['inception'], learning_rate=1e6);"
+         "sys.exit(train.main(sys.argv[1:]))",
+         "--run-dir", str(tmp_path), "--variant", "inception", *SMALL, "--steps", "50", "--eval-every", "50"],
+        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=TIMEOUT)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "diverged" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "diverged.json").exists()
+
+
+if os.name != "posix":  # SIGKILL
+    pytestmark = pytest.mark.skip("POSIX only")
