@@ -8,7 +8,7 @@
    a Figure-2-style plot and the paper's table (steps to reach the no-BN
    baseline's best accuracy).
 
-    python -m recipes.demo [--run-dir runs/demo] [--steps 1500] [--data-dir DIR]
+    python -m recipes.demo [--run-dir runs/demo] [--steps 1200] [--data-dir DIR]
 
 Rerunning resumes: finished runs are not trained again.
 """
@@ -31,7 +31,7 @@ DEMO_VARIANTS = ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid",
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/demo")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps per BN-Inception variant")
+    parser.add_argument("--steps", type=int, default=1200, help="training steps per BN-Inception variant")
     parser.add_argument("--figure1-steps", type=int, default=5000)
     parser.add_argument("--data-dir", help="the Fashion-MNIST idx files (default: Debian's location)")
     args = parser.parse_args(argv)

@@ -225,11 +225,12 @@ def train(args) -> int:
     eval_examples = source.eval_examples if args.eval_examples is None else min(args.eval_examples,
                                                                                  source.eval_examples)
 
-    def eval_dataset(ctx):
-        return source.eval(ctx.get_per_replica_batch_size(max(global_batch, 256 * replicas)), ctx).take(
-            -1 if args.eval_examples is None else max(1, -(-eval_examples // max(global_batch, 256 * replicas))))
+    # Evaluation runs on each worker's own copy of the weights, outside the strategy: with
+    # several replicas a last partial batch would leave some replicas empty batches.
+    eval_data = source.eval(256)
+    if args.eval_examples is not None:
+        eval_data = eval_data.unbatch().take(eval_examples).batch(256)
 
-    eval_data = strategy.distribute_datasets_from_function(eval_dataset)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
 
     def train_replica(images, labels):
@@ -249,21 +250,18 @@ def train(args) -> int:
         loss, correct = strategy.run(train_replica, args=next(iterator))
         return (strategy.reduce("SUM", loss, axis=None), strategy.reduce("SUM", correct, axis=None))
 
-    def eval_replica(images, labels):
+    @tf.function
+    def eval_step(images, labels):
         logits = tf.cast(model(images, training=False), tf.float32)
         k = min(5, source.num_classes)
         top5 = tf.reduce_sum(tf.cast(tf.nn.in_top_k(labels, logits, k), tf.float32))
         top1 = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
         return tf.reduce_sum(loss_fn(labels, logits)), top1, top5, tf.cast(tf.size(labels), tf.float32)
 
-    @tf.function
-    def eval_step(batch):
-        return [strategy.reduce("SUM", v, axis=None) for v in strategy.run(eval_replica, args=batch)]
-
     def evaluate():
         totals = [0.0, 0.0, 0.0, 0.0]
-        for batch in eval_data:
-            totals = [t + float(v) for t, v in zip(totals, eval_step(batch))]
+        for images, labels in eval_data:
+            totals = [t + float(v) for t, v in zip(totals, eval_step(images, labels))]
         loss, top1, top5, count = totals
         return loss / max(count, 1), top1 / max(count, 1), top5 / max(count, 1)
 
@@ -332,10 +330,12 @@ def _check_same_step(strategy, step):
     """Every worker must resume at the same step (the run directory is shared); say so if not."""
     import tensorflow as tf
 
-    value = tf.constant([float(step), -float(step)])
-    reduced = strategy.reduce("MAX", strategy.run(lambda: tf.identity(value)), axis=None).numpy()
-    if reduced[0] != -reduced[1]:
-        raise RecipeError(f"workers restored different steps ({-reduced[1]:.0f} to {reduced[0]:.0f}): "
+    # strategy.reduce has SUM and MEAN only: all steps are equal iff R * sum(s^2) == sum(s)^2.
+    value = tf.constant([float(step), float(step) ** 2], tf.float64)
+    total, squares = strategy.reduce("SUM", strategy.run(lambda: tf.identity(value)), axis=None).numpy()
+    replicas = strategy.num_replicas_in_sync
+    if abs(replicas * squares - total ** 2) > 0.5:
+        raise RecipeError(f"workers restored different steps (mean {total / replicas:.1f}, this one {step}): "
                           "--run-dir must be on a filesystem every worker shares")
 
 
