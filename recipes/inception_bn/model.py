@@ -154,7 +154,7 @@ def _network(num_classes, input_shape, activation, batch_norm, synchronized, wid
 
 def bn_inception(num_classes: int = 1000, input_shape=(224, 224, 3), activation: str = "relu",
                  batch_norm: bool = True, synchronized: bool = False, width_multiplier: float = 1.0,
-                 dropout: float = 0.0, min_depth: int = 8, kernel_initializer="he_normal",
+                 dropout: float = 0.0, min_depth: int = 8, kernel_initializer="glorot_uniform",
                  bn_momentum: float = 0.99, bn_epsilon: float = 1e-3,
                  name: str = "bn_inception") -> keras.Model:
     """The paper's BN-Inception: BN before every non-linearity, no LRN, no dropout.
@@ -172,7 +172,8 @@ def bn_inception(num_classes: int = 1000, input_shape=(224, 224, 3), activation:
             0.25 with a small ``input_shape`` gives a network a CPU trains.
         dropout: dropout rate before the classifier (the accelerated variants: 0).
         min_depth: the fewest filters any layer gets after scaling.
-        kernel_initializer: for every convolution.
+        kernel_initializer: for every convolution (GoogLeNet's Xavier,
+            ``"glorot_uniform"``; the no-BN network depends on it, BN does not).
         bn_momentum, bn_epsilon: the BN layers' ``momentum`` and ``epsilon``.
         name: the model's name.
 
@@ -189,7 +190,7 @@ def bn_inception(num_classes: int = 1000, input_shape=(224, 224, 3), activation:
 
 def inception(num_classes: int = 1000, input_shape=(224, 224, 3), activation: str = "relu",
               width_multiplier: float = 1.0, dropout: float = 0.4, lrn: bool = True, min_depth: int = 8,
-              kernel_initializer="he_normal", name: str = "inception") -> keras.Model:
+              kernel_initializer="glorot_uniform", name: str = "inception") -> keras.Model:
     """The no-BN baseline: BN-Inception's layers with LRN and dropout, as GoogLeNet.
 
     Args:

@@ -60,6 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int,
                         help="input size (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_IMAGE_SIZE.items()) + ")")
     parser.add_argument("--width-multiplier", type=float, default=1.0, help="scales every layer's filters")
+    parser.add_argument("--bn-momentum", type=float, default=0.99,
+                        help="BN moving-average momentum (0.99; 0.9 suits runs of a few thousand steps)")
     parser.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                         help="BN statistics over the global batch (default: when more than one replica)")
     parser.add_argument("--mixed-precision", action="store_true",
@@ -79,6 +81,8 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be at least 1")
+    if not 0 <= args.bn_momentum < 1:
+        parser.error("--bn-momentum must be in [0, 1)")
     if args.width_multiplier <= 0:
         parser.error("--width-multiplier must be positive")
     return args
@@ -185,7 +189,8 @@ def train(args) -> int:
     total_steps = args.steps or int(round(30 * steps_per_epoch))
 
     with strategy.scope():
-        model = variant.build_model(source.num_classes, source.image_shape, args.width_multiplier, synchronized)
+        model = variant.build_model(source.num_classes, source.image_shape, args.width_multiplier, synchronized,
+                                    args.bn_momentum)
         schedule = variant.schedule(global_batch, source.train_examples, args.warmup_epochs)
         optimizer = keras.optimizers.SGD(schedule, momentum=variant.momentum)
         if keras.mixed_precision.global_policy().name == "mixed_float16":

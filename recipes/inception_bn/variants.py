@@ -71,14 +71,15 @@ class Variant:
     def lrn(self) -> bool:
         return not self.batch_norm
 
-    def build_model(self, num_classes, input_shape, width_multiplier=1.0, synchronized=False):
+    def build_model(self, num_classes, input_shape, width_multiplier=1.0, synchronized=False,
+                    bn_momentum=0.99):
         """The network this variant trains."""
         from recipes.inception_bn.model import bn_inception, inception
 
         if self.batch_norm:
             return bn_inception(num_classes, input_shape, activation=self.activation,
                                 synchronized=synchronized, width_multiplier=width_multiplier,
-                                dropout=self.dropout, name=self.name.replace("-", "_"))
+                                dropout=self.dropout, bn_momentum=bn_momentum, name=self.name.replace("-", "_"))
         return inception(num_classes, input_shape, activation=self.activation,
                          width_multiplier=width_multiplier, dropout=self.dropout, lrn=self.lrn,
                          name=self.name.replace("-", "_"))
