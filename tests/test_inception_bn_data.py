@@ -108,3 +108,23 @@ def test_bad_source_arguments(tmp_path):
         load_source("synthetic", image_size=8)
     with pytest.raises(DataNotFoundError, match="does not exist"):
         load_source("fashion_mnist", tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_train_on_fake_imagenet_end_to_end(fake_imagenet, tmp_path):
+    """The user's command on ImageNet's layout: tfds prepares, train.py trains, evaluates, exports."""
+    import subprocess
+    import sys
+
+    from tests.distributed import ROOT, TIMEOUT, _env
+
+    result = subprocess.run(
+        [sys.executable, "-m", "recipes.inception_bn.train", "--variant", "bn-x30", "--dataset", "imagenet2012",
+         "--data-dir", str(fake_imagenet), "--prepared-dir", str(tmp_path / "prepared"), "--run-dir",
+         str(tmp_path / "run"), "--image-size", "32", "--width-multiplier", "0.125", "--batch-size", "2",
+         "--steps", "2", "--eval-every", "2"], capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "imagenet2012 (32, 32, 3), 1000 classes" in result.stdout
+    history = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert len(history) == 2 and history[1].startswith("2,")
+    assert (tmp_path / "run" / "export" / "saved_model.pb").exists()

@@ -126,6 +126,18 @@ def test_two_workers_on_loopback_train_checkpoint_and_resume(tmp_path):
     assert (tmp_path / "export" / "saved_model.pb").exists()
 
 
+@pytest.mark.slow
+def test_mixed_precision_run_exports_a_float32_serving_model(tmp_path):
+    _train(tmp_path, "--variant", "bn-x5", *SMALL, "--steps", "4", "--eval-every", "2", "--eval-examples", "16",
+           "--mixed-precision")  # mixed_bfloat16 on a CPU
+    assert all(np.isfinite(float(r["train_loss"])) for r in _history(tmp_path))
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(tmp_path / "export"))
+    out = loaded.serve(tf.zeros((2, 32, 32, 3))).numpy()
+    assert out.shape == (2, 10) and np.all(np.isfinite(out))
+
+
 def test_help_lists_the_variants():
     result = subprocess.run([sys.executable, "-m", "recipes.inception_bn.train", "--help"],
                             capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120)
