@@ -2,6 +2,7 @@
 two replicas, two workers on loopback, and the one-line errors."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -85,8 +86,11 @@ def test_killed_run_resumes_and_exports_a_serving_model(tmp_path):
 @pytest.mark.slow
 def test_two_replicas_train_with_synchronized_bn(tmp_path):
     result = _train(tmp_path, "--variant", "bn-x30", *SMALL, "--cpu-replicas", "2", "--steps", "6",
-                    "--eval-every", "3", "--eval-examples", "32")
+                    "--eval-every", "3", "--eval-examples", "32", "--recalibrate-steps", "2")
     assert "2 replica(s) x batch 8 = 16, synchronized BN" in result.stdout
+    assert "Population statistics from 2 training batches (Algorithm 2)" in result.stdout
+    recalibrated = json.loads((tmp_path / "recalibrated.json").read_text())
+    assert recalibrated["step"] == 6 and 0 <= recalibrated["eval_accuracy"] <= 1
     rows = _history(tmp_path)
     assert [int(r["step"]) for r in rows] == [3, 6]
     assert all(np.isfinite(float(r["train_loss"])) for r in rows)

@@ -72,10 +72,16 @@ def parse_args(argv=None):
     parser.add_argument("--cpu-replicas", type=int, default=1,
                         help="split the CPU into N logical devices, one replica each (no GPUs needed)")
     parser.add_argument("--jit", action="store_true", help="XLA-compile the training step")
+    parser.add_argument("--recalibrate-steps", type=int, default=0,
+                        help="after training, set BN's population statistics exactly from N training batches "
+                        "(the paper's Algorithm 2; kerasbn.recalibrate_statistics) before the last evaluation "
+                        "and the export (default 0: keep the moving averages)")
     parser.add_argument("--no-export", dest="export", action="store_false", help="skip the SavedModel export")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.recalibrate_steps < 0:
+        parser.error("--recalibrate-steps must be at least 0")
     for name in ("batch_size", "eval_every", "cpu_replicas"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -320,6 +326,21 @@ def train(args) -> int:
             clock = time.perf_counter()
     if not is_chief:
         tf.io.gfile.rmtree(str(write_dir))
+    if args.recalibrate_steps and variant.batch_norm:
+        # Each worker feeds its own replicas' share of the global batch.
+        multi_worker = getattr(strategy, "cluster_resolver", None) is not None
+        local_batch = args.batch_size * (len(strategy.extended.worker_devices) if multi_worker else replicas)
+        before = evaluate()[1]
+        with strategy.scope():
+            kerasbn.recalibrate_statistics(model, source.train(local_batch, variant.distortion, seed + 1),
+                                           steps=args.recalibrate_steps, verbose=0)
+        after = evaluate()[1]
+        say(f"Population statistics from {args.recalibrate_steps} training batches (Algorithm 2): "
+            f"eval accuracy {after:.4f} (moving averages: {before:.4f})")
+        if is_chief:
+            (run_dir / "recalibrated.json").write_text(json.dumps(
+                {"step": step, "batches": args.recalibrate_steps, "eval_accuracy": after,
+                 "eval_accuracy_moving_averages": before}))
     if args.export and is_chief:
         export_dir = run_dir / "export"
         exported = kerasbn.export_for_serving(model, export_dir)
