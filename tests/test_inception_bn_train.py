@@ -101,11 +101,11 @@ def test_two_replicas_train_with_synchronized_bn(tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_on_loopback_train_checkpoint_and_resume(tmp_path):
-    def run_cluster(steps):
+    def run_cluster(steps, *extra):
         ports = free_ports(2)
         procs = [subprocess.Popen(
             [sys.executable, "-m", "recipes.inception_bn.train", "--run-dir", str(tmp_path), "--variant", "bn-x5",
-             *SMALL, "--steps", str(steps), "--eval-every", "3", "--eval-examples", "32"],
+             *SMALL, "--steps", str(steps), "--eval-every", "3", "--eval-examples", "32", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
             env=_env({"TF_CONFIG": tf_config(ports, index)})) for index in range(2)]
         outputs = []
@@ -124,8 +124,10 @@ def test_two_workers_on_loopback_train_checkpoint_and_resume(tmp_path):
     assert "2 replica(s) x batch 8 = 16, synchronized BN" in chief and worker == ""
     assert _checkpoint_steps(tmp_path) == [3]
     assert not [p for p in tmp_path.rglob("worker1-*")]
-    chief, _ = run_cluster(6)
+    chief, _ = run_cluster(6, "--recalibrate-steps", "2")
     assert f"Resuming {tmp_path} from step 3 of 6" in chief
+    assert "Population statistics from 2 training batches" in chief
+    assert json.loads((tmp_path / "recalibrated.json").read_text())["step"] == 6
     assert [int(r["step"]) for r in _history(tmp_path)] == [3, 6]
     assert (tmp_path / "export" / "saved_model.pb").exists()
 

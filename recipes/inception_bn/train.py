@@ -327,12 +327,10 @@ def train(args) -> int:
     if not is_chief:
         tf.io.gfile.rmtree(str(write_dir))
     if args.recalibrate_steps and variant.batch_norm:
-        # Each worker feeds its own replicas' share of the global batch.
-        multi_worker = getattr(strategy, "cluster_resolver", None) is not None
-        local_batch = args.batch_size * (len(strategy.extended.worker_devices) if multi_worker else replicas)
         before = evaluate()[1]
         with strategy.scope():
-            kerasbn.recalibrate_statistics(model, source.train(local_batch, variant.distortion, seed + 1),
+            # Batched globally, as tf.distribute expects: every replica sees --batch-size images, as in training.
+            kerasbn.recalibrate_statistics(model, source.train(global_batch, variant.distortion, seed + 1),
                                            steps=args.recalibrate_steps, verbose=0)
         after = evaluate()[1]
         say(f"Population statistics from {args.recalibrate_steps} training batches (Algorithm 2): "
