@@ -91,6 +91,7 @@ def test_two_replicas_train_with_synchronized_bn(tmp_path):
     assert "Population statistics from 2 training batches (Algorithm 2)" in result.stdout
     recalibrated = json.loads((tmp_path / "recalibrated.json").read_text())
     assert recalibrated["step"] == 6 and 0 <= recalibrated["eval_accuracy"] <= 1
+    assert f"eval accuracy {recalibrated['eval_accuracy']:.4f} (population statistics)" in result.stdout
     rows = _history(tmp_path)
     assert [int(r["step"]) for r in rows] == [3, 6]
     assert all(np.isfinite(float(r["train_loss"])) for r in rows)

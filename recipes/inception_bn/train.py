@@ -326,7 +326,8 @@ def train(args) -> int:
             clock = time.perf_counter()
     if not is_chief:
         tf.io.gfile.rmtree(str(write_dir))
-    if args.recalibrate_steps and variant.batch_norm:
+    recalibrated = bool(args.recalibrate_steps and variant.batch_norm)
+    if recalibrated:
         before = evaluate()[1]
         with strategy.scope():
             # Batched globally, as tf.distribute expects: every replica sees --batch-size images, as in training.
@@ -345,7 +346,9 @@ def train(args) -> int:
         left = sum(isinstance(layer, kerasbn.BatchNormalization) for layer in exported.layers)
         say(f"SavedModel (BN folded, {left} BN layers left) in {export_dir}")
     if history:
-        say(f"Done: step {history[-1]['step']}, eval accuracy {float(history[-1]['eval_accuracy']):.4f}; "
+        final = after if recalibrated else float(history[-1]["eval_accuracy"])
+        say(f"Done: step {history[-1]['step']}, eval accuracy {final:.4f}"
+            f"{' (population statistics)' if recalibrated else ''}; "
             f"history in {history_path}, TensorBoard logs in {run_dir / 'logs'}")
     return 0
 
