@@ -97,6 +97,9 @@ def test_two_replicas_train_with_synchronized_bn(tmp_path):
     assert all(np.isfinite(float(r["train_loss"])) for r in rows)
     # Learning rate scaled for the global batch of 16 (linear rule): 0.045 * 16 / 32.
     assert float(rows[0]["learning_rate"]) == pytest.approx(0.0225, rel=1e-3)
+    settings = json.loads((tmp_path / "run.json").read_text())
+    assert settings["initial_learning_rate"] == pytest.approx(0.0225) and settings["global_batch"] == 16
+    assert settings["replicas"] == 2 and settings["synchronized_bn"] and settings["steps"] == 6
     assert (tmp_path / "export" / "saved_model.pb").exists()
 
 

@@ -73,6 +73,14 @@ def steps_to_reach(history, target):
     return None
 
 
+def initial_learning_rate(variant_dir: Path, history) -> float:
+    """The run's initial learning rate from train.py's run.json (the history starts at the first evaluation)."""
+    settings = variant_dir / "run.json"
+    if settings.exists():
+        return float(json.loads(settings.read_text())["initial_learning_rate"])
+    return float(history[0]["learning_rate"]) if history else float("nan")
+
+
 def summarize(run_dir: Path, names, outcomes) -> tuple[str, dict]:
     """The markdown table and the per-variant histories."""
     histories = {name: read_history(run_dir / name / "history.csv") for name in names}
@@ -87,7 +95,7 @@ def summarize(run_dir: Path, names, outcomes) -> tuple[str, dict]:
     for name in names:
         history = histories[name]
         outcome = outcomes.get(name, {})
-        lr = float(history[0]["learning_rate"]) if history else float("nan")
+        lr = initial_learning_rate(run_dir / name, history)
         reach = steps_to_reach(history, target)
         best = max((float(r["eval_accuracy"]) for r in history), default=float("nan"))
         note = ""

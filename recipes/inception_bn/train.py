@@ -229,6 +229,16 @@ def train(args) -> int:
         f"lr {schedule.initial_learning_rate:g} decaying x{variant.decay_rate} every {schedule.decay_steps:.0f} "
         f"steps; {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs)")
 
+    if is_chief:
+        settings = {"variant": variant.name, "dataset": source.name, "replicas": replicas,
+                    "global_batch": global_batch, "synchronized_bn": bool(synchronized and variant.batch_norm),
+                    "initial_learning_rate": float(schedule.initial_learning_rate),
+                    "decay_rate": float(variant.decay_rate), "decay_steps": float(schedule.decay_steps),
+                    "steps": total_steps, "arguments": vars(args)}
+        tmp = run_dir / "run.json.tmp"
+        tmp.write_text(json.dumps(settings, indent=1, default=str))
+        os.replace(tmp, run_dir / "run.json")
+
     # Data: distinct shuffling after a resume, so a resumed run does not replay the same batches.
     seed = args.seed + start_step
     train_data = strategy.distribute_datasets_from_function(

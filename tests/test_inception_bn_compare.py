@@ -1,0 +1,58 @@
+"""compare.py's table: the paper's columns (steps to reach the baseline's best, best, speed-up), from
+histories written as train.py writes them, and its plot."""
+
+import json
+
+from recipes.inception_bn import compare
+from recipes.inception_bn.train import HISTORY_FIELDS, write_history
+
+
+def _run(run_dir, name, accuracies, every=50, initial_lr=None):
+    variant_dir = run_dir / name
+    variant_dir.mkdir(parents=True)
+    rows = [dict.fromkeys(HISTORY_FIELDS, "0") | {"step": str(every * (i + 1)), "eval_accuracy": str(a),
+                                                   "learning_rate": "0.0099"}
+            for i, a in enumerate(accuracies)]
+    write_history(variant_dir / "history.csv", rows)
+    if initial_lr is not None:
+        (variant_dir / "run.json").write_text(json.dumps({"initial_learning_rate": initial_lr}))
+
+
+def _row(table, name):
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == name:
+            return cells
+    raise AssertionError(f"{name} not in\n{table}")
+
+
+def test_table_counts_steps_to_the_baselines_best_accuracy(tmp_path):
+    _run(tmp_path, "inception", [0.1, 0.3, 0.5, 0.45], initial_lr=0.0015)  # best 0.5 at step 150
+    _run(tmp_path, "bn-x5", [0.4, 0.55, 0.7, 0.8], initial_lr=0.0075)     # reaches 0.5 at step 100
+    _run(tmp_path, "bn-x30", [0.2, 0.3, 0.4, 0.45])                         # never; no run.json
+    names = ["inception", "bn-x5", "bn-x30"]
+    table, histories = compare.summarize(tmp_path, names, {"bn-x30": {"diverged": None}})
+
+    assert "inception's best evaluation accuracy, 0.5000, reached at step 150" in table
+    assert _row(table, "inception")[1:5] == ["0.0015", "150", "0.5000", "1.0x"]
+    assert _row(table, "bn-x5")[1:5] == ["0.0075", "100", "0.8000", "1.5x"]
+    bn_x30 = _row(table, "bn-x30")
+    # Without run.json the learning rate falls back to the first evaluation's.
+    assert bn_x30[1:5] == ["0.0099", "-", "0.4500", "-"] and "never reached the target in 200 steps" in bn_x30[5]
+    assert set(histories) == set(names)
+
+
+def test_table_notes_a_diverged_run(tmp_path):
+    _run(tmp_path, "inception", [0.2, 0.4])
+    _run(tmp_path, "inception-x5", [0.1])
+    outcomes = {"inception-x5": {"diverged": {"step": 73, "loss": "nan"}}}
+    table, _ = compare.summarize(tmp_path, ["inception", "inception-x5"], outcomes)
+    assert "diverged at step 73 (loss nan)" in _row(table, "inception-x5")[5]
+
+
+def test_plot_writes_a_png(tmp_path):
+    _run(tmp_path, "inception", [0.2, 0.4])
+    _run(tmp_path, "bn-x5", [0.5, 0.6])
+    _, histories = compare.summarize(tmp_path, ["inception", "bn-x5"], {})
+    compare.plot(tmp_path / "compare.png", histories, "title")
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
