@@ -41,3 +41,25 @@ def test_debian_fashion_mnist():
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
     assert x_train.shape == (60000, 28, 28) and x_test.shape == (10000, 28, 28)
     assert sorted(np.unique(y_train)) == list(range(10))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_data_dir() is None, reason="Debian's dataset-fashion-mnist is not installed")
+def test_demo_runs_end_to_end_on_fashion_mnist(tmp_path):
+    # The main job (`make demo`), shortened: Figure 1 and the six-variant comparison, outputs where it says.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "recipes.demo", "--run-dir", str(tmp_path), "--steps", "10",
+                             "--figure1-steps", "100"], capture_output=True, text=True, cwd=root, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = [tmp_path / "figure1" / "figure1.png", tmp_path / "inception_bn" / "compare.png",
+               tmp_path / "inception_bn" / "compare.md"]
+    for path in outputs:
+        assert path.exists() and str(path) in result.stdout
+    table = outputs[2].read_text()
+    for name in demo.DEMO_VARIANTS:
+        assert f"| {name} |" in table
+    assert "| bn-x30 | 0.045 |" in table  # the paper's learning rate at the demo's batch of 32
