@@ -53,32 +53,38 @@ def tf_config(ports, index):
     return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
 
 
-def run_workers(script, args, tmp_path, workers=2):
-    """Runs ``script`` as a MultiWorkerMirroredStrategy cluster on loopback.
+def start_cluster(command, workers=2, cwd=None):
+    """Starts ``command`` once per worker of a loopback MultiWorkerMirroredStrategy cluster.
 
-    Returns the list of each worker's npz (index = task index).
+    Returns each worker's stdout (index = task index); raises with every failing worker's stderr.
     """
     ports = free_ports(workers)
-    procs = []
-    for index in range(workers):
-        out = tmp_path / f"worker{index}.npz"
-        procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / script), *args, "--out", str(out)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=_env({"TF_CONFIG": tf_config(ports, index)}),
-        ))
-    failures = []
+    procs = [subprocess.Popen(command(index), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                              env=_env({"TF_CONFIG": tf_config(ports, index)}))
+             for index in range(workers)]
+    outputs, failures = [], []
     for index, proc in enumerate(procs):
         try:
-            _, stderr = proc.communicate(timeout=TIMEOUT)
+            stdout, stderr = proc.communicate(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
             raise AssertionError(f"worker {index} timed out") from None
         if proc.returncode != 0:
             failures.append(f"worker {index}:\n{stderr[-3000:]}")
+        outputs.append(stdout)
     if failures:
         raise AssertionError("\n".join(failures))
+    return outputs
+
+
+def run_workers(script, args, tmp_path, workers=2):
+    """Runs ``script`` as a MultiWorkerMirroredStrategy cluster on loopback.
+
+    Returns the list of each worker's npz (index = task index).
+    """
+    start_cluster(lambda index: [sys.executable, str(ROOT / "tests" / script), *args,
+                                 "--out", str(tmp_path / f"worker{index}.npz")], workers)
     return [dict(np.load(tmp_path / f"worker{i}.npz")) for i in range(workers)]
 
 

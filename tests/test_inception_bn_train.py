@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.distributed import ROOT, TIMEOUT, _env, free_ports, tf_config
+from tests.distributed import ROOT, TIMEOUT, _env, start_cluster
 
 SMALL = ["--dataset", "synthetic", "--image-size", "32", "--width-multiplier", "0.125", "--batch-size", "8"]
 
@@ -106,23 +106,9 @@ def test_two_replicas_train_with_synchronized_bn(tmp_path):
 @pytest.mark.slow
 def test_two_workers_on_loopback_train_checkpoint_and_resume(tmp_path):
     def run_cluster(steps, *extra):
-        ports = free_ports(2)
-        procs = [subprocess.Popen(
-            [sys.executable, "-m", "recipes.inception_bn.train", "--run-dir", str(tmp_path), "--variant", "bn-x5",
-             *SMALL, "--steps", str(steps), "--eval-every", "3", "--eval-examples", "32", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-            env=_env({"TF_CONFIG": tf_config(ports, index)})) for index in range(2)]
-        outputs = []
-        for index, proc in enumerate(procs):
-            try:
-                out, err = proc.communicate(timeout=TIMEOUT)
-            except subprocess.TimeoutExpired:
-                for p in procs:
-                    p.kill()
-                raise AssertionError(f"worker {index} timed out") from None
-            assert proc.returncode == 0, f"worker {index}:\n{err[-3000:]}"
-            outputs.append(out)
-        return outputs
+        return start_cluster(lambda index: [
+            sys.executable, "-m", "recipes.inception_bn.train", "--run-dir", str(tmp_path), "--variant", "bn-x5",
+            *SMALL, "--steps", str(steps), "--eval-every", "3", "--eval-examples", "32", *extra], cwd=ROOT)
 
     chief, worker = run_cluster(3)
     assert "2 replica(s) x batch 8 = 16, synchronized BN" in chief and worker == ""
