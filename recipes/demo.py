@@ -3,7 +3,7 @@
 1. Figure 1 (``recipes.figure1``): a sigmoid MLP with and without BN: test
    accuracy and the drift of one sigmoid's input distribution.
 2. The BN-Inception comparison (``recipes.inception_bn.compare``): the paper's
-   five variants plus the no-BN network at BN-x5's learning rate, on a
+   five variants plus the no-BN network at BN-x5's and BN-x30's learning rates, on a
    scaled-down BN-Inception (width x0.25, 56x56 input), same data, same steps;
    a Figure-2-style plot and the paper's table (steps to reach the no-BN
    baseline's best accuracy).
@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from recipes.inception_bn.variants import VARIANTS  # noqa: E402
 
-DEMO_VARIANTS = ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid", "inception-x5")
+DEMO_VARIANTS = ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid", "inception-x5", "inception-x30")
 
 
 def main(argv=None) -> int:

@@ -7,15 +7,17 @@ from recipes.inception_bn import compare
 from recipes.inception_bn.train import HISTORY_FIELDS, write_history
 
 
-def _run(run_dir, name, accuracies, every=50, initial_lr=None):
+def _run(run_dir, name, accuracies, every=50, initial_lr=None, num_classes=None):
     variant_dir = run_dir / name
     variant_dir.mkdir(parents=True)
     rows = [dict.fromkeys(HISTORY_FIELDS, "0") | {"step": str(every * (i + 1)), "eval_accuracy": str(a),
                                                    "learning_rate": "0.0099"}
             for i, a in enumerate(accuracies)]
     write_history(variant_dir / "history.csv", rows)
-    if initial_lr is not None:
-        (variant_dir / "run.json").write_text(json.dumps({"initial_learning_rate": initial_lr}))
+    settings = {"initial_learning_rate": initial_lr, "num_classes": num_classes}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if settings:
+        (variant_dir / "run.json").write_text(json.dumps(settings))
 
 
 def _row(table, name):
@@ -34,11 +36,11 @@ def test_table_counts_steps_to_the_baselines_best_accuracy(tmp_path):
     table, histories = compare.summarize(tmp_path, names, {"bn-x30": {"diverged": None}})
 
     assert "inception's best evaluation accuracy, 0.5000, reached at step 150" in table
-    assert _row(table, "inception")[1:5] == ["0.0015", "150", "0.5000", "1.0x"]
+    assert _row(table, "inception")[1:6] == ["0.0015", "150", "0.5000", "1.0x", "-"]  # num_classes unknown
     assert _row(table, "bn-x5")[1:5] == ["0.0075", "100", "0.8000", "1.5x"]
     bn_x30 = _row(table, "bn-x30")
     # Without run.json the learning rate falls back to the first evaluation's.
-    assert bn_x30[1:5] == ["0.0099", "-", "0.4500", "-"] and "never reached the target in 200 steps" in bn_x30[5]
+    assert bn_x30[1:5] == ["0.0099", "-", "0.4500", "-"] and "never reached the target in 200 steps" in bn_x30[6]
     assert set(histories) == set(names)
 
 
@@ -47,7 +49,20 @@ def test_table_notes_a_diverged_run(tmp_path):
     _run(tmp_path, "inception-x5", [0.1])
     outcomes = {"inception-x5": {"diverged": {"step": 73, "loss": "nan"}}}
     table, _ = compare.summarize(tmp_path, ["inception", "inception-x5"], outcomes)
-    assert "diverged at step 73 (loss nan)" in _row(table, "inception-x5")[5]
+    assert "diverged at step 73 (loss nan)" in _row(table, "inception-x5")[6]
+
+
+def test_table_says_how_long_a_run_stalled_at_chance(tmp_path):
+    # 10 classes: below 0.2 (twice chance) counts as stalled; a brief rise does not end the stall.
+    _run(tmp_path, "inception", [0.1, 0.3, 0.5], num_classes=10)
+    _run(tmp_path, "inception-x30", [0.1, 0.21, 0.11, 0.19, 0.6, 0.7], num_classes=10)
+    _run(tmp_path, "bn-x30", [0.5, 0.7], num_classes=10)
+    _run(tmp_path, "stuck", [0.1, 0.1], num_classes=10)
+    table, _ = compare.summarize(tmp_path, ["inception", "inception-x30", "bn-x30", "stuck"], {})
+    assert _row(table, "inception")[5] == "50"
+    assert _row(table, "inception-x30")[5] == "200"
+    assert _row(table, "bn-x30")[5] == "-"
+    assert _row(table, "stuck")[5] == "100" and "never reached the target in 100 steps" in _row(table, "stuck")[6]
 
 
 def test_plot_writes_a_png(tmp_path):

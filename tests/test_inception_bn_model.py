@@ -129,7 +129,12 @@ def test_the_papers_variants():
         assert v.dropout == (0.0 if accelerated else 0.4)
         assert v.distortion < base.distortion if accelerated else v.distortion == base.distortion
         assert v.activation == ("sigmoid" if name == "bn-x5-sigmoid" else "relu")
-    assert not V.VARIANTS["inception-x5"].batch_norm and V.VARIANTS["inception-x5"].learning_rate == 0.0075
+    for control, lr in (("inception-x5", 0.0075), ("inception-x30", 0.045)):
+        v = V.VARIANTS[control]
+        assert not v.batch_norm and v.lrn and not v.in_paper and v.learning_rate == pytest.approx(lr)
+        # Only the learning rate differs from the no-BN baseline.
+        assert v.decay_epochs == base.decay_epochs and v.weight_decay == base.weight_decay
+        assert v.dropout == base.dropout and v.distortion == base.distortion
     with pytest.raises(ValueError, match="bn-x30"):
         V.get_variant("bn-x31")
 

@@ -100,6 +100,7 @@ def test_two_replicas_train_with_synchronized_bn(tmp_path):
     settings = json.loads((tmp_path / "run.json").read_text())
     assert settings["initial_learning_rate"] == pytest.approx(0.0225) and settings["global_batch"] == 16
     assert settings["replicas"] == 2 and settings["synchronized_bn"] and settings["steps"] == 6
+    assert settings["num_classes"] == 10
     assert (tmp_path / "export" / "saved_model.pb").exists()
 
 

@@ -7,7 +7,8 @@ Each variant trains in its own process (``train.py``, so each is resumable)
 into ``RUN_DIR/<variant>``; then ``RUN_DIR/compare.png`` plots evaluation
 accuracy against training steps, one line per variant, and
 ``RUN_DIR/compare.md`` gives the paper's table: steps for each variant to
-reach the no-BN baseline's best accuracy, the best accuracy, the speed-up.
+reach the no-BN baseline's best accuracy, the best accuracy, the speed-up,
+and how long each run stalled (its last evaluation below twice chance).
 """
 
 from __future__ import annotations
@@ -73,11 +74,23 @@ def steps_to_reach(history, target):
     return None
 
 
-def initial_learning_rate(variant_dir: Path, history) -> float:
-    """The run's initial learning rate from train.py's run.json (the history starts at the first evaluation)."""
-    settings = variant_dir / "run.json"
-    if settings.exists():
-        return float(json.loads(settings.read_text())["initial_learning_rate"])
+def last_step_at_chance(history, num_classes):
+    """The last evaluation step whose accuracy is below twice chance (``2 / num_classes``): how long
+    a run stalled. None when no evaluation was that low."""
+    low = [int(row["step"]) for row in history if float(row["eval_accuracy"]) < 2 / num_classes]
+    return low[-1] if low else None
+
+
+def run_settings(variant_dir: Path) -> dict:
+    """train.py's run.json (empty when the run wrote none)."""
+    path = variant_dir / "run.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def initial_learning_rate(settings: dict, history) -> float:
+    """The run's initial learning rate from run.json (the history starts at the first evaluation)."""
+    if "initial_learning_rate" in settings:
+        return float(settings["initial_learning_rate"])
     return float(history[0]["learning_rate"]) if history else float("nan")
 
 
@@ -90,12 +103,14 @@ def summarize(run_dir: Path, names, outcomes) -> tuple[str, dict]:
     best_row = max(histories[baseline], key=lambda r: float(r["eval_accuracy"]))
     target, baseline_steps = float(best_row["eval_accuracy"]), int(best_row["step"])
     lines = [f"Target: {baseline}'s best evaluation accuracy, {target:.4f}, reached at step {baseline_steps}.", "",
-             "| variant | initial lr | steps to reach target | best accuracy | speed-up | note |",
-             "|---|---|---|---|---|---|"]
+             "| variant | initial lr | steps to reach target | best accuracy | speed-up | at chance until step | note |",
+             "|---|---|---|---|---|---|---|"]
     for name in names:
         history = histories[name]
         outcome = outcomes.get(name, {})
-        lr = initial_learning_rate(run_dir / name, history)
+        settings = run_settings(run_dir / name)
+        lr = initial_learning_rate(settings, history)
+        stalled = last_step_at_chance(history, settings["num_classes"]) if "num_classes" in settings else None
         reach = steps_to_reach(history, target)
         best = max((float(r["eval_accuracy"]) for r in history), default=float("nan"))
         note = ""
@@ -105,7 +120,8 @@ def summarize(run_dir: Path, names, outcomes) -> tuple[str, dict]:
             last = int(history[-1]["step"])
             note = f"never reached the target in {last} steps"
         speedup = f"{baseline_steps / reach:.1f}x" if reach else "-"
-        lines.append(f"| {name} | {lr:.4g} | {reach if reach else '-'} | {best:.4f} | {speedup} | {note} |")
+        lines.append(f"| {name} | {lr:.4g} | {reach if reach else '-'} | {best:.4f} | {speedup} | "
+                     f"{stalled if stalled else '-'} | {note} |")
     return "\n".join(lines) + "\n", histories
 
 

@@ -3,8 +3,9 @@
 The table's per-branch filter counts, as TF-slim's ``inception_v2`` builds
 them: module 4c has a 128-filter pooling projection and 4d 160+192+192+...,
 so both output 608 channels where the table's output column says 576. At
-1000 classes the network has about 11.2M weights (11.15M trainable); the
-paper's text says 13.6M, which matches no consistent reading of its table.
+1000 classes the network has 11.28M trainable weights (11.30M with BN's
+moving statistics); the paper's text says 13.6M, which matches no
+consistent reading of its table.
 
 Each row is ``(name, 1x1, 3x3 reduce, 3x3, double 3x3 reduce, double 3x3,
 pool, pool projection, stride)``. A stride-2 module (3c, 4e) has no 1x1

@@ -230,7 +230,8 @@ def train(args) -> int:
         f"steps; {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs)")
 
     if is_chief:
-        settings = {"variant": variant.name, "dataset": source.name, "replicas": replicas,
+        settings = {"variant": variant.name, "dataset": source.name, "num_classes": source.num_classes,
+                    "replicas": replicas,
                     "global_batch": global_batch, "synchronized_bn": bool(synchronized and variant.batch_norm),
                     "initial_learning_rate": float(schedule.initial_learning_rate),
                     "decay_rate": float(variant.decay_rate), "decay_steps": float(schedule.decay_steps),

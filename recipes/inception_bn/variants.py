@@ -15,8 +15,9 @@ schedule per example seen does not change; L2 and momentum stay as they are.
 Synchronized BN keeps the statistics those of the global batch, so BN's
 behaviour does not change with the replica count either.
 
-Not in the paper's table: ``inception-x5`` is the no-BN network at
-BN-x5's learning rate, the control that shows the higher rate needs BN.
+Not in the paper's table: ``inception-x5`` and ``inception-x30`` are the
+no-BN network at BN-x5's and BN-x30's learning rates, the controls that
+show the higher rates need BN.
 """
 
 from __future__ import annotations
@@ -173,6 +174,9 @@ VARIANTS = {v.name: v for v in (
             dropout=0.0, distortion=_REDUCED_DISTORTION),
     Variant("inception-x5", "control: no BN at BN-x5's learning rate", batch_norm=False, activation="relu",
             learning_rate=_BASE_LR * 5, decay_epochs=BASE_DECAY_EPOCHS, weight_decay=BASE_WEIGHT_DECAY,
+            dropout=0.4, distortion=1.0, in_paper=False),
+    Variant("inception-x30", "control: no BN at BN-x30's learning rate", batch_norm=False, activation="relu",
+            learning_rate=_BASE_LR * 30, decay_epochs=BASE_DECAY_EPOCHS, weight_decay=BASE_WEIGHT_DECAY,
             dropout=0.4, distortion=1.0, in_paper=False),
 )}
 PAPER_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.in_paper)
