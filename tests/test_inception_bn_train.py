@@ -82,6 +82,47 @@ def test_killed_run_resumes_and_exports_a_serving_model(tmp_path):
     assert "already trained 60 of 60 steps" in again.stdout
     assert len(_history(run_dir)) == len(steps)
 
+    # Stopped after the last checkpoint but before its evaluation was written: the rerun
+    # evaluates that step (the same weights give the same accuracy), train columns blank.
+    from recipes.inception_bn.train import write_history
+
+    *earlier, last = _history(run_dir)
+    write_history(run_dir / "history.csv", earlier)
+    _train(run_dir, *args)
+    *kept, redone = _history(run_dir)
+    assert kept == earlier and redone["step"] == "60" and redone["train_loss"] == ""
+    assert float(redone["eval_accuracy"]) == pytest.approx(float(last["eval_accuracy"]), abs=1 / 16)
+    assert float(redone["eval_loss"]) == pytest.approx(float(last["eval_loss"]), abs=1e-3)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_current_step_and_the_rerun_resumes_there(tmp_path):
+    # A scheduler's preemption (SIGTERM) or Ctrl-C between evaluations keeps every finished step.
+    run_dir = tmp_path / "run"
+    args = ["--variant", "bn-x5", *SMALL, "--eval-every", "7", "--eval-examples", "16", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "recipes.inception_bn.train", "--run-dir", str(run_dir), *args,
+                             "--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(), cwd=ROOT)
+    deadline = time.time() + TIMEOUT
+    while not _checkpoint_steps(run_dir):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(1.0)  # some steps past the evaluation's checkpoint
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("interrupted at step")]
+    stopped = int(line.split()[3].rstrip(";"))
+    assert stopped > 7 and f"saved {run_dir / 'checkpoints' / f'ckpt-{stopped}'}" in line
+    assert f'"ckpt-{stopped}"' in (run_dir / "checkpoints" / "checkpoint").read_text().splitlines()[0]
+
+    result = _train(run_dir, *args, "--steps", str(stopped + 2))
+    assert f"Resuming {run_dir} from step {stopped} of {stopped + 2}" in result.stdout
+    # Every evaluation once, none lost to the interruption.
+    expected = sorted({*range(7, stopped + 1, 7), stopped + 2})
+    assert [int(row["step"]) for row in _history(run_dir)] == expected
+
 
 @pytest.mark.slow
 def test_two_replicas_train_with_synchronized_bn(tmp_path):

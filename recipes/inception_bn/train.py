@@ -19,8 +19,10 @@ import argparse
 import csv
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +40,10 @@ DIVERGED = "diverged.json"  # written when the loss stops being finite
 
 class RecipeError(Exception):
     """A problem the user can fix; reported as one line."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training; the message says what was kept."""
 
 
 def parse_args(argv=None):
@@ -178,6 +184,7 @@ def train(args) -> int:
         raise RecipeError(f"--run-dir {run_dir} cannot be written: {error.strerror or error}") from None
     strategy = make_strategy(args.cpu_replicas)
     is_chief, task_index = worker_role(strategy)
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     say = print if is_chief else (lambda *a, **k: None)
     replicas = strategy.num_replicas_in_sync
     synchronized = replicas > 1 if args.sync_bn is None else args.sync_bn
@@ -213,7 +220,7 @@ def train(args) -> int:
     if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
     start_step = int(optimizer.iterations.numpy())
-    if replicas > 1 and getattr(strategy, "cluster_resolver", None) is not None:
+    if multi_worker and replicas > 1:
         _check_same_step(strategy, start_step)
     if start_step >= total_steps and latest:
         say(f"{run_dir}: already trained {start_step} of {total_steps} steps; exporting.")
@@ -291,50 +298,66 @@ def train(args) -> int:
                if is_chief else {})
     progress = None if args.quiet or not is_chief else keras.utils.Progbar(
         total_steps, stateful_metrics=["loss", "accuracy", "lr"], verbose=1 if sys.stdout.isatty() else 2)
+    def evaluation_due(step):
+        return step % args.eval_every == 0 or step == total_steps
+
+    def record(step, loss_sum, correct_sum, seen, elapsed):
+        """Evaluates at ``step`` and writes the history row and TensorBoard scalars (train columns
+        blank when ``seen`` is 0: an evaluation repeated after a resume)."""
+        eval_loss, eval_top1, eval_top5 = evaluate()
+        lr = float(schedule(step))
+        train = {"loss": loss_sum / seen, "accuracy": correct_sum / seen} if seen else {}
+        history.append({"step": step, "epoch": f"{step / steps_per_epoch:.4f}", "learning_rate": f"{lr:.6g}",
+                        "train_loss": f"{train['loss']:.5f}" if seen else "",
+                        "train_accuracy": f"{train['accuracy']:.5f}" if seen else "",
+                        "eval_loss": f"{eval_loss:.5f}", "eval_accuracy": f"{eval_top1:.5f}",
+                        "eval_top5": f"{eval_top5:.5f}", "images_per_second": f"{seen / elapsed:.1f}" if seen else "",
+                        "wall_seconds": f"{elapsed:.2f}" if seen else ""})
+        if is_chief:
+            write_history(history_path, history)
+            for split, values in (("train", {**train, "learning_rate": lr}),
+                                  ("eval", {"loss": eval_loss, "accuracy": eval_top1, "top5": eval_top5})):
+                with writers[split].as_default(step=step):
+                    for key, value in values.items():
+                        tf.summary.scalar(key, value)
+                writers[split].flush()
+        trained = (f"train loss {train['loss']:.4f} acc {train['accuracy']:.4f}; " if seen else "")
+        return (f"step {step}/{total_steps}: {trained}eval loss {eval_loss:.4f} acc {eval_top1:.4f}; lr {lr:.3g}"
+                + (f"; {seen / elapsed:.0f} images/s" if seen else ""))
+
+    if latest and evaluation_due(start_step) and (not history or int(history[-1]["step"]) != start_step):
+        # Stopped between the checkpoint and its evaluation: evaluate now, so no row is missing.
+        say(record(start_step, 0.0, 0.0, 0, 0.0), flush=True)
+
     iterator = iter(train_data)
     step, loss_sum, correct_sum, seen = start_step, 0.0, 0.0, 0
     clock = time.perf_counter()
-    while step < total_steps:
-        loss, correct = train_step(iterator)
-        step += 1
-        loss_sum, correct_sum, seen = loss_sum + float(loss), correct_sum + float(correct), seen + global_batch
-        if not (loss_sum == loss_sum and abs(loss_sum) != float("inf")):
-            if is_chief:
-                (run_dir / DIVERGED).write_text(json.dumps({"step": step, "loss": str(loss_sum / seen)}))
-            raise RecipeError(f"the training loss became {loss_sum / seen} at step {step}: the learning rate "
-                              f"({float(schedule(step)):.3g}) is too high for this network (diverged). "
-                              f"The last good checkpoint is in {checkpoint_dir}.")
-        if progress is not None and progress.verbose == 1:
-            progress.update(step, [("loss", loss_sum / seen), ("accuracy", correct_sum / seen),
-                                   ("lr", float(schedule(step)))])
-        if step % args.eval_every == 0 or step == total_steps:
-            elapsed = time.perf_counter() - clock
-            eval_loss, eval_top1, eval_top5 = evaluate()
-            row = {"step": step, "epoch": f"{step / steps_per_epoch:.4f}",
-                   "learning_rate": f"{float(schedule(step)):.6g}",
-                   "train_loss": f"{loss_sum / seen:.5f}", "train_accuracy": f"{correct_sum / seen:.5f}",
-                   "eval_loss": f"{eval_loss:.5f}", "eval_accuracy": f"{eval_top1:.5f}",
-                   "eval_top5": f"{eval_top5:.5f}", "images_per_second": f"{seen / elapsed:.1f}",
-                   "wall_seconds": f"{elapsed:.2f}"}
-            history.append(row)
-            if is_chief:
-                write_history(history_path, history)
-                for split, values in (("train", {"loss": loss_sum / seen, "accuracy": correct_sum / seen,
-                                                 "learning_rate": float(schedule(step))}),
-                                      ("eval", {"loss": eval_loss, "accuracy": eval_top1, "top5": eval_top5})):
-                    with writers[split].as_default(step=step):
-                        for key, value in values.items():
-                            tf.summary.scalar(key, value)
-                    writers[split].flush()
-            manager.save(checkpoint_number=step)
-            if progress is None or progress.verbose != 1:
-                say(f"step {step}/{total_steps}: train loss {loss_sum / seen:.4f} acc {correct_sum / seen:.4f}; "
-                    f"eval loss {eval_loss:.4f} acc {eval_top1:.4f}; lr {float(schedule(step)):.3g}; "
-                    f"{seen / elapsed:.0f} images/s", flush=True)
-            else:
-                print()
-            loss_sum, correct_sum, seen = 0.0, 0.0, 0
-            clock = time.perf_counter()
+    try:
+        while step < total_steps:
+            loss, correct = train_step(iterator)
+            step += 1
+            loss_sum, correct_sum, seen = loss_sum + float(loss), correct_sum + float(correct), seen + global_batch
+            if not (loss_sum == loss_sum and abs(loss_sum) != float("inf")):
+                if is_chief:
+                    (run_dir / DIVERGED).write_text(json.dumps({"step": step, "loss": str(loss_sum / seen)}))
+                raise RecipeError(f"the training loss became {loss_sum / seen} at step {step}: the learning rate "
+                                  f"({float(schedule(step)):.3g}) is too high for this network (diverged). "
+                                  f"The last good checkpoint is in {checkpoint_dir}.")
+            if progress is not None and progress.verbose == 1:
+                progress.update(step, [("loss", loss_sum / seen), ("accuracy", correct_sum / seen),
+                                       ("lr", float(schedule(step)))])
+            if evaluation_due(step):
+                # Checkpoint first: an interruption during the evaluation then loses no training.
+                manager.save(checkpoint_number=step)
+                line = record(step, loss_sum, correct_sum, seen, time.perf_counter() - clock)
+                if progress is None or progress.verbose != 1:
+                    say(line, flush=True)
+                else:
+                    print()
+                loss_sum, correct_sum, seen = 0.0, 0.0, 0
+                clock = time.perf_counter()
+    except KeyboardInterrupt:
+        raise Interrupted(_save_on_interrupt(manager, optimizer, start_step, multi_worker)) from None
     if not is_chief:
         tf.io.gfile.rmtree(str(write_dir))
     recalibrated = bool(args.recalibrate_steps and variant.batch_norm)
@@ -364,6 +387,21 @@ def train(args) -> int:
     return 0
 
 
+def _save_on_interrupt(manager, optimizer, start_step, multi_worker) -> str:
+    """Checkpoints the step training stopped at (one process only: a multi-worker save needs
+    every worker); returns what was kept."""
+    step = int(optimizer.iterations.numpy())  # the completed steps, whatever Python was doing
+    if multi_worker:
+        return f"interrupted at step {step}; the last checkpoint is in {manager.directory}"
+    if step > start_step and manager.latest_checkpoint != os.path.join(manager.directory, f"ckpt-{step}"):
+        manager.save(checkpoint_number=step)
+    return f"interrupted at step {step}; saved {manager.latest_checkpoint}"
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _check_same_step(strategy, step):
     """Every worker must resume at the same step (the run directory is shared); say so if not."""
     import tensorflow as tf
@@ -379,14 +417,19 @@ def _check_same_step(strategy, step):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # Schedulers preempt with SIGTERM: treat it as Ctrl-C, so the current step is checkpointed.
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         return train(args)
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; rerun the same command to resume from {Path(args.run_dir) / 'checkpoints'}",
-              file=sys.stderr)
+    except Interrupted as interrupted:
+        print(f"\n{interrupted}; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before training started: nothing to keep
+        print("\ninterrupted before training started", file=sys.stderr)
         return 130
 
 
