@@ -298,6 +298,7 @@ def train(args) -> int:
                if is_chief else {})
     progress = None if args.quiet or not is_chief else keras.utils.Progbar(
         total_steps, stateful_metrics=["loss", "accuracy", "lr"], verbose=1 if sys.stdout.isatty() else 2)
+
     def evaluation_due(step):
         return step % args.eval_every == 0 or step == total_steps
 
