@@ -396,11 +396,9 @@ def _save_on_interrupt(manager, optimizer, start_step, multi_worker) -> str:
         return f"interrupted at step {step}; the last checkpoint is in {manager.directory}"
     if step > start_step and manager.latest_checkpoint != os.path.join(manager.directory, f"ckpt-{step}"):
         manager.save(checkpoint_number=step)
+    if manager.latest_checkpoint is None:  # stopped before the first step of a new run
+        return f"interrupted at step {step}; nothing to save yet"
     return f"interrupted at step {step}; saved {manager.latest_checkpoint}"
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _check_same_step(strategy, step):
@@ -420,7 +418,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         # Schedulers preempt with SIGTERM: treat it as Ctrl-C, so the current step is checkpointed.
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return train(args)
     except RecipeError as error:
