@@ -8,19 +8,13 @@ import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
-from kerasbn import cross_replica
-from kerasbn.moments import (
-    fused_moments,
-    fused_moments_untrusted,
-    to_fused_layout,
-    variance_from_moments,
-)
-from kerasbn.normalize import batch_statistics, normalize_with_batch_statistics
+from kerasbn import cross_replica, fused
+from kerasbn.moments import batch_statistics, variance_from_moments
+from kerasbn.normalize import normalize_inference, normalize_with_batch_statistics
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 # Below this many values per call, fused=None keeps to the element-wise path.
 FUSED_MIN_ELEMENTS = 2**17
-_FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
 
 
 def _check_fraction(name: str, value, allow_none: bool = False) -> float | None:
@@ -62,17 +56,20 @@ def _check_renorm_clipping(renorm_clipping) -> dict:
     unknown = set(renorm_clipping) - set(_RENORM_CLIPPING_KEYS)
     if unknown:
         raise ValueError(
-            f"Unknown `renorm_clipping` keys {sorted(unknown)}; expected keys "
-            f"among {_RENORM_CLIPPING_KEYS}."
+            f"Received invalid keys for `renorm_clipping` argument: {sorted(unknown)}; "
+            f"supported keys: {list(_RENORM_CLIPPING_KEYS)}."
         )
     clipping = {k: (None if v is None else float(v)) for k, v in renorm_clipping.items()}
     rmin, rmax, dmax = (clipping.get(k) for k in ("rmin", "rmax", "dmax"))
     if rmin is not None and rmax is not None and rmin > rmax:
         raise ValueError(
-            f"`renorm_clipping` needs rmin <= rmax; received rmin={rmin}, rmax={rmax}."
+            "rmax should be greater than rmin in the `renorm_clipping` argument; "
+            f"received rmax={rmax}, rmin={rmin}."
         )
     if dmax is not None and dmax < 0:
-        raise ValueError(f"`renorm_clipping` needs dmax >= 0; received dmax={dmax}.")
+        raise ValueError(
+            f"dmax should be non-negative in the `renorm_clipping` argument; received dmax={dmax}."
+        )
     return clipping
 
 
@@ -133,7 +130,11 @@ class BatchNormalization(keras.layers.Layer):
             ``renorm`` or ``synchronized``.
         renorm: if True, Batch Renormalization (Ioffe, 2017): training output
             ``gamma * (x_hat * r + d) + beta`` with ``r``, ``d`` from the
-            renorm moving statistics, clipped; inference is unchanged.
+            renorm moving statistics, clipped; inference is unchanged. As in
+            Keras, the weights add ``moving_stddev`` (the moving average runs
+            over ``sqrt(variance + epsilon)`` and ``moving_variance`` is
+            derived from it), ``renorm_mean`` and ``renorm_stddev``, so Keras'
+            renorm weights load as they are.
         renorm_clipping: dict with optional keys ``rmax``, ``rmin``, ``dmax``
             (defaults inf, 0, inf); ``r`` is clipped to ``[rmin, rmax]`` and
             ``d`` to ``[-dmax, dmax]``.
@@ -144,20 +145,24 @@ class BatchNormalization(keras.layers.Layer):
         sync_group_size: int or None; with ``synchronized=True``, replicas
             share statistics within consecutive groups of this many replicas
             (it must divide the replica count); None means all replicas.
-        fused: None (default) uses TensorFlow's fused batch-norm kernel
-            whenever the case allows it (float16/bfloat16/float32 input, no
-            mask, no ghost batch, no renorm, not synchronized across several
-            replicas) and the input has at least 2**17 values (below that
-            the element-wise path is faster); False never uses it; True
-            requires it.
+        fused: None (default) uses TensorFlow's fused batch-norm kernels
+            (oneDNN on CPU, cuDNN on GPU) whenever the case allows it
+            (float16/bfloat16/float32 input, channel axis 1 or last, no ghost
+            batches) and the input has at least 2**17 values (below that the
+            element-wise path is faster); False never uses them; True
+            requires them. Masks, renorm and synchronization all run on them:
+            the kernels normalize with the (merged) batch statistics and
+            yield the gradient's per-channel sums in one pass.
         **kwargs: base layer arguments (``name``, ``dtype``, ``trainable``).
 
     Call arguments:
         inputs: a tensor of rank >= 2.
         training: Python bool; True normalizes with batch statistics and
             updates the moving statistics.
-        mask: optional boolean tensor of ``inputs``' shape without the channel
-            axis; False positions are left out of the statistics (they are
+        mask: optional boolean tensor of ``inputs``' shape without the last
+            axis (Keras' convention, whatever ``axis`` is: what ``Masking``
+            and ``Embedding(mask_zero=True)`` propagate), or broadcastable to
+            it; False positions are left out of the statistics (they are
             still normalized).
 
     Example:
@@ -247,10 +252,10 @@ class BatchNormalization(keras.layers.Layer):
             )
         if fused not in (None, True, False):
             raise TypeError(f"`fused` must be None, True or False; received fused={fused!r}.")
-        if fused and (self.virtual_batch_size or self.renorm):
+        if fused and self.virtual_batch_size:
             raise ValueError(
-                "fused=True is impossible with virtual_batch_size or renorm; "
-                "use fused=None to pick the fused kernel when possible."
+                "fused=True is impossible with virtual_batch_size (each ghost batch "
+                "has its own statistics); use fused=None."
             )
         self.fused = fused
         self.supports_masking = True
@@ -288,7 +293,7 @@ class BatchNormalization(keras.layers.Layer):
                 f"known to build {type(self).__name__}; received input shape "
                 f"{input_shape}."
             )
-        if self.fused and not self._fusable_shape(rank, axis):
+        if self.fused and axis not in (1, rank - 1):
             raise ValueError(
                 f"fused=True needs the channel axis first or last after the batch "
                 f"axis; received axis={self.axis} for rank {rank}."
@@ -296,65 +301,46 @@ class BatchNormalization(keras.layers.Layer):
         shape = (channels,)
         # The statistics are float32 under every dtype policy: a float16
         # moving variance overflows at activations around 250.
-        statistics_aggregation = self._statistics_aggregation()
+        aggregation = self._statistics_aggregation()
 
         def add_statistic(name, initializer):
             return self.add_weight(
-                shape=shape,
-                name=name,
-                initializer=initializer,
-                dtype="float32",
-                trainable=False,
-                autocast=False,
-                aggregation=statistics_aggregation,
+                shape=shape, name=name, initializer=initializer, dtype="float32",
+                trainable=False, autocast=False, aggregation=aggregation,
             )
 
         if self.scale:
             self.gamma = self.add_weight(
-                shape=shape,
-                name="gamma",
-                initializer=self.gamma_initializer,
-                regularizer=self.gamma_regularizer,
-                constraint=self.gamma_constraint,
-                trainable=True,
-                autocast=False,
+                shape=shape, name="gamma", initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer, constraint=self.gamma_constraint,
+                trainable=True, autocast=False,
             )
         if self.center:
             self.beta = self.add_weight(
-                shape=shape,
-                name="beta",
-                initializer=self.beta_initializer,
-                regularizer=self.beta_regularizer,
-                constraint=self.beta_constraint,
-                trainable=True,
-                autocast=False,
+                shape=shape, name="beta", initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer, constraint=self.beta_constraint,
+                trainable=True, autocast=False,
             )
         self.moving_mean = add_statistic("moving_mean", self.moving_mean_initializer)
-        self.moving_variance = add_statistic(
-            "moving_variance", self.moving_variance_initializer
-        )
+        self.moving_variance = add_statistic("moving_variance", self.moving_variance_initializer)
         if self.momentum is None:
             self.num_batches = self.add_weight(
-                shape=(),
-                name="num_batches",
-                initializer="zeros",
-                dtype="float32",
-                trainable=False,
-                autocast=False,
-                aggregation=statistics_aggregation,
+                shape=(), name="num_batches", initializer="zeros", dtype="float32",
+                trainable=False, autocast=False, aggregation=aggregation,
             )
         if self.renorm:
-            moving_variance_initializer = self.moving_variance_initializer
+            # Keras' renorm weights: the moving average runs over the standard
+            # deviation, and moving_variance is derived from it.
+            variance_initializer = self.moving_variance_initializer
 
             def stddev_initializer(shape, dtype=None):
-                return tf.sqrt(moving_variance_initializer(shape, dtype="float32"))
+                return tf.sqrt(variance_initializer(shape, dtype="float32"))
 
+            self.moving_stddev = add_statistic("moving_stddev", stddev_initializer)
             self.renorm_mean = add_statistic("renorm_mean", self.moving_mean_initializer)
             self.renorm_stddev = add_statistic("renorm_stddev", stddev_initializer)
         self.input_spec = keras.layers.InputSpec(ndim=rank, axes={axis: channels})
-        self._rank = rank
         self._positive_axis = axis
-        self._reduction_axes = [a for a in range(rank) if a != axis]
 
     def _statistics_aggregation(self) -> str:
         # Synchronized over all replicas, every replica computes identical
@@ -365,232 +351,105 @@ class BatchNormalization(keras.layers.Layer):
             return "only_first_replica"
         return "mean"
 
-    @staticmethod
-    def _fusable_shape(rank: int, axis: int) -> bool:
-        return axis == rank - 1 or axis == 1
-
-    def _use_fused(self, inputs, mask, replicas: int) -> bool:
-        if self.fused is False or mask is not None:
-            return False
-        if self.virtual_batch_size or self.renorm:
-            return False
-        if self.synchronized and replicas > 1:
-            if self.fused:
-                raise ValueError(
-                    "fused=True cannot synchronize statistics across replicas; "
-                    "use fused=None."
-                )
-            return False
-        if not self._fusable_shape(self._rank, self._positive_axis):
-            return False
-        if inputs.dtype not in _FUSED_DTYPES:
-            if self.fused:
-                raise TypeError(
-                    f"fused=True needs float16, bfloat16 or float32 inputs; "
-                    f"received {inputs.dtype.name}."
-                )
-            return False
-        return not self._too_small_to_fuse(inputs)
-
-    def _too_small_to_fuse(self, inputs) -> bool:
-        # Measured on CPU (TF 2.21): the fused kernel halves the time of large
-        # batches, but below ~1e5 values its fixed cost loses, and its
-        # precision fallback (a tf.cond) doubles the graph to trace.
-        return (self.fused is None and inputs.shape.is_fully_defined()
-                and inputs.shape.num_elements() < FUSED_MIN_ELEMENTS)
-
     # ------------------------------------------------------------------- call
     def call(self, inputs, training=None, mask=None):
+        inputs = self._check_inputs(inputs)
+        mask = self._broadcast_mask(inputs, mask)
+        axis = self._positive_axis
+        gamma, beta = self._affine_parameters()
+        if not (training and self.trainable):
+            y = normalize_inference(inputs, axis, self.moving_mean, self.moving_variance,
+                                    gamma, beta, self.epsilon)
+            return tf.cast(y, self.compute_dtype)
+
+        options = self._training_options(inputs)
+        statistics = batch_statistics(inputs, axis, mask, **options)
+        if self.renorm:
+            gamma, beta = self._renormalize(statistics, gamma, beta)
+        self._update_moving_statistics(*statistics)
+        y = normalize_with_batch_statistics(
+            inputs, axis, statistics,
+            tf.ones_like(self.moving_mean) if gamma is None else gamma,
+            tf.zeros_like(self.moving_mean) if beta is None else beta,
+            self.epsilon, mask=mask, **options,
+        )
+        return tf.cast(y, self.compute_dtype)
+
+    def _check_inputs(self, inputs):
         inputs = tf.convert_to_tensor(inputs)
         if not inputs.dtype.is_floating:
             raise TypeError(
                 f"{type(self).__name__} expects floating-point inputs; received "
                 f"dtype {inputs.dtype.name}."
             )
-        if mask is not None:
-            mask = self._expand_mask(inputs, mask)
-        gamma, beta = self._affine_parameters()
-        if not (training and self.trainable):
-            return self._inference(inputs, gamma, beta)
+        return inputs
 
-        replicas = cross_replica.num_replicas_in_sync()
-        if self.synchronized:
-            cross_replica.check_group_size(self.sync_group_size, replicas)
-        if self._use_fused(inputs, mask, replicas):
-            return self._fused_training(inputs, gamma, beta)
-        return self._general_training(inputs, mask, gamma, beta)
-
-    def _expand_mask(self, inputs, mask):
+    def _broadcast_mask(self, inputs, mask):
+        """Keras' convention: the mask has the inputs' shape without the last
+        axis (what ``Masking`` and ``Embedding(mask_zero=True)`` propagate),
+        whatever ``axis`` is; it is broadcast over that last axis."""
+        if mask is None:
+            return None
         mask = tf.convert_to_tensor(mask)
-        if mask.shape.rank != self._rank - 1:
+        rank = inputs.shape.rank
+        expected = f"the inputs' shape without the last axis (rank {rank - 1})"
+        if mask.shape.rank != rank - 1:
             raise ValueError(
-                "`mask` must have the inputs' shape without the channel axis "
-                f"(rank {self._rank - 1}); received mask shape {mask.shape} for "
+                f"`mask` must have {expected}; received mask shape {mask.shape} for "
                 f"inputs shape {inputs.shape}."
             )
-        return tf.expand_dims(tf.cast(mask, tf.bool), self._positive_axis)
+        mask = tf.expand_dims(tf.cast(mask, tf.bool), -1)
+        try:
+            tf.broadcast_static_shape(mask.shape, inputs.shape)
+        except ValueError:
+            raise ValueError(
+                f"`mask` must have {expected}, or broadcast to it; received mask "
+                f"shape {mask.shape[:-1]} for inputs shape {inputs.shape}."
+            ) from None
+        return tf.broadcast_to(mask, tf.shape(inputs))
 
     def _affine_parameters(self):
         gamma = tf.cast(self.gamma, tf.float32) if self.scale else None
         beta = tf.cast(self.beta, tf.float32) if self.center else None
         return gamma, beta
 
-    def _broadcast_shape(self):
-        shape = [1] * self._rank
-        shape[self._positive_axis] = -1
-        return shape
+    def _training_options(self, inputs) -> dict:
+        """How the batch statistics are computed and used; the fused decision is made here."""
+        synchronized = self.synchronized and cross_replica.num_replicas_in_sync() > 1
+        if synchronized:
+            cross_replica.check_group_size(self.sync_group_size,
+                                           cross_replica.num_replicas_in_sync())
+        return {
+            "virtual_batch_size": self.virtual_batch_size,
+            "use_fused": self._use_fused(inputs),
+            "synchronized": synchronized,
+            "group_size": self.sync_group_size,
+        }
 
-    def _affine(self, inputs, mean, variance, gamma, beta):
-        """``gamma * (x - mean) / sqrt(variance + eps) + beta``.
+    def _use_fused(self, inputs) -> bool:
+        if self.fused is False or self.virtual_batch_size:
+            return False
+        if not fused.fusable(inputs.dtype, inputs.shape.rank, self._positive_axis):
+            if self.fused:
+                raise TypeError(
+                    f"fused=True needs float16, bfloat16 or float32 inputs; "
+                    f"received {inputs.dtype.name}."
+                )
+            return False
+        # fused=None: below ~1e5 values the kernels' fixed cost loses against
+        # element-wise ops (measured in benchmarks/bench_layer.py).
+        return not (self.fused is None and inputs.shape.is_fully_defined()
+                    and inputs.shape.num_elements() < FUSED_MIN_ELEMENTS)
 
-        Centred first: ``x * a + (beta - mean * a)`` rounds away the output
-        when a channel's mean is large against its spread.
-        """
-        multiplier = tf.math.rsqrt(variance + self.epsilon)
-        if gamma is not None:
-            multiplier = multiplier * gamma
-        if self._positive_axis != self._rank - 1:
-            shape = self._broadcast_shape()
-            mean, multiplier = tf.reshape(mean, shape), tf.reshape(multiplier, shape)
-            beta = None if beta is None else tf.reshape(beta, shape)
-        y = (tf.cast(inputs, tf.float32) - mean) * multiplier
-        if beta is not None:
-            y = y + beta
-        return tf.cast(y, self.compute_dtype)
-
-    def _inference(self, inputs, gamma, beta):
-        # Measured: at batch 1 the fused kernel's fixed cost exceeds two
-        # broadcast element-wise ops, so inference stays element-wise.
-        return self._affine(inputs, self.moving_mean, self.moving_variance, gamma, beta)
-
-    def _fused_normalization(self, inputs, gamma, beta):
-        """TensorFlow's FusedBatchNormV3 (oneDNN on CPU, cuDNN on GPU), training mode."""
-        channels = inputs.shape[self._positive_axis]
-        x, data_format = to_fused_layout(inputs, self._positive_axis)
-        empty = tf.zeros([0], tf.float32)
-        y, batch_mean, batch_variance, *_ = tf.raw_ops.FusedBatchNormV3(
-            x=x,
-            scale=gamma if gamma is not None else tf.ones([channels], tf.float32),
-            offset=beta if beta is not None else tf.zeros([channels], tf.float32),
-            mean=empty,
-            variance=empty,
-            epsilon=self.epsilon,
-            is_training=True,
-            data_format=data_format,
-        )
-        if self._rank != 4:
-            y = tf.reshape(y, tf.shape(inputs))
-        return tf.cast(y, self.compute_dtype), batch_mean, batch_variance
-
-    def _fused_training(self, inputs, gamma, beta):
-        channels = inputs.shape[self._positive_axis]
-        y, batch_mean, batch_variance = self._fused_normalization(inputs, gamma, beta)
-        count = tf.cast(tf.size(inputs, out_type=tf.int64) // channels, tf.float32)
-        # The kernel returns the Bessel-corrected variance, and NaN for an
-        # empty batch: back to (count, mean, M2), with empty batches zero.
-        mean = tf.where(count > 0.0, batch_mean, 0.0)
-        m2 = tf.where(count > 1.0, batch_variance * (count - 1.0), 0.0)
-
-        def fused():
-            variance = variance_from_moments(count, m2)
-            return y, tf.fill([1, channels], count), mean[None], variance[None]
-
-        def precise():
-            # Two-pass statistics directly: the fused kernel was just found untrusted,
-            # and a second tf.cond nested here would multiply the gradient graph.
-            return self._normalize_general(inputs, None, gamma, beta, two_pass=True)
-
-        y, count, mean, variance = tf.cond(
-            fused_moments_untrusted(count, mean, m2), precise, fused
-        )
-        self._update_moving_statistics(count, mean, variance)
-        return y
-
-    def _general_training(self, inputs, mask, gamma, beta):
-        y, count, mean, variance = self._normalize_general(inputs, mask, gamma, beta)
-        self._update_moving_statistics(count, mean, variance)
-        return y
-
-    def _normalize_general(self, inputs, mask, gamma, beta, two_pass=False):
-        """Returns y (compute dtype) and per-group (G, C) count, mean, variance."""
-        shape = tf.shape(inputs)
-        axis = self._positive_axis
-        x = inputs
-        if self.virtual_batch_size:
-            x, mask, axis = self._split_ghost_batches(x, mask)
-        rank = x.shape.rank
-        reduction_axes = [a for a in range(rank) if a != axis]
-        if self.virtual_batch_size:
-            reduction_axes.remove(0)  # each ghost batch keeps its own statistics
-        channels = inputs.shape[self._positive_axis]
-        local_statistics = None
-        two_pass = two_pass or self._too_small_to_fuse(inputs)
-        if (not two_pass and mask is None and not self.virtual_batch_size and self.fused is not False
-                and inputs.dtype in _FUSED_DTYPES
-                and self._fusable_shape(self._rank, self._positive_axis)):
-            keepdims = [1] * rank
-            keepdims[axis] = channels
-
-            def local_statistics(x):
-                return [tf.reshape(t, keepdims) for t in fused_moments(x, axis)]
-
-        statistics = batch_statistics(
-            x, reduction_axes, mask, synchronized=self.synchronized,
-            group_size=self.sync_group_size, local_statistics=local_statistics,
-        )
-        count, mean, m2 = statistics
-        variance = variance_from_moments(count, m2)
-        if self.renorm:
-            gamma, beta = self._renorm_affine(
-                *(tf.reshape(t, [1, channels]) for t in (count, mean, variance)), gamma, beta
-            )
-        broadcast = [1] * rank
-        broadcast[axis] = channels
-        gamma = tf.ones(broadcast) if gamma is None else tf.reshape(gamma, broadcast)
-        beta = tf.zeros(broadcast) if beta is None else tf.reshape(beta, broadcast)
-        y = normalize_with_batch_statistics(
-            x, reduction_axes, statistics, gamma, beta, self.epsilon, mask=mask,
-            synchronized=self.synchronized, group_size=self.sync_group_size,
-        )
-        groups_shape = [-1, channels]  # (ghost batches or 1, C)
-        y = tf.cast(tf.reshape(y, shape), self.compute_dtype)
-        return (y, *(tf.reshape(t, groups_shape) for t in (count, mean, variance)))
-
-    def _split_ghost_batches(self, x, mask):
-        """Reshapes (B, ...) into (B / k, k, ...); returns the new channel axis."""
-        k = self.virtual_batch_size
-        batch = x.shape[0]
-        if batch is not None and batch % k:
-            raise ValueError(
-                f"`virtual_batch_size`={k} must divide the batch size; received "
-                f"a batch of {batch}."
-            )
-        dynamic_batch = tf.shape(x)[0]
-        if batch is None:
-            check = tf.debugging.assert_equal(
-                dynamic_batch % k,
-                0,
-                message=f"`virtual_batch_size`={k} must divide the batch size",
-            )
-            # Ordered before the reshape, which would fail first, unclearly.
-            with tf.control_dependencies([check]):
-                x = tf.identity(x)
-        ghost_shape = tf.concat([[dynamic_batch // k, k], tf.shape(x)[1:]], 0)
-        x = tf.reshape(x, ghost_shape)
-        if mask is not None:
-            mask_shape = tf.concat([[dynamic_batch // k, k], tf.shape(mask)[1:]], 0)
-            mask = tf.reshape(mask, mask_shape)
-        return x, mask, self._positive_axis + 1
-
-    def _renorm_affine(self, count, mean, variance, gamma, beta):
-        """Folds Batch Renormalization's (r, d) into gamma and beta."""
-        stddev = tf.sqrt(variance[0] + self.epsilon)
+    def _renormalize(self, statistics, gamma, beta):
+        """Batch Renormalization (Ioffe, 2017), as Keras computes it: folds
+        ``(r, d)`` into gamma and beta, then updates the renorm statistics."""
+        count, mean, m2 = (t[0] for t in statistics)
+        stddev = tf.sqrt(variance_from_moments(count, m2) + self.epsilon)
         renorm_stddev = tf.maximum(self.renorm_stddev, tf.sqrt(self.epsilon))
         r = stddev / renorm_stddev
-        d = (mean[0] - self.renorm_mean) / renorm_stddev
-        rmin = self.renorm_clipping.get("rmin")
-        rmax = self.renorm_clipping.get("rmax")
-        dmax = self.renorm_clipping.get("dmax")
+        d = (mean - self.renorm_mean) / renorm_stddev
+        rmin, rmax, dmax = (self.renorm_clipping.get(k) for k in ("rmin", "rmax", "dmax"))
         if rmin is not None:
             r = tf.maximum(r, rmin)
         if rmax is not None:
@@ -598,24 +457,15 @@ class BatchNormalization(keras.layers.Layer):
         if dmax is not None:
             d = tf.clip_by_value(d, -dmax, dmax)
         r, d = tf.stop_gradient(r), tf.stop_gradient(d)
-        valid = count[0] > 0.0
-        momentum = self.renorm_momentum
-        self.renorm_mean.assign(
-            tf.where(valid, momentum * self.renorm_mean + (1 - momentum) * mean[0],
-                     self.renorm_mean)
-        )
-        self.renorm_stddev.assign(
-            tf.where(valid, momentum * self.renorm_stddev + (1 - momentum) * stddev,
-                     self.renorm_stddev)
-        )
+        rate = tf.where(count > 0.0, 1.0 - self.renorm_momentum, 0.0)
+        self.renorm_mean.assign(self.renorm_mean + rate * (mean - self.renorm_mean))
+        self.renorm_stddev.assign(self.renorm_stddev + rate * (stddev - self.renorm_stddev))
         # gamma * (x_hat * r + d) + beta = x_hat * (gamma r) + (gamma d + beta)
         new_gamma = r if gamma is None else gamma * r
         new_beta = d if gamma is None else gamma * d
-        if beta is not None:
-            new_beta = new_beta + beta
-        return new_gamma, new_beta
+        return new_gamma, (new_beta if beta is None else new_beta + beta)
 
-    def _update_moving_statistics(self, count, mean, variance):
+    def _update_moving_statistics(self, count, mean, m2):
         """Feeds per-group (G, C) batch statistics to the moving averages.
 
         A group counts when it carries a variance estimate: at least two
@@ -625,9 +475,10 @@ class BatchNormalization(keras.layers.Layer):
         """
         if self.unbiased_variance:
             valid = count > 1.0
-            variance = variance * count / tf.maximum(count - 1.0, 1.0)
+            variance = m2 / tf.maximum(count - 1.0, 1.0)
         else:
             valid = count > 0.0
+            variance = variance_from_moments(count, m2)
         weights = tf.cast(valid, tf.float32)
         valid_groups = tf.reduce_sum(weights, 0)
         any_valid = valid_groups > 0.0
@@ -643,9 +494,14 @@ class BatchNormalization(keras.layers.Layer):
             rate = 1.0 - self.momentum
         rate = tf.where(any_valid, rate, 0.0)
         self.moving_mean.assign(self.moving_mean + rate * (batch_mean - self.moving_mean))
-        self.moving_variance.assign(
-            self.moving_variance + rate * (batch_variance - self.moving_variance)
-        )
+        if self.renorm:
+            stddev = tf.sqrt(batch_variance + self.epsilon)
+            moving_stddev = self.moving_stddev + rate * (stddev - self.moving_stddev)
+            self.moving_stddev.assign(moving_stddev)
+            self.moving_variance.assign(tf.nn.relu(tf.square(moving_stddev) - self.epsilon))
+        else:
+            self.moving_variance.assign(
+                self.moving_variance + rate * (batch_variance - self.moving_variance))
 
     # ------------------------------------------------------------ the rest
     def compute_output_shape(self, input_shape):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import keras
-
+from kerasbn import model_walk
 from kerasbn.batch_normalization import BatchNormalization, SyncBatchNormalization
 
 # Arguments both layers share; everything else in Keras' config is base-layer state.
@@ -11,48 +10,25 @@ _SHARED_ARGUMENTS = (
     "axis", "momentum", "epsilon", "center", "scale", "beta_initializer",
     "gamma_initializer", "moving_mean_initializer", "moving_variance_initializer",
     "beta_regularizer", "gamma_regularizer", "beta_constraint", "gamma_constraint",
-    "renorm", "renorm_clipping", "renorm_momentum", "name", "trainable", "dtype",
+    "renorm", "renorm_clipping", "renorm_momentum", "synchronized", "name", "trainable",
+    "dtype",
 )
 
 
-def is_batch_normalization(layer) -> bool:
-    return isinstance(layer, (keras.layers.BatchNormalization, BatchNormalization))
+def kerasbn_config(layer, **overrides) -> dict:
+    """The :class:`kerasbn.BatchNormalization` config equivalent to ``layer``'s.
 
-
-def sync_config(layer, sync_group_size=None, **overrides) -> dict:
-    """The SyncBatchNormalization config equivalent to ``layer``'s."""
-    config = layer.get_config()
-    if isinstance(layer, BatchNormalization):
-        config = dict(config)
-    else:
+    From Keras' own layer, it keeps Keras' biased moving variance
+    (``unbiased_variance=False``); ``overrides`` are applied last.
+    """
+    config = dict(layer.get_config())
+    if not isinstance(layer, BatchNormalization):
         config = {k: config[k] for k in _SHARED_ARGUMENTS if k in config}
-        if isinstance(config.get("axis"), (list, tuple)):
-            if len(config["axis"]) != 1:
-                raise ValueError(
-                    f"Layer {layer.name!r} normalizes over several axes "
-                    f"{config['axis']}; kerasbn supports one channel axis."
-                )
-            config["axis"] = config["axis"][0]
         if not config.get("renorm"):
             config.pop("renorm_clipping", None)
-        # Keras averages the biased variance; keep the model's behaviour.
         config["unbiased_variance"] = False
-    config.pop("synchronized", None)
-    config.pop("fused", None)
-    config["sync_group_size"] = sync_group_size
     config.update(overrides)
     return config
-
-
-def _copy_weights(source, target) -> None:
-    if not is_batch_normalization(source):
-        target.set_weights(source.get_weights())
-        return
-    by_name = {w.name: w for w in source.weights}
-    for weight in target.weights:
-        if weight.name in by_name:
-            weight.assign(by_name[weight.name])
-        # Weights only kerasbn has (num_batches) keep their initial value.
 
 
 def convert_sync_batchnorm(model, sync_group_size: int | None = None, **overrides):
@@ -85,25 +61,17 @@ def convert_sync_batchnorm(model, sync_group_size: int | None = None, **override
     Returns:
         The converted copy.
     """
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"`model` must be a keras.Model; received {type(model).__name__}.")
-    if not isinstance(model, (keras.Sequential,)) and not hasattr(model, "_nodes_by_depth"):
-        raise ValueError(
-            "convert_sync_batchnorm needs a functional or Sequential model; "
-            f"{type(model).__name__} is a subclassed model: construct it with "
-            "kerasbn.SyncBatchNormalization layers instead."
-        )
-    pairs = []
+    tool = "convert_sync_batchnorm"
+    model_walk.check_model(model, tool)
+    model_walk.require_graph_model(
+        model, tool, ": construct it with kerasbn.SyncBatchNormalization layers instead")
 
-    def clone(layer):
-        if is_batch_normalization(layer):
-            new = SyncBatchNormalization.from_config(sync_config(layer, sync_group_size, **overrides))
-        else:
-            new = layer.__class__.from_config(layer.get_config())
-        pairs.append((layer, new))
-        return new
+    def make_layer(layer):
+        if not model_walk.is_batch_normalization(layer):
+            return model_walk.clone_layer(layer)
+        config = kerasbn_config(layer, sync_group_size=sync_group_size, **overrides)
+        for argument in ("synchronized", "fused"):
+            config.pop(argument, None)
+        return SyncBatchNormalization.from_config(config)
 
-    converted = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    for source, target in pairs:
-        _copy_weights(source, target)
-    return converted
+    return model_walk.clone_model(model, make_layer)

@@ -1,21 +1,17 @@
-"""Merging per-replica batch statistics across a ``tf.distribute`` strategy.
+"""Collectives across the replicas of a ``tf.distribute`` strategy, two per layer per step.
 
-One collective per layer per forward pass: each replica writes its own
-``(count, mean, M2)`` into its row of an otherwise-zero ``(replicas, 3, C)``
-table and the table is summed across replicas. A SUM all-reduce of a table
-where each replica fills only its row is an all-gather in a single
-collective; its gradient is one more all-reduce, so forward plus backward
-costs two collectives per replica (an ``all_gather`` costs three, Keras'
-``E[x^2] - E[x]^2`` path five). The rows are then merged with
-:func:`kerasbn.moments.merge_moments`, stably and exactly for unequal (and
-empty) per-replica batches.
+Forward: each replica writes its ``(count, mean, M2)`` into its row of an
+otherwise-zero ``(replicas, 3, C)`` table and one SUM all-reduce completes it
+(an all-gather in a single collective); :mod:`kerasbn.moments` merges the
+rows stably and exactly for unequal (and empty) per-replica batches.
+Backward: one SUM all-reduce of the per-channel sums of ``dy`` and
+``dy * x_hat`` (:mod:`kerasbn.normalize`). Keras' synchronized layer issues
+five.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
-
-from kerasbn.moments import merge_moments
 
 
 def num_replicas_in_sync() -> int:
@@ -39,31 +35,27 @@ def check_group_size(group_size: int | None, replicas: int) -> int:
     return group_size
 
 
-def global_moments(
-    count: tf.Tensor,
-    mean: tf.Tensor,
-    m2: tf.Tensor,
-    group_size: int | None = None,
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Merges this replica's per-channel ``(count, mean, m2)`` with its group's.
+def group_table(packed: tf.Tensor, group_size: int | None = None) -> tf.Tensor:
+    """``packed`` of every replica in this replica's group, stacked: ``(k, ...)``.
 
-    Args:
-        count, mean, m2: float32 tensors of shape ``(C,)`` for this replica.
-        group_size: replicas that share statistics: consecutive groups
-            ``0..k-1, k..2k-1, ...``; None means all replicas.
-
-    Returns:
-        The merged ``(count, mean, m2)``, each ``(C,)``. Outside a strategy or
-        with one replica (per group) the input is returned and no collective
-        is issued.
+    Each replica writes its row into an otherwise-zero ``(replicas, ...)``
+    table that one SUM all-reduce completes: an all-gather in a single
+    collective. Outside a strategy or with groups of one, ``packed[None]``
+    and no collective.
     """
     replicas = num_replicas_in_sync()
     group_size = check_group_size(group_size, replicas)
     if replicas == 1 or group_size == 1:
-        return count, mean, m2
-
-    table = _group_table(tf.stack([count, mean, m2]), group_size)  # (k, 3, C)
-    return merge_moments(table[:, 0], table[:, 1], table[:, 2], axis=0)
+        return packed[None]
+    context = tf.distribute.get_replica_context()
+    replica_id = context.replica_id_in_sync_group
+    own_row = tf.one_hot(replica_id, replicas, dtype=packed.dtype)
+    own_row = tf.reshape(own_row, [replicas] + [1] * packed.shape.rank)
+    table = context.all_reduce(tf.distribute.ReduceOp.SUM, own_row * packed[None])
+    if group_size < replicas:
+        groups = tf.reshape(table, [replicas // group_size, group_size] + packed.shape.as_list())
+        table = tf.gather(groups, replica_id // group_size)
+    return table
 
 
 def group_sum(values: tf.Tensor, group_size: int | None = None) -> tf.Tensor:
@@ -79,23 +71,4 @@ def group_sum(values: tf.Tensor, group_size: int | None = None) -> tf.Tensor:
     if group_size == replicas:
         context = tf.distribute.get_replica_context()
         return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
-    return tf.reduce_sum(_group_table(values, group_size), 0)
-
-
-def _group_table(packed: tf.Tensor, group_size: int) -> tf.Tensor:
-    """The rows ``packed`` of every replica in this replica's group.
-
-    Each replica writes its row into an otherwise-zero (replicas, ...) table
-    that one SUM all-reduce completes: an all-gather in a single collective
-    whose gradient is a single all-reduce.
-    """
-    context = tf.distribute.get_replica_context()
-    replicas = context.num_replicas_in_sync
-    replica_id = context.replica_id_in_sync_group
-    own_row = tf.one_hot(replica_id, replicas, dtype=packed.dtype)
-    own_row = tf.reshape(own_row, [replicas] + [1] * packed.shape.rank)
-    table = context.all_reduce(tf.distribute.ReduceOp.SUM, own_row * packed[None])
-    if group_size < replicas:
-        groups = tf.reshape(table, [replicas // group_size, group_size] + packed.shape.as_list())
-        table = tf.gather(groups, replica_id // group_size)
-    return table
+    return tf.reduce_sum(group_table(values, group_size), 0)

@@ -9,12 +9,10 @@ output channels and ``b`` joins its bias, and the BN disappears.
 
 from __future__ import annotations
 
-import warnings
-
 import keras
 import numpy as np
 
-from kerasbn.convert import is_batch_normalization
+from kerasbn import model_walk
 
 _FOLDABLE = (
     keras.layers.Conv1D,
@@ -52,11 +50,8 @@ def bn_affine(bn) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _channel_axis_matches(producer, bn) -> bool:
-    axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
-    if axis is None:
-        return False
     rank = len(producer.output.shape)
-    axis %= rank
+    axis = bn.axis % rank
     channels_first = getattr(producer, "data_format", "channels_last") == "channels_first"
     return axis == (1 if channels_first else rank - 1)
 
@@ -122,41 +117,31 @@ def fold_batch_norm(model):
     >>> [type(l).__name__ for l in kerasbn.fold_batch_norm(model).layers]
     ['Dense', 'FoldedBatchNorm']
     """
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"`model` must be a keras.Model; received {type(model).__name__}.")
-    layers = list(model._flatten_layers(include_self=False))
-    bns = [layer for layer in layers if is_batch_normalization(layer)]
+    tool = "fold_batch_norm"
+    model_walk.check_model(model, tool)
+    bns = model_walk.batch_norm_layers(model)
     if not bns:
-        warnings.warn(
-            f"fold_batch_norm: model {model.name!r} has no batch-normalization layer; "
-            "returning it unchanged.", stacklevel=2)
-        return model
-    if not isinstance(model, keras.Sequential) and not hasattr(model, "_nodes_by_depth"):
-        raise ValueError(
-            "fold_batch_norm needs a functional or Sequential model; "
-            f"{type(model).__name__} is a subclassed model.")
+        return model_walk.warn_no_batch_norm(model, tool)
+    model_walk.require_graph_model(model, tool)
     folds = {}
     for bn in bns:
         producer = _producer(bn)
         if producer is not None:
             folds[id(producer)] = bn
     folded_bns = {id(bn) for bn in folds.values()}
-    pairs = []
 
-    def clone(layer):
+    def make_layer(layer):
         if id(layer) in folded_bns:
             return FoldedBatchNorm(name=layer.name)
         config = layer.get_config()
         if id(layer) in folds:
             config["use_bias"] = True
-        new = layer.__class__.from_config(config)
-        pairs.append((layer, new))
-        return new
+        return layer.__class__.from_config(config)
 
-    folded = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    for source, target in pairs:
+    def set_weights(source, target):
         if id(source) in folds:
             target.set_weights(_folded_weights(source, folds[id(source)]))
-        else:
+        elif id(source) not in folded_bns:
             target.set_weights(source.get_weights())
-    return folded
+
+    return model_walk.clone_model(model, make_layer, set_weights)

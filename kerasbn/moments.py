@@ -20,9 +20,9 @@ Numerical care taken here, one line each:
 - An empty input gives count 0, mean 0, M2 0: never NaN.
 - TensorFlow's fused kernel (oneDNN on CPU) is used for speed where it
   applies, but it loses the variance when a channel's mean is large against
-  its spread (measured: 56x too large at mean 1e4, std 1, 200k values per
-  channel); when any channel has ``mean^2 > 1e6 * variance`` the two-pass
-  computation runs instead (:func:`fused_moments`).
+  its spread (oneDNN, and XLA's expansion into ``E[x^2] - E[x]^2``); when any
+  channel has ``mean^2 > 1e6 * variance`` the two-pass computation runs
+  instead (:func:`batch_statistics`, the one place that guard lives).
 - The merge computes deviations from the merged mean directly (within-part
   M2 plus count-weighted between-part squares), so it stays stable for any
   number of parts, empty parts included.
@@ -33,6 +33,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import tensorflow as tf
+
+from kerasbn import cross_replica, fused
 
 
 def local_moments(
@@ -109,63 +111,95 @@ def variance_from_moments(count: tf.Tensor, m2: tf.Tensor) -> tf.Tensor:
 FUSED_MOMENTS_MAX_RATIO = 1e6
 
 
-def to_fused_layout(x: tf.Tensor, channel_axis: int) -> tuple[tf.Tensor, str]:
-    """``x`` as FusedBatchNormV3's 4D input, and its data format.
+def batch_statistics(
+    x: tf.Tensor,
+    channel_axis: int,
+    mask: tf.Tensor | None = None,
+    *,
+    virtual_batch_size: int | None = None,
+    use_fused: bool = False,
+    synchronized: bool = False,
+    group_size: int | None = None,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The batch statistics BN normalizes with: ``(count, mean, m2)``, each ``(G, C)``.
 
-    Any rank folds in: ``(N, rest, 1, C)`` ("NHWC") or ``(N, C, rest, 1)``
-    ("NCHW") reduce over exactly the same values. ``channel_axis`` must be
-    1 or the last axis.
-    """
-    rank = x.shape.rank
-    data_format = "NHWC" if channel_axis == rank - 1 else "NCHW"
-    if rank == 4:
-        return x, data_format
-    shape, channels = tf.shape(x), x.shape[channel_axis]
-    if data_format == "NHWC":
-        return tf.reshape(x, [shape[0], -1, 1, channels]), data_format
-    return tf.reshape(x, [shape[0], channels, -1, 1]), data_format
+    ``G`` is the number of ghost batches (``virtual_batch_size``), else 1.
+    No gradient flows through them (the normalization's own backward pass
+    accounts for the statistics).
 
-
-def fused_moments(x: tf.Tensor, channel_axis: int):
-    """``(count, mean, m2)`` per channel, shape ``(C,)``, via FusedBatchNormV3.
-
-    ``x`` must have float16/bfloat16/float32 dtype and its channel axis first
-    (after the batch axis) or last. Falls back to :func:`local_moments`
-    inside a ``tf.cond`` when a channel's mean is too large against its
-    spread for the fused kernel's precision. No gradient: the caller
-    normalizes with its own differentiable function.
+    Args:
+        x: input of any float dtype, rank >= 2.
+        channel_axis: the positive channel axis.
+        mask: optional boolean tensor of ``x``'s shape; False positions are
+            left out.
+        virtual_batch_size: each consecutive group of this many examples gets
+            its own statistics.
+        use_fused: compute the local moments with the fused kernel (the
+            caller checked :func:`kerasbn.fused.fusable`; ignored with a mask
+            or ghost batches), falling back to two passes when a channel's
+            mean is too large against its spread for the kernel's precision.
+        synchronized: merge the statistics across the replicas of the current
+            ``tf.distribute`` replica context (one collective).
+        group_size: with ``synchronized``, replicas per group; None means all.
     """
     x = tf.stop_gradient(x)
-    rank = x.shape.rank
     channels = x.shape[channel_axis]
-    x_4d, data_format = to_fused_layout(x, channel_axis)
-    _, mean, unbiased, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=x_4d,
-        scale=tf.ones([channels], tf.float32),
-        offset=tf.zeros([channels], tf.float32),
-        mean=tf.zeros([0], tf.float32),
-        variance=tf.zeros([0], tf.float32),
-        epsilon=1e-3,
-        is_training=True,
-        data_format=data_format,
-    )
+    if virtual_batch_size:
+        x, mask = split_ghost_batches(x, mask, virtual_batch_size)
+        axes = [a for a in range(x.shape.rank) if a not in (0, channel_axis + 1)]
+        statistics = local_moments(x, axes, mask)
+    elif use_fused and mask is None:
+        statistics = _guarded_fused_moments(x, channel_axis)
+    else:
+        axes = [a for a in range(x.shape.rank) if a != channel_axis]
+        statistics = local_moments(x, axes, mask)
+    count, mean, m2 = (tf.reshape(t, [-1, channels]) for t in statistics)
+    if synchronized:
+        table = cross_replica.group_table(tf.stack([count[0], mean[0], m2[0]]), group_size)
+        count, mean, m2 = (t[None] for t in merge_moments(table[:, 0], table[:, 1], table[:, 2]))
+    return count, mean, m2
+
+
+def _guarded_fused_moments(x: tf.Tensor, channel_axis: int):
+    channels = x.shape[channel_axis]
+    mean, unbiased = fused.moments(x, channel_axis)
     count = tf.cast(tf.size(x, out_type=tf.int64) // channels, tf.float32)
+    # The kernel returns the Bessel-corrected variance, and NaN for an empty
+    # batch: back to (count, mean, M2), with empty batches zero.
     mean = tf.where(count > 0.0, mean, 0.0)
     m2 = tf.where(count > 1.0, unbiased * (count - 1.0), 0.0)
+    variance = variance_from_moments(count, m2)
+    trusted = tf.reduce_all(tf.square(mean) <= FUSED_MOMENTS_MAX_RATIO * variance + 1e-30)
 
-    def precise():
-        axes = [a for a in range(rank) if a != channel_axis]
+    def two_pass():
+        axes = [a for a in range(x.shape.rank) if a != channel_axis]
         return tuple(tf.reshape(t, [channels]) for t in local_moments(x, axes))
 
-    def fused():
-        return tf.fill([channels], count), mean, m2
-
-    return tf.cond(fused_moments_untrusted(count, mean, m2), precise, fused)
+    return tf.cond(trusted, lambda: (tf.fill([channels], count), mean, m2), two_pass)
 
 
-def fused_moments_untrusted(count, mean, m2) -> tf.Tensor:
-    """True when some channel's mean is too large against its spread for
-    the fused kernel's float32 variance (or the statistics are not finite)."""
-    variance = m2 / tf.maximum(count, 1.0)
-    trusted = tf.square(mean) <= FUSED_MOMENTS_MAX_RATIO * variance + 1e-30
-    return tf.logical_not(tf.reduce_all(trusted))
+def split_ghost_batches(x: tf.Tensor, mask: tf.Tensor | None, virtual_batch_size: int):
+    """Reshapes ``(B, ...)`` into ``(B / k, k, ...)`` (and the mask alike).
+
+    Raises a ValueError when ``k`` does not divide a static batch size, and
+    fails with the same message at run time for a dynamic one.
+    """
+    k = virtual_batch_size
+    batch = x.shape[0]
+    if batch is not None and batch % k:
+        raise ValueError(
+            f"`virtual_batch_size`={k} must divide the batch size; received a batch of {batch}."
+        )
+    dynamic_batch = tf.shape(x)[0]
+    if batch is None:
+        check = tf.debugging.assert_equal(
+            dynamic_batch % k, 0, message=f"`virtual_batch_size`={k} must divide the batch size"
+        )
+        # Ordered before the reshape, which would fail first, unclearly.
+        with tf.control_dependencies([check]):
+            x = tf.identity(x)
+    ghost_shape = tf.concat([[dynamic_batch // k, k], tf.shape(x)[1:]], 0)
+    x = tf.reshape(x, ghost_shape)
+    if mask is not None:
+        mask = tf.reshape(mask, ghost_shape)
+    return x, mask

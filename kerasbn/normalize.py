@@ -1,126 +1,172 @@
-"""Batch normalization with batch statistics, with the paper's backward pass.
+"""Normalizing with given statistics, and the paper's backward pass through batch statistics.
 
-Forward: per-channel ``(count, mean, M2)`` (:mod:`kerasbn.moments`), merged
-across the replica group (:mod:`kerasbn.cross_replica`), then
-``y = (x - mean) / sqrt(var + eps) * gamma + beta``.
-
-Backward, written out instead of differentiated through the statistics
-(the paper's section 3, simplified): with ``x_hat`` the normalized input and
-``N`` the group's count,
+Training normalizes with the batch statistics of :func:`kerasbn.moments.batch_statistics`
+(this replica's, or its group's merged across replicas). The backward pass is written
+out instead of differentiated through the statistics (the paper's section 3,
+simplified): with ``x_hat`` the normalized input and ``N`` the group's count,
 
     dx = gamma / sqrt(var + eps) * (dy - w * (sum(dy) + x_hat * sum(dy * x_hat)) / N)
 
-where ``w`` is 1 where the position counts in the statistics (0 where
-masked) and the sums run over every position of the group's batch. The two
-sums travel in one collective, so forward plus backward costs two
-collectives per replica, and the backward pass reads ``x`` and ``dy`` a
-fixed small number of times instead of replaying the statistics graph.
-``dgamma = sum(dy * x_hat)`` and ``dbeta = sum(dy)`` stay per replica: the
-optimizer's gradient all-reduce sums them.
+where ``w`` is 1 where the position counts in the statistics (0 where masked)
+and the sums run over every position of the group's batch. It splits as
+PyTorch's and Apex's synchronized BN split it: one pass yields
+``dy * gamma / sqrt(var + eps)`` and the two per-channel sums (the fused
+kernel's ``FusedBatchNormGradV3`` with fixed statistics, where it applies),
+one collective sums the two vectors across the group, and one element-wise
+correction completes ``dx``. ``dgamma = sum(dy * x_hat)`` and
+``dbeta = sum(dy)`` stay per replica: the optimizer's all-reduce sums them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import tensorflow as tf
 
-from kerasbn import cross_replica
-from kerasbn.moments import local_moments, variance_from_moments
+from kerasbn import cross_replica, fused
+from kerasbn.moments import split_ghost_batches, variance_from_moments
 
 
-def batch_statistics(
-    x: tf.Tensor,
-    axes: Sequence[int],
-    mask: tf.Tensor | None = None,
-    synchronized: bool = False,
-    group_size: int | None = None,
-    local_statistics=None,
-):
-    """This replica group's ``(count, mean, m2)`` of ``x``, keepdims layout, no gradient.
+def normalize_inference(x, channel_axis, mean, variance, gamma, beta, epsilon) -> tf.Tensor:
+    """``gamma * (x - mean) / sqrt(variance + epsilon) + beta`` in float32.
 
-    Args:
-        x: input (any float dtype; computed in float32).
-        axes: axes reduced for the statistics.
-        mask: optional boolean tensor broadcastable to ``x``.
-        synchronized: merge across the replica group of the current
-            ``tf.distribute`` replica context (one collective).
-        group_size: replicas per group; None means all.
-        local_statistics: optional ``f(x) -> (count, mean, m2)`` in the
-            keepdims layout replacing :func:`local_moments` (the fused
-            kernel, where it applies).
+    Centred first: ``x * a + (beta - mean * a)`` rounds away the output when a
+    channel's mean is large against its spread. Element-wise: at serving batch
+    sizes the fused kernel's fixed cost exceeds two broadcast ops.
     """
-    if local_statistics is None:
-        count, mean, m2 = local_moments(tf.stop_gradient(x), list(axes), mask)
-    else:
-        count, mean, m2 = local_statistics(x)
-    if not synchronized:
-        return count, mean, m2
-    shape = tf.shape(mean)
-    flat = [tf.reshape(t, [-1]) for t in (count, mean, m2)]
-    merged = cross_replica.global_moments(*flat, group_size=group_size)
-    return tuple(tf.reshape(t, shape) for t in merged)
+    rank = x.shape.rank
+    multiplier = tf.math.rsqrt(variance + epsilon)
+    if gamma is not None:
+        multiplier = multiplier * gamma
+    if channel_axis != rank - 1:
+        shape = [1] * rank
+        shape[channel_axis] = -1
+        mean, multiplier = tf.reshape(mean, shape), tf.reshape(multiplier, shape)
+        beta = None if beta is None else tf.reshape(beta, shape)
+    y = (tf.cast(x, tf.float32) - mean) * multiplier
+    return y if beta is None else y + beta
 
 
 def normalize_with_batch_statistics(
     x: tf.Tensor,
-    axes: Sequence[int],
+    channel_axis: int,
     statistics: tuple[tf.Tensor, tf.Tensor, tf.Tensor],
     gamma: tf.Tensor,
     beta: tf.Tensor,
     epsilon: float,
+    *,
     mask: tf.Tensor | None = None,
+    virtual_batch_size: int | None = None,
+    use_fused: bool = False,
     synchronized: bool = False,
     group_size: int | None = None,
 ) -> tf.Tensor:
-    """Normalizes ``x`` with :func:`batch_statistics`' output; returns float32 ``y``.
+    """Normalizes ``x`` with its batch statistics; gradients as if through them.
 
     Args:
-        x, axes, mask, synchronized, group_size: as given to
-            :func:`batch_statistics` (the backward pass sums over the same
-            axes and group).
-        statistics: ``(count, mean, m2)`` from :func:`batch_statistics`.
-        gamma, beta: float32, broadcastable to ``x`` (keepdims layout).
+        x: the layer's input, rank >= 2.
+        channel_axis: the positive channel axis.
+        statistics: ``(count, mean, m2)``, each ``(G, C)``, from
+            :func:`kerasbn.moments.batch_statistics` with the same ``mask``,
+            ``virtual_batch_size``, ``synchronized`` and ``group_size``.
+        gamma, beta: float32 ``(C,)``.
         epsilon: added to the variance.
+        use_fused: normalize and differentiate with the fused kernels (the
+            caller checked :func:`kerasbn.fused.fusable`; not with ghost
+            batches).
+
+    Returns:
+        ``y`` with ``x``'s shape: ``x``'s dtype on the fused path, float32
+        otherwise.
     """
-    axes = list(axes)
-    x = tf.cast(x, tf.float32)
     count, mean, m2 = statistics
     variance = variance_from_moments(count, m2)
-    inv_std = tf.math.rsqrt(variance + epsilon)
+    if use_fused and not virtual_batch_size:
+        return _fused_normalize(x, channel_axis, count[0], mean[0], variance[0], gamma, beta,
+                                epsilon, mask, synchronized, group_size)
+    return _elementwise_normalize(x, channel_axis, count, mean, variance, gamma, beta, epsilon,
+                                  mask, virtual_batch_size, synchronized, group_size)
+
+
+def _input_gradient(dy_scaled, centred, count, inv_std, gamma, sum_dy, sum_dy_x_hat, mask):
+    """``dx`` from ``dy * gamma * inv_std`` and the group's sums; float32 parts."""
     inv_count = 1.0 / tf.maximum(count, 1.0)
+    # Per-channel coefficients, so that x and dy are each read once.
+    slope = -gamma * tf.square(inv_std) * sum_dy_x_hat * inv_count
+    offset = -gamma * inv_std * sum_dy * inv_count
+    correction = centred * slope + offset
+    if mask is not None:
+        correction = tf.where(mask, correction, tf.zeros_like(correction))
+    return dy_scaled + tf.cast(correction, dy_scaled.dtype)
+
+
+def _fused_normalize(x, axis, count, mean, variance, gamma, beta, epsilon, mask, synchronized,
+                     group_size):
+    rank = x.shape.rank
+    shape = [1] * rank
+    shape[axis] = -1
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
-        scale = gamma * inv_std
-        y = (x - mean) * scale + beta
+        y = fused.normalize(x, axis, mean, variance, gamma, beta, epsilon)
 
         def grad(dy):
-            # Recomputed rather than kept from the forward pass: one cheap
-            # pass instead of holding an input-sized tensor until backward.
-            centred = x - mean
-            sum_dy = tf.reduce_sum(dy, axes, keepdims=True)
-            sum_dy_centred = tf.reduce_sum(dy * centred, axes, keepdims=True)
-            dgamma = _unbroadcast(sum_dy_centred * inv_std, gamma)
-            dbeta = _unbroadcast(sum_dy, beta)
+            dy_scaled, sum_dy_x_hat, sum_dy = fused.normalize_grad(
+                dy, x, axis, mean, variance, gamma, epsilon)
+            dgamma, dbeta = sum_dy_x_hat, sum_dy
             if synchronized:
-                sums = cross_replica.group_sum(tf.stack([sum_dy, sum_dy_centred]), group_size)
-                sum_dy, sum_dy_centred = sums[0], sums[1]
-            # dx = scale * (dy - w * (sum_dy + x_hat * sum_dy_x_hat) / N), as
-            # per-channel coefficients so that x and dy are each read once.
-            offset = -scale * sum_dy * inv_count
-            slope = -scale * sum_dy_centred * tf.square(inv_std) * inv_count
-            if mask is None:
-                return dy * scale + (centred * slope + offset), dgamma, dbeta
-            correction = tf.where(mask, centred * slope + offset, tf.zeros_like(centred))
-            return dy * scale + correction, dgamma, dbeta
+                sum_dy, sum_dy_x_hat = tf.unstack(
+                    cross_replica.group_sum(tf.stack([sum_dy, sum_dy_x_hat]), group_size))
+            inv_std = tf.math.rsqrt(variance + epsilon)
+            coefficients = [tf.reshape(t, shape) for t in
+                            (count, inv_std, gamma, sum_dy, sum_dy_x_hat)]
+            centred = tf.cast(x, tf.float32) - tf.reshape(mean, shape)
+            dx = _input_gradient(dy_scaled, centred, *coefficients, mask)
+            return dx, dgamma, dbeta
 
         return y, grad
 
     return normalize(x, gamma, beta)
 
 
-def _unbroadcast(total: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
-    """Sums ``total`` (the statistics' keepdims shape) down to ``like``'s shape."""
-    _, axes = tf.raw_ops.BroadcastGradientArgs(s0=tf.shape(total), s1=tf.shape(like))
-    return tf.reshape(tf.reduce_sum(total, axes), tf.shape(like))
+def _elementwise_normalize(x, axis, count, mean, variance, gamma, beta, epsilon, mask,
+                           virtual_batch_size, synchronized, group_size):
+    input_shape = tf.shape(x)
+    x = tf.cast(x, tf.float32)
+    if virtual_batch_size:
+        x, mask = split_ghost_batches(x, mask, virtual_batch_size)
+        axis += 1
+    rank = x.shape.rank
+    # Statistics (G, C) broadcast against x: G on the ghost axis 0 (or 1), C on `axis`.
+    statistics_shape = [1] * rank
+    statistics_shape[axis] = x.shape[axis]
+    if virtual_batch_size:
+        statistics_shape[0] = -1
+    channel_shape = [1] * rank
+    channel_shape[axis] = -1
+    count, mean, variance = (tf.reshape(t, statistics_shape) for t in (count, mean, variance))
+    inv_std = tf.math.rsqrt(variance + epsilon)
+    group_axes = [a for a in range(rank) if a != axis and not (virtual_batch_size and a == 0)]
+    channel_axes = [a for a in range(rank) if a != axis]
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+        scale = tf.reshape(gamma, channel_shape) * inv_std
+        y = (x - mean) * scale + tf.reshape(beta, channel_shape)
+
+        def grad(dy):
+            # Recomputed rather than kept from the forward pass: one cheap
+            # pass instead of holding an input-sized tensor until backward.
+            centred = x - mean
+            sum_dy = tf.reduce_sum(dy, group_axes, keepdims=True)
+            sum_dy_x_hat = tf.reduce_sum(dy * centred, group_axes, keepdims=True) * inv_std
+            dgamma = tf.reshape(tf.reduce_sum(sum_dy_x_hat, channel_axes), [-1])
+            dbeta = tf.reshape(tf.reduce_sum(sum_dy, channel_axes), [-1])
+            if synchronized:
+                sum_dy, sum_dy_x_hat = tf.unstack(
+                    cross_replica.group_sum(tf.stack([sum_dy, sum_dy_x_hat]), group_size))
+            dx = _input_gradient(dy * scale, centred, count, inv_std,
+                                 tf.reshape(gamma, channel_shape), sum_dy, sum_dy_x_hat, mask)
+            return dx, dgamma, dbeta
+
+        return y, grad
+
+    return tf.reshape(normalize(x, gamma, beta), input_shape)

@@ -30,6 +30,7 @@ def main(argv=None):
     import keras
 
     import kerasbn
+    import kerasbn.compat
 
     keras.utils.set_random_seed(0)
     rng = np.random.RandomState(0)
@@ -53,7 +54,7 @@ def main(argv=None):
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(24).with_options(options)
-    kerasbn.patch_keras_multi_worker_fit()  # keras-team/keras#20585
+    kerasbn.compat.patch_keras_multi_worker_fit()  # keras-team/keras#20585
     history = model.fit(data, epochs=3, verbose=0)
     layer = model.layers[1]
     copies = strategy.experimental_local_results(layer.moving_variance.value)

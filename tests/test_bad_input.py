@@ -17,7 +17,7 @@ CONSTRUCTOR_ERRORS = [
     (dict(virtual_batch_size=0), ValueError, "virtual_batch_size"),
     (dict(virtual_batch_size=2.5), TypeError, "virtual_batch_size"),
     (dict(renorm=True, renorm_clipping={"rmax": 1, "bogus": 2}), ValueError, "bogus"),
-    (dict(renorm=True, renorm_clipping={"rmin": 3.0, "rmax": 1.0}), ValueError, "rmin <= rmax"),
+    (dict(renorm=True, renorm_clipping={"rmin": 3.0, "rmax": 1.0}), ValueError, "rmax should be greater than rmin"),
     (dict(renorm=True, renorm_clipping={"dmax": -1.0}), ValueError, "dmax"),
     (dict(renorm_clipping={"rmax": 2.0}), ValueError, "renorm=True"),
     (dict(renorm=True, renorm_momentum=1.5), ValueError, "renorm_momentum"),
@@ -26,7 +26,7 @@ CONSTRUCTOR_ERRORS = [
     (dict(virtual_batch_size=2, renorm=True), ValueError, "virtual_batch_size"),
     (dict(virtual_batch_size=2, synchronized=True), ValueError, "virtual_batch_size"),
     (dict(fused="yes"), TypeError, "fused"),
-    (dict(fused=True, renorm=True), ValueError, "fused"),
+    (dict(fused=True, virtual_batch_size=2), ValueError, "fused"),
     (dict(bogus_argument=1), (TypeError, ValueError), "bogus_argument"),
 ]
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import kerasbn
-import kerasbn.convert
+import kerasbn.model_walk
 
 
 def _trained(model, shape):
@@ -25,7 +25,7 @@ def _bn_layers(model):
     for layer in model.layers:
         if isinstance(layer, keras.Model):
             found += _bn_layers(layer)
-        elif kerasbn.convert.is_batch_normalization(layer):
+        elif kerasbn.model_walk.is_batch_normalization(layer):
             found.append(layer)
     return found
 

@@ -1,0 +1,80 @@
+"""TensorFlow's fused batch-norm kernels (oneDNN on CPU, cuDNN on GPU), in one place.
+
+``FusedBatchNormV3`` and ``FusedBatchNormGradV3`` take 4D inputs with the
+channel axis last ("NHWC") or second ("NCHW"); any rank >= 2 folds into that
+layout without changing which values each channel reduces over.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
+
+
+def fusable(dtype: tf.DType, rank: int, channel_axis: int) -> bool:
+    """Whether the kernels take inputs of this dtype with this (positive) channel axis."""
+    return dtype in FUSED_DTYPES and channel_axis in (1, rank - 1)
+
+
+def _to_fused_layout(x: tf.Tensor, channel_axis: int) -> tuple[tf.Tensor, str]:
+    rank = x.shape.rank
+    data_format = "NHWC" if channel_axis == rank - 1 else "NCHW"
+    if rank == 4:
+        return x, data_format
+    shape, channels = tf.shape(x), x.shape[channel_axis]
+    if data_format == "NHWC":
+        return tf.reshape(x, [shape[0], -1, 1, channels]), data_format
+    return tf.reshape(x, [shape[0], channels, -1, 1]), data_format
+
+
+def _from_fused_layout(y: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+    return y if like.shape.rank == 4 else tf.reshape(y, tf.shape(like))
+
+
+def moments(x: tf.Tensor, channel_axis: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-channel batch mean and Bessel-corrected variance, shape ``(C,)``.
+
+    NaN for an empty batch. The kernel's float32 variance loses precision
+    when a channel's mean is large against its spread: see
+    :func:`kerasbn.moments.batch_statistics` for the guard.
+    """
+    channels = x.shape[channel_axis]
+    x4, data_format = _to_fused_layout(x, channel_axis)
+    _, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=x4,
+        scale=tf.ones([channels], tf.float32),
+        offset=tf.zeros([channels], tf.float32),
+        mean=tf.zeros([0], tf.float32),
+        variance=tf.zeros([0], tf.float32),
+        epsilon=1e-3,
+        is_training=True,
+        data_format=data_format,
+    )
+    return mean, variance
+
+
+def normalize(x, channel_axis, mean, variance, scale, offset, epsilon) -> tf.Tensor:
+    """``(x - mean) * rsqrt(variance + epsilon) * scale + offset`` in ``x``'s dtype."""
+    x4, data_format = _to_fused_layout(x, channel_axis)
+    y, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=x4, scale=scale, offset=offset, mean=mean, variance=variance,
+        epsilon=epsilon, is_training=False, data_format=data_format,
+    )
+    return _from_fused_layout(y, x)
+
+
+def normalize_grad(dy, x, channel_axis, mean, variance, scale, epsilon):
+    """One pass over ``dy`` and ``x`` for :func:`normalize` with fixed statistics.
+
+    Returns ``dy * scale * rsqrt(variance + epsilon)`` (``x``'s shape),
+    ``sum(dy * x_hat)`` and ``sum(dy)`` per channel (float32).
+    """
+    dy4, data_format = _to_fused_layout(dy, channel_axis)
+    x4, _ = _to_fused_layout(x, channel_axis)
+    dx, sum_dy_x_hat, sum_dy, *_ = tf.raw_ops.FusedBatchNormGradV3(
+        y_backprop=dy4, x=x4, scale=scale, reserve_space_1=mean,
+        reserve_space_2=variance, reserve_space_3=tf.zeros([0], tf.float32),
+        epsilon=epsilon, is_training=False, data_format=data_format,
+    )
+    return _from_fused_layout(dx, x), sum_dy_x_hat, sum_dy
