@@ -45,7 +45,8 @@ def patch_keras_multi_worker_fit() -> bool:
             strategy, tf.distribute.MultiWorkerMirroredStrategy
         ):
             return original(self, iterator=iterator, data_batch=data_batch)
-        for _, _, it in iterator:
+        # Keras yields (step, iterator) before 3.11 and (begin, end, iterator) after.
+        for *_, it in iterator:
             batch = next(it)
             data_batch = tf.nest.map_structure(
                 lambda v: strategy.experimental_local_results(v)[0]

@@ -20,9 +20,9 @@ Numerical care taken here, one line each:
 - An empty input gives count 0, mean 0, M2 0: never NaN.
 - TensorFlow's fused kernel (oneDNN on CPU) is used for speed where it
   applies, but it loses the variance when a channel's mean is large against
-  its spread (oneDNN, and XLA's expansion into ``E[x^2] - E[x]^2``); when any
-  channel has ``mean^2 > 1e6 * variance`` the two-pass computation runs
-  instead (:func:`batch_statistics`, the one place that guard lives).
+  its spread (oneDNN, and XLA's expansion into ``E[x^2] - E[x]^2``); it is
+  fed data shifted by a sample of each channel (:func:`_shifted_fused_moments`,
+  the one place that guard lives).
 - The merge computes deviations from the merged mean directly (within-part
   M2 plus count-weighted between-part squares), so it stays stable for any
   number of parts, empty parts included.
@@ -106,11 +106,6 @@ def variance_from_moments(count: tf.Tensor, m2: tf.Tensor) -> tf.Tensor:
     return m2 / tf.maximum(count, 1.0)
 
 
-# Above this mean^2 / variance the fused kernel's float32 variance is not
-# trusted (its error grows like eps * mean^2 / variance * sqrt(n)).
-FUSED_MOMENTS_MAX_RATIO = 1e6
-
-
 def batch_statistics(
     x: tf.Tensor,
     channel_axis: int,
@@ -136,8 +131,7 @@ def batch_statistics(
             its own statistics.
         use_fused: compute the local moments with the fused kernel (the
             caller checked :func:`kerasbn.fused.fusable`; ignored with a mask
-            or ghost batches), falling back to two passes when a channel's
-            mean is too large against its spread for the kernel's precision.
+            or ghost batches), on shifted data for precision.
         synchronized: merge the statistics across the replicas of the current
             ``tf.distribute`` replica context (one collective).
         group_size: with ``synchronized``, replicas per group; None means all.
@@ -149,7 +143,7 @@ def batch_statistics(
         axes = [a for a in range(x.shape.rank) if a not in (0, channel_axis + 1)]
         statistics = local_moments(x, axes, mask)
     elif use_fused and mask is None:
-        statistics = _guarded_fused_moments(x, channel_axis)
+        statistics = _shifted_fused_moments(x, channel_axis)
     else:
         axes = [a for a in range(x.shape.rank) if a != channel_axis]
         statistics = local_moments(x, axes, mask)
@@ -160,22 +154,31 @@ def batch_statistics(
     return count, mean, m2
 
 
-def _guarded_fused_moments(x: tf.Tensor, channel_axis: int):
+def _shifted_fused_moments(x: tf.Tensor, channel_axis: int):
+    """``(count, mean, m2)``, each ``(C,)``, from the fused kernel on shifted data.
+
+    The kernel's float32 variance cancels catastrophically when a channel's
+    mean is large against its spread (oneDNN: 56x too large at mean 1e4, std
+    1, 200k values; XLA expands it into ``E[x^2] - E[x]^2``: negative
+    variances at mean 1e4). Statistics are shift-invariant, so the kernel
+    sees ``x - shift`` with ``shift`` the first example's per-channel mean: a
+    value of the channel's own distribution, which leaves a shifted mean of
+    the order of the spread. No branch, on every backend.
+    """
+    rank = x.shape.rank
     channels = x.shape[channel_axis]
-    mean, unbiased = fused.moments(x, channel_axis)
     count = tf.cast(tf.size(x, out_type=tf.int64) // channels, tf.float32)
-    # The kernel returns the Bessel-corrected variance, and NaN for an empty
-    # batch: back to (count, mean, M2), with empty batches zero.
-    mean = tf.where(count > 0.0, mean, 0.0)
+    spatial_axes = [a for a in range(1, rank) if a != channel_axis]
+    first = x[:1]  # empty for an empty batch: the shift is then 0
+    first_count = tf.cast(tf.size(first, out_type=tf.int64) // channels, tf.float32)
+    shift = tf.reduce_sum(tf.cast(first, tf.float32), [0] + spatial_axes, keepdims=True)
+    shift = shift / tf.maximum(first_count, 1.0)
+    # In float32: half-precision differences would round away what the shift keeps.
+    shifted_mean, unbiased = fused.moments(tf.cast(x, tf.float32) - shift, channel_axis)
+    # NaN for an empty batch: back to zeros there.
+    mean = tf.where(count > 0.0, shifted_mean + tf.reshape(shift, [channels]), 0.0)
     m2 = tf.where(count > 1.0, unbiased * (count - 1.0), 0.0)
-    variance = variance_from_moments(count, m2)
-    trusted = tf.reduce_all(tf.square(mean) <= FUSED_MOMENTS_MAX_RATIO * variance + 1e-30)
-
-    def two_pass():
-        axes = [a for a in range(x.shape.rank) if a != channel_axis]
-        return tuple(tf.reshape(t, [channels]) for t in local_moments(x, axes))
-
-    return tf.cond(trusted, lambda: (tf.fill([channels], count), mean, m2), two_pass)
+    return tf.fill([channels], count), mean, m2
 
 
 def split_ghost_batches(x: tf.Tensor, mask: tf.Tensor | None, virtual_batch_size: int):

@@ -48,3 +48,13 @@ def bn_inference(x, axis, gamma, beta, mean, var, eps):
     flat = channels_last(x, axis)
     y = gamma * (flat - mean) / np.sqrt(var + eps) + beta
     return from_channels_last(y, np.shape(x), axis)
+
+
+def keras_has_renorm() -> bool:
+    """Keras' own layer has Batch Renormalization from Keras 3.14 on."""
+    import inspect
+
+    import keras
+
+    return "renorm" in inspect.signature(keras.layers.BatchNormalization.__init__).parameters
+

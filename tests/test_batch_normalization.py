@@ -37,15 +37,24 @@ def _keras_twin(**kwargs):
     )
 
 
+def _fusable(shape, axis):
+    return axis % len(shape) in (1, len(shape) - 1)
+
+
+FUSABLE_SHAPES_AND_AXES = [(s, a) for s, a in SHAPES_AND_AXES if _fusable(s, a)]
+
+
 def _layer(axis, fused, **kwargs):
     kwargs.setdefault("gamma_initializer", keras.initializers.RandomUniform(0.5, 1.5, seed=1))
     kwargs.setdefault("beta_initializer", keras.initializers.RandomUniform(-1, 1, seed=2))
     return kerasbn.BatchNormalization(axis=axis, fused=fused, epsilon=EPS, **kwargs)
 
 
-@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("shape,axis", SHAPES_AND_AXES)
 def test_training_forward_backward_and_moving_statistics(shape, axis, fused):
+    if fused and not _fusable(shape, axis):
+        fused = None  # the kernels take the channel axis first or last only
     x = _data(shape)
     dy = _data(shape, seed=1, loc=0.0, spread=1.0)
     layer = _layer(axis, fused, momentum=0.9)
@@ -73,14 +82,21 @@ def test_training_forward_backward_and_moving_statistics(shape, axis, fused):
     )
 
 
-@pytest.mark.parametrize("shape,axis", SHAPES_AND_AXES)
+@pytest.mark.parametrize("shape,axis", FUSABLE_SHAPES_AND_AXES)
 def test_fused_path_equals_general_path(shape, axis):
-    x = _data(shape, seed=3, loc=-4.0, spread=0.5)
-    fused, general = _layer(axis, None), _layer(axis, False)
+    x = tf.constant(_data(shape, seed=3, loc=-4.0, spread=0.5))
+    dy = tf.constant(_data(shape, seed=4, loc=0.5, spread=1.0))
+    fused, general = _layer(axis, True), _layer(axis, False)
     for _ in range(3):
-        np.testing.assert_allclose(
-            fused(x, training=True), general(x, training=True), rtol=1e-5, atol=1e-5
-        )
+        outputs = []
+        for layer in (fused, general):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * dy)
+            outputs.append([y, *tape.gradient(loss, [x, layer.gamma, layer.beta])])
+        for a, b in zip(*outputs):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     for a, b in zip(fused.weights, general.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(fused(x), general(x), rtol=1e-5, atol=1e-5)
@@ -114,7 +130,7 @@ def test_trainable_false_means_inference_and_frozen_statistics():
     np.testing.assert_allclose(y, layer(x, training=False), rtol=1e-6)
 
 
-@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("shape,axis", [((16, 5), -1), ((4, 6, 6, 5), -1), ((4, 5, 6, 6), 1)])
 def test_agrees_with_keras_layer_when_variance_is_biased(shape, axis, fused):
     ours = _layer(axis, fused, unbiased_variance=False, momentum=0.8)
@@ -130,7 +146,7 @@ def test_agrees_with_keras_layer_when_variance_is_biased(shape, axis, fused):
     np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("fused", [True, False])
 def test_momentum_none_is_the_exact_population_average(fused):
     layer = _layer(-1, fused, momentum=None)
     batches = [_data((4, 3, 3, 2), seed=s, loc=s, spread=1 + s) for s in range(5)]
@@ -175,6 +191,11 @@ def test_ghost_batch_that_does_not_divide_the_batch_is_a_clear_error():
     assert fn(np.ones((6, 2), "float32")).shape == (6, 2)
 
 
+needs_keras_renorm = pytest.mark.skipif(
+    not reference.keras_has_renorm(), reason="this Keras has no renorm to compare with")
+
+
+@needs_keras_renorm
 def test_batch_renormalization_matches_keras():
     clipping = {"rmax": 1.5, "rmin": 0.7, "dmax": 0.5}
     ours = _layer(-1, None, renorm=True, renorm_clipping=clipping, renorm_momentum=0.5)
@@ -186,6 +207,40 @@ def test_batch_renormalization_matches_keras():
         )
     np.testing.assert_allclose(ours.renorm_mean, theirs.renorm_mean, rtol=1e-5)
     np.testing.assert_allclose(ours.renorm_stddev, theirs.renorm_stddev, rtol=1e-5)
+
+
+@needs_keras_renorm
+@pytest.mark.parametrize("fused", [True, False])
+def test_keras_renorm_model_weights_load_into_the_kerasbn_model(fused):
+    """Same architecture, Keras' BN vs kerasbn's: Keras' trained weights (moving_stddev,
+    renorm_mean, renorm_stddev included) load as they are and give the same outputs."""
+
+    def build(bn):
+        inputs = keras.Input((6, 6, 3))
+        h = keras.layers.Conv2D(5, 3, use_bias=False)(inputs)
+        h = bn(momentum=0.8, renorm=True, renorm_clipping={"rmax": 2.0, "rmin": 0.5, "dmax": 1.0},
+               renorm_momentum=0.7)(h)
+        h = keras.layers.ReLU()(h)
+        h = keras.layers.GlobalAveragePooling2D()(h)
+        return keras.Model(inputs, keras.layers.Dense(2)(h))
+
+    keras.utils.set_random_seed(3)
+    theirs = build(keras.layers.BatchNormalization)
+    ours = build(lambda **k: kerasbn.BatchNormalization(unbiased_variance=False, fused=fused, **k))
+    theirs.compile("sgd", "mse")
+    x = _data((16, 6, 6, 3), loc=2.0, spread=3.0)
+    theirs.fit(x, np.ones((16, 2), "float32"), batch_size=8, epochs=2, verbose=0)
+    assert [w.path.split("/")[-1] for w in ours.layers[2].weights] == \
+        [w.path.split("/")[-1] for w in theirs.layers[2].weights]
+    ours.set_weights(theirs.get_weights())
+    x = tf.constant(_data((8, 6, 6, 3), seed=7, loc=1.0, spread=2.0))
+    np.testing.assert_allclose(ours(x, training=False), theirs(x, training=False), rtol=1e-5, atol=1e-5)
+    for _ in range(3):
+        np.testing.assert_allclose(ours(x, training=True), theirs(x, training=True),
+                                   rtol=1e-4, atol=1e-4)
+    for a, b in zip(ours.layers[2].weights, theirs.layers[2].weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours(x, training=False), theirs(x, training=False), rtol=1e-5, atol=1e-5)
 
 
 def test_renorm_corrections_are_clipped_against_reference():
@@ -201,7 +256,7 @@ def test_renorm_corrections_are_clipped_against_reference():
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("fused", [True, False])
 def test_mask_leaves_positions_out_of_the_statistics(fused):
     x = _data((4, 7, 3))
     mask = np.random.RandomState(5).rand(4, 7) > 0.4
@@ -229,7 +284,7 @@ def test_mask_propagates_through_a_model():
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16", "float16", "bfloat16"])
-@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("fused", [True, False])
 def test_half_precision_keeps_float32_statistics_and_does_not_overflow(policy, fused):
     keras.config.set_dtype_policy(policy)
     layer = kerasbn.BatchNormalization(fused=fused, momentum=0.0)
@@ -248,7 +303,7 @@ def test_half_precision_keeps_float32_statistics_and_does_not_overflow(policy, f
     np.testing.assert_allclose(reference.channels_last(y, -1).std(0), 1.0, atol=0.02)
 
 
-@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("shape", [(0, 4), (0, 3, 3, 4)])
 def test_empty_batch_leaves_statistics_unchanged_and_finite(shape, fused):
     layer = _layer(-1, fused)
@@ -260,7 +315,7 @@ def test_empty_batch_leaves_statistics_unchanged_and_finite(shape, fused):
         np.testing.assert_array_equal(b, w.numpy())
 
 
-@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("fused", [True, False])
 def test_one_value_per_channel_stays_finite(fused):
     layer = _layer(-1, fused)
     x = _data((1, 4))
@@ -284,7 +339,7 @@ def test_float64_inputs_use_the_general_path():
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("fused", [True, False])
 def test_tf_function_and_xla_match_eager(fused):
     x = _data((4, 5, 5, 3))
     eager, compiled = _layer(-1, fused), _layer(-1, fused)
@@ -397,6 +452,7 @@ def test_masked_and_ghost_gradients_match_autodiff_of_the_naive_formula(ghost):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
 
 
+@needs_keras_renorm
 def test_renorm_gradients_match_keras():
     clipping = {"rmax": 1.2, "rmin": 0.8, "dmax": 0.3}
     ours = _layer(-1, None, renorm=True, renorm_clipping=clipping, renorm_momentum=0.5)
@@ -414,7 +470,7 @@ def test_renorm_gradients_match_keras():
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("fused", [True, False])
 def test_large_channel_mean_against_small_spread(fused):
     """Mean 1e4, std 1, 200k values per channel: the fused kernel alone is off 56x."""
     x = (np.random.RandomState(0).normal(0, 1, (64, 56, 56, 4)) + 1e4).astype("float32")
@@ -423,3 +479,27 @@ def test_large_channel_mean_against_small_spread(fused):
     flat = reference.channels_last(x, -1)
     np.testing.assert_allclose(layer.moving_variance, flat.var(0, ddof=1), rtol=1e-4)
     np.testing.assert_allclose(reference.channels_last(y, -1).std(0), 1.0, rtol=1e-3)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_xla_keeps_precision_at_large_channel_mean(fused):
+    """XLA expands fused batch norm into E[x^2] - E[x]^2 (tensorflow/tensorflow#118701):
+    at mean 1e4, std 1 that alone gives negative variances."""
+    x = tf.constant((np.random.RandomState(0).normal(0, 1, (32, 16, 16, 4)) + 1e4).astype("float32"))
+    layers = {jit: kerasbn.BatchNormalization(fused=fused, momentum=0.0) for jit in (False, True)}
+
+    def step(layer, x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * tf.range(1.0, 5.0))
+        return y, tape.gradient(loss, x)
+
+    results = {jit: tf.function(lambda x, jit=jit: step(layers[jit], x), jit_compile=jit)(x)
+               for jit in (False, True)}
+    flat = reference.channels_last(x.numpy().astype(np.float64), -1)
+    for jit, (y, dx) in results.items():
+        np.testing.assert_allclose(layers[jit].moving_variance, flat.var(0, ddof=1), rtol=1e-4)
+        np.testing.assert_allclose(reference.channels_last(y.numpy(), -1).std(0), 1.0, rtol=1e-3)
+    np.testing.assert_allclose(results[True][0], results[False][0], atol=2e-3)
+    np.testing.assert_allclose(results[True][1], results[False][1], rtol=1e-3, atol=1e-3)
