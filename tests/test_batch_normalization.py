@@ -498,8 +498,12 @@ def test_xla_keeps_precision_at_large_channel_mean(fused):
     results = {jit: tf.function(lambda x, jit=jit: step(layers[jit], x), jit_compile=jit)(x)
                for jit in (False, True)}
     flat = reference.channels_last(x.numpy().astype(np.float64), -1)
+    dy = np.broadcast_to(np.arange(1.0, 5.0), x.shape)
+    dx_ref, _, _ = reference.bn_backward(x.numpy(), dy, -1, np.ones(4), EPS)
     for jit, (y, dx) in results.items():
         np.testing.assert_allclose(layers[jit].moving_variance, flat.var(0, ddof=1), rtol=1e-4)
         np.testing.assert_allclose(reference.channels_last(y.numpy(), -1).std(0), 1.0, rtol=1e-3)
+        # float32 holds a mean of 1e4 to 5e-4 of a unit spread; dx's terms are of size 4.
+        np.testing.assert_allclose(dx, dx_ref, atol=1e-2)
     np.testing.assert_allclose(results[True][0], results[False][0], atol=2e-3)
     np.testing.assert_allclose(results[True][1], results[False][1], rtol=1e-3, atol=1e-3)
