@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kerasbn-installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test bench lint venv fashion-mnist
+.PHONY: demo test test-floor bench lint venv fashion-mnist
 
 venv: $(STAMP)
 
@@ -31,6 +31,25 @@ demo: $(STAMP) fashion-mnist
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The library's tests on the oldest versions setup.cfg declares (tensorflow>=X, keras>=Y),
+# in a second virtualenv; the recipes' tests need the newest only.
+FLOOR_VENV := .venv-floor
+FLOOR_TF := $(shell sed -n 's/^ *tensorflow>=\([0-9.]*\).*/\1/p' setup.cfg)
+FLOOR_KERAS := $(shell sed -n 's/^ *keras>=\([0-9.]*\).*/\1/p' setup.cfg)
+RECIPE_TESTS := --ignore-glob='tests/test_inception_bn_*' --ignore=tests/test_figure1.py \
+	--ignore=tests/test_recipes_data.py
+
+$(FLOOR_VENV)/.installed-$(FLOOR_TF)-$(FLOOR_KERAS): setup.cfg
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install -q "tensorflow==$(FLOOR_TF)" "keras==$(FLOOR_KERAS)" "pytest>=7"
+	$(FLOOR_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-floor: $(FLOOR_VENV)/.installed-$(FLOOR_TF)-$(FLOOR_KERAS)
+	$(FLOOR_VENV)/bin/python -c "import tensorflow, keras; print('floor: tensorflow', tensorflow.__version__, 'keras', keras.__version__)"
+	$(FLOOR_VENV)/bin/python -m pytest $(RECIPE_TESTS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_layer.py

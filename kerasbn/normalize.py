@@ -100,10 +100,6 @@ def _input_gradient(dy_scaled, centred, count, inv_std, gamma, sum_dy, sum_dy_x_
 
 def _fused_normalize(x, axis, count, mean, variance, gamma, beta, epsilon, mask, synchronized,
                      group_size):
-    rank = x.shape.rank
-    shape = [1] * rank
-    shape[axis] = -1
-
     @tf.custom_gradient
     def normalize(x, gamma, beta):
         y = fused.normalize(x, axis, mean, variance, gamma, beta, epsilon)
@@ -115,12 +111,14 @@ def _fused_normalize(x, axis, count, mean, variance, gamma, beta, epsilon, mask,
             if synchronized:
                 sum_dy, sum_dy_x_hat = tf.unstack(
                     cross_replica.group_sum(tf.stack([sum_dy, sum_dy_x_hat]), group_size))
-            inv_std = tf.math.rsqrt(variance + epsilon)
-            coefficients = [tf.reshape(t, shape) for t in
-                            (count, inv_std, gamma, sum_dy, sum_dy_x_hat)]
-            centred = tf.cast(x, tf.float32) - tf.reshape(mean, shape)
-            dx = _input_gradient(dy_scaled, centred, *coefficients, mask)
-            return dx, dgamma, dbeta
+            # The correction -w * gamma * inv_std * (sum_dy + x_hat * sum_dy_x_hat) / N is
+            # itself an affine map of x_hat: one more pass of the same kernel.
+            scale = -gamma * tf.math.rsqrt(variance + epsilon) / tf.maximum(count, 1.0)
+            correction = fused.normalize(x, axis, mean, variance, scale * sum_dy_x_hat,
+                                         scale * sum_dy, epsilon)
+            if mask is not None:
+                correction = tf.where(mask, correction, tf.zeros_like(correction))
+            return dy_scaled + correction, dgamma, dbeta
 
         return y, grad
 
