@@ -26,8 +26,8 @@ HERE = Path(__file__).resolve().parent
 def first_call_seconds(layer: str, replicas: int, width: float, size: int, batch: int) -> float:
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
-    from bench_recipe import train_step, with_keras_bn  # sets 2 logical CPU devices
     import tensorflow as tf
+    from bench_recipe import train_step, with_keras_bn  # sets 2 logical CPU devices
 
     from recipes.inception_bn.model import bn_inception
 
