@@ -444,7 +444,7 @@ class BatchNormalization(keras.layers.Layer):
     def _renormalize(self, statistics, gamma, beta):
         """Batch Renormalization (Ioffe, 2017), as Keras computes it: folds
         ``(r, d)`` into gamma and beta, then updates the renorm statistics."""
-        count, mean, m2 = (t[0] for t in statistics)
+        count, mean, m2 = statistics
         stddev = tf.sqrt(variance_from_moments(count, m2) + self.epsilon)
         renorm_stddev = tf.maximum(self.renorm_stddev, tf.sqrt(self.epsilon))
         r = stddev / renorm_stddev
@@ -466,12 +466,12 @@ class BatchNormalization(keras.layers.Layer):
         return new_gamma, (new_beta if beta is None else new_beta + beta)
 
     def _update_moving_statistics(self, count, mean, m2):
-        """Feeds per-group (G, C) batch statistics to the moving averages.
+        """Feeds the batch statistics, ``(C,)`` (``(G, C)`` for ghost batches), to the averages.
 
-        A group counts when it carries a variance estimate: at least two
-        values per channel with ``unbiased_variance``, at least one without.
-        Groups are averaged (ghost batches); a batch with no valid group
-        leaves everything unchanged, so empty batches never write NaN.
+        A channel counts when it carries a variance estimate: at least two
+        values with ``unbiased_variance``, at least one without. Ghost batches
+        are averaged; a channel with no valid batch keeps its statistics, so
+        empty batches never write NaN.
         """
         if self.unbiased_variance:
             valid = count > 1.0
@@ -479,29 +479,34 @@ class BatchNormalization(keras.layers.Layer):
         else:
             valid = count > 0.0
             variance = variance_from_moments(count, m2)
-        weights = tf.cast(valid, tf.float32)
-        valid_groups = tf.reduce_sum(weights, 0)
-        any_valid = valid_groups > 0.0
-        batch_mean = tf.reduce_sum(weights * mean, 0) / tf.maximum(valid_groups, 1.0)
-        batch_variance = tf.reduce_sum(weights * variance, 0) / tf.maximum(valid_groups, 1.0)
+        if mean.shape.rank == 2:
+            weights = tf.cast(valid, tf.float32)
+            groups = tf.reduce_sum(weights, 0)
+            mean = tf.reduce_sum(weights * mean, 0) / tf.maximum(groups, 1.0)
+            variance = tf.reduce_sum(weights * variance, 0) / tf.maximum(groups, 1.0)
+            valid = groups > 0.0
         if self.momentum is None:
             # Cumulative average: moving += (batch - moving) / (n + 1).
-            updated = tf.cast(tf.reduce_any(any_valid), tf.float32)
+            updated = tf.cast(tf.reduce_any(valid), tf.float32)
             seen = self.num_batches + updated
             rate = updated / tf.maximum(seen, 1.0)
             self.num_batches.assign(seen)
         else:
             rate = 1.0 - self.momentum
-        rate = tf.where(any_valid, rate, 0.0)
-        self.moving_mean.assign(self.moving_mean + rate * (batch_mean - self.moving_mean))
+        rate = tf.where(valid, rate, 0.0)
+
+        def move(variable, value):
+            moving = variable.value  # one read
+            moved = moving + rate * (value - moving)
+            variable.assign(moved)
+            return moved
+
+        move(self.moving_mean, mean)
         if self.renorm:
-            stddev = tf.sqrt(batch_variance + self.epsilon)
-            moving_stddev = self.moving_stddev + rate * (stddev - self.moving_stddev)
-            self.moving_stddev.assign(moving_stddev)
+            moving_stddev = move(self.moving_stddev, tf.sqrt(variance + self.epsilon))
             self.moving_variance.assign(tf.nn.relu(tf.square(moving_stddev) - self.epsilon))
         else:
-            self.moving_variance.assign(
-                self.moving_variance + rate * (batch_variance - self.moving_variance))
+            move(self.moving_variance, variance)
 
     # ------------------------------------------------------------ the rest
     def compute_output_shape(self, input_shape):

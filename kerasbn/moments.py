@@ -30,6 +30,7 @@ Numerical care taken here, one line each:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import tensorflow as tf
@@ -57,17 +58,21 @@ def local_moments(
     x = tf.cast(x, tf.float32)
     axes = list(axes)
     if mask is None:
-        dims = tf.gather(tf.shape(x), axes)
-        count = tf.cast(tf.reduce_prod(dims), tf.float32)
-        safe_count = tf.maximum(count, 1.0)
-        first = tf.reduce_sum(x, axes, keepdims=True) / safe_count
+        static_dims = [x.shape[a] for a in axes]
+        if None in static_dims:
+            count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float32)
+            inverse_count = 1.0 / tf.maximum(count, 1.0)
+        else:  # known when traced: no ops to count
+            count = float(math.prod(static_dims))
+            inverse_count = 1.0 / max(count, 1.0)
+        first = tf.reduce_sum(x, axes, keepdims=True) * inverse_count
         # Second pass: sum(x - first) is the first pass's rounding error.
         # Its exact derivative with respect to x is zero, so stop_gradient
         # changes nothing mathematically and saves a backward pass.
-        correction = tf.reduce_sum(x - first, axes, keepdims=True) / safe_count
+        correction = tf.reduce_sum(x - first, axes, keepdims=True) * inverse_count
         mean = first + tf.stop_gradient(correction)
         m2 = tf.reduce_sum(tf.math.squared_difference(x, mean), axes, keepdims=True)
-        count = tf.broadcast_to(count, tf.shape(mean))
+        count = tf.fill(tf.shape(mean), tf.cast(count, tf.float32))
         return count, mean, m2
 
     mask = tf.broadcast_to(tf.cast(mask, tf.bool), tf.shape(x))
@@ -116,9 +121,9 @@ def batch_statistics(
     synchronized: bool = False,
     group_size: int | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """The batch statistics BN normalizes with: ``(count, mean, m2)``, each ``(G, C)``.
+    """The batch statistics BN normalizes with: ``(count, mean, m2)``, each ``(C,)``.
 
-    ``G`` is the number of ghost batches (``virtual_batch_size``), else 1.
+    With ``virtual_batch_size``, each ``(G, C)`` for the ``G`` ghost batches.
     No gradient flows through them (the normalization's own backward pass
     accounts for the statistics).
 
@@ -141,16 +146,15 @@ def batch_statistics(
     if virtual_batch_size:
         x, mask = split_ghost_batches(x, mask, virtual_batch_size)
         axes = [a for a in range(x.shape.rank) if a not in (0, channel_axis + 1)]
-        statistics = local_moments(x, axes, mask)
-    elif use_fused and mask is None:
-        statistics = _shifted_fused_moments(x, channel_axis)
+        return tuple(tf.reshape(t, [-1, channels]) for t in local_moments(x, axes, mask))
+    if use_fused and mask is None:
+        count, mean, m2 = _shifted_fused_moments(x, channel_axis)
     else:
         axes = [a for a in range(x.shape.rank) if a != channel_axis]
-        statistics = local_moments(x, axes, mask)
-    count, mean, m2 = (tf.reshape(t, [-1, channels]) for t in statistics)
+        count, mean, m2 = (tf.reshape(t, [channels]) for t in local_moments(x, axes, mask))
     if synchronized:
-        table = cross_replica.group_table(tf.stack([count[0], mean[0], m2[0]]), group_size)
-        count, mean, m2 = (t[None] for t in merge_moments(table[:, 0], table[:, 1], table[:, 2]))
+        table = cross_replica.group_table(tf.stack([count, mean, m2]), group_size)
+        count, mean, m2 = merge_moments(table[:, 0], table[:, 1], table[:, 2])
     return count, mean, m2
 
 

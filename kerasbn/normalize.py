@@ -64,7 +64,7 @@ def normalize_with_batch_statistics(
     Args:
         x: the layer's input, rank >= 2.
         channel_axis: the positive channel axis.
-        statistics: ``(count, mean, m2)``, each ``(G, C)``, from
+        statistics: ``(count, mean, m2)``, each ``(C,)`` (``(G, C)`` with ghost batches), from
             :func:`kerasbn.moments.batch_statistics` with the same ``mask``,
             ``virtual_batch_size``, ``synchronized`` and ``group_size``.
         gamma, beta: float32 ``(C,)``.
@@ -80,22 +80,10 @@ def normalize_with_batch_statistics(
     count, mean, m2 = statistics
     variance = variance_from_moments(count, m2)
     if use_fused and not virtual_batch_size:
-        return _fused_normalize(x, channel_axis, count[0], mean[0], variance[0], gamma, beta,
+        return _fused_normalize(x, channel_axis, count, mean, variance, gamma, beta,
                                 epsilon, mask, synchronized, group_size)
     return _elementwise_normalize(x, channel_axis, count, mean, variance, gamma, beta, epsilon,
                                   mask, virtual_batch_size, synchronized, group_size)
-
-
-def _input_gradient(dy_scaled, centred, count, inv_std, gamma, sum_dy, sum_dy_x_hat, mask):
-    """``dx`` from ``dy * gamma * inv_std`` and the group's sums; float32 parts."""
-    inv_count = 1.0 / tf.maximum(count, 1.0)
-    # Per-channel coefficients, so that x and dy are each read once.
-    slope = -gamma * tf.square(inv_std) * sum_dy_x_hat * inv_count
-    offset = -gamma * inv_std * sum_dy * inv_count
-    correction = centred * slope + offset
-    if mask is not None:
-        correction = tf.where(mask, correction, tf.zeros_like(correction))
-    return dy_scaled + tf.cast(correction, dy_scaled.dtype)
 
 
 def _fused_normalize(x, axis, count, mean, variance, gamma, beta, epsilon, mask, synchronized,
@@ -133,38 +121,55 @@ def _elementwise_normalize(x, axis, count, mean, variance, gamma, beta, epsilon,
         x, mask = split_ghost_batches(x, mask, virtual_batch_size)
         axis += 1
     rank = x.shape.rank
-    # Statistics (G, C) broadcast against x: G on the ghost axis 0 (or 1), C on `axis`.
-    statistics_shape = [1] * rank
-    statistics_shape[axis] = x.shape[axis]
-    if virtual_batch_size:
-        statistics_shape[0] = -1
-    channel_shape = [1] * rank
-    channel_shape[axis] = -1
-    count, mean, variance = (tf.reshape(t, statistics_shape) for t in (count, mean, variance))
-    inv_std = tf.math.rsqrt(variance + epsilon)
     group_axes = [a for a in range(rank) if a != axis and not (virtual_batch_size and a == 0)]
-    channel_axes = [a for a in range(rank) if a != axis]
+    # Per-channel vectors broadcast against x as they are when channels come last
+    # (no ghost axis); otherwise reshaped to keep C on `axis` (and G on axis 0).
+    plain = axis == rank - 1 and not virtual_batch_size
+
+    def broadcast(t, groups=False):
+        if plain:
+            return t
+        shape = [1] * rank
+        shape[axis] = -1
+        if groups:
+            shape[0], shape[axis] = -1, x.shape[axis]
+        return tf.reshape(t, shape)
+
+    count, mean, variance = (broadcast(t, groups=True) for t in (count, mean, variance))
+    inv_std = tf.math.rsqrt(variance + epsilon)
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
-        scale = tf.reshape(gamma, channel_shape) * inv_std
-        y = (x - mean) * scale + tf.reshape(beta, channel_shape)
+        gamma_b = broadcast(gamma)
+        scale = gamma_b * inv_std
+        y = (x - mean) * scale + broadcast(beta)
 
         def grad(dy):
             # Recomputed rather than kept from the forward pass: one cheap
             # pass instead of holding an input-sized tensor until backward.
             centred = x - mean
-            sum_dy = tf.reduce_sum(dy, group_axes, keepdims=True)
-            sum_dy_x_hat = tf.reduce_sum(dy * centred, group_axes, keepdims=True) * inv_std
-            dgamma = tf.reshape(tf.reduce_sum(sum_dy_x_hat, channel_axes), [-1])
-            dbeta = tf.reshape(tf.reduce_sum(sum_dy, channel_axes), [-1])
+            sum_dy = tf.reduce_sum(dy, group_axes, keepdims=not plain)
+            sum_dy_x_hat = tf.reduce_sum(dy * centred, group_axes, keepdims=not plain) * inv_std
+            if plain:
+                dgamma, dbeta = sum_dy_x_hat, sum_dy
+            else:
+                channel_axes = [a for a in range(rank) if a != axis]
+                dgamma = tf.reshape(tf.reduce_sum(sum_dy_x_hat, channel_axes), [-1])
+                dbeta = tf.reshape(tf.reduce_sum(sum_dy, channel_axes), [-1])
             if synchronized:
                 sum_dy, sum_dy_x_hat = tf.unstack(
                     cross_replica.group_sum(tf.stack([sum_dy, sum_dy_x_hat]), group_size))
-            dx = _input_gradient(dy * scale, centred, count, inv_std,
-                                 tf.reshape(gamma, channel_shape), sum_dy, sum_dy_x_hat, mask)
-            return dx, dgamma, dbeta
+            inverse_count = 1.0 / tf.maximum(count, 1.0)
+            # dx = scale * (dy - w * (sum_dy + x_hat * sum_dy_x_hat) / N), as per-channel
+            # coefficients so that x and dy are each read once.
+            slope = -scale * inv_std * sum_dy_x_hat * inverse_count
+            offset = -scale * sum_dy * inverse_count
+            correction = centred * slope + offset
+            if mask is not None:
+                correction = tf.where(mask, correction, tf.zeros_like(correction))
+            return dy * scale + correction, dgamma, dbeta
 
         return y, grad
 
-    return tf.reshape(normalize(x, gamma, beta), input_shape)
+    y = normalize(x, gamma, beta)
+    return y if plain else tf.reshape(y, input_shape)
