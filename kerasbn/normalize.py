@@ -12,8 +12,8 @@ and the sums run over every position of the group's batch. It splits as
 PyTorch's and Apex's synchronized BN split it: one pass yields
 ``dy * gamma / sqrt(var + eps)`` and the two per-channel sums (the fused
 kernel's ``FusedBatchNormGradV3`` with fixed statistics, where it applies),
-one collective sums the two vectors across the group, and one element-wise
-correction completes ``dx``. ``dgamma = sum(dy * x_hat)`` and
+one collective sums the two vectors across the group, and one more pass adds the
+correction, itself an affine map of ``x_hat``, to complete ``dx``. ``dgamma = sum(dy * x_hat)`` and
 ``dbeta = sum(dy)`` stay per replica: the optimizer's all-reduce sums them.
 """
 
