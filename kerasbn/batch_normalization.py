@@ -436,7 +436,7 @@ class BatchNormalization(keras.layers.Layer):
                     f"received {inputs.dtype.name}."
                 )
             return False
-        # fused=None: below ~1e5 values the kernels' fixed cost loses against
+        # fused=None: on small inputs the kernels' fixed cost loses against
         # element-wise ops (measured in benchmarks/bench_layer.py).
         return not (self.fused is None and inputs.shape.is_fully_defined()
                     and inputs.shape.num_elements() < FUSED_MIN_ELEMENTS)

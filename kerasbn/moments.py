@@ -11,8 +11,8 @@ Numerical care taken here, one line each:
 - Reductions run in float32 whatever the input dtype (a float16 sum of
   squares overflows at activations around 250).
 - The mean takes two passes: the second adds back the rounding error of the
-  first float32 sum (at channel mean 1e4 one pass leaves a relative variance
-  error of ~2e-4; two passes ~1e-6 per replica).
+  first float32 sum, which matters when a channel's mean is large against its
+  spread (figures in the README).
 - M2 is a sum of centred squares, never ``E[x^2] - E[x]^2``, which cancels
   catastrophically when a channel's mean is large against its spread.
 - Counts are exact: from the static/dynamic shape, or from the mask; no
@@ -162,10 +162,9 @@ def _shifted_fused_moments(x: tf.Tensor, channel_axis: int):
     """``(count, mean, m2)``, each ``(C,)``, from the fused kernel on shifted data.
 
     The kernel's float32 variance cancels catastrophically when a channel's
-    mean is large against its spread (oneDNN: 56x too large at mean 1e4, std
-    1, 200k values; XLA expands it into ``E[x^2] - E[x]^2``: negative
-    variances at mean 1e4). Statistics are shift-invariant, so the kernel
-    sees ``x - shift`` with ``shift`` the first example's per-channel mean: a
+    mean is large against its spread (oneDNN's float32 accumulation; XLA
+    expands the kernel into ``E[x^2] - E[x]^2``; figures in the README).
+    Statistics are shift-invariant, so the kernel sees ``x - shift`` with ``shift`` the first example's per-channel mean: a
     value of the channel's own distribution, which leaves a shifted mean of
     the order of the spread. No branch, on every backend.
     """
