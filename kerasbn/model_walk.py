@@ -20,7 +20,7 @@ def is_batch_normalization(layer) -> bool:
 
 def check_model(model, tool: str) -> None:
     if not isinstance(model, keras.Model):
-        raise TypeError(f"`model` must be a keras.Model; received {type(model).__name__}.")
+        raise TypeError(f"{tool}: `model` must be a keras.Model; received {type(model).__name__}.")
 
 
 def batch_norm_layers(model) -> list:
