@@ -29,7 +29,7 @@ fashion-mnist:
 demo: $(STAMP) fashion-mnist
 	$(PY) -m recipes.demo
 
-test: $(STAMP)
+test: $(STAMP) fashion-mnist
 	$(PY) -m pytest
 
 # The library's tests on the oldest versions setup.cfg declares (tensorflow>=X, keras>=Y),

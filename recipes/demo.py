@@ -29,6 +29,9 @@ DEMO_VARIANTS = ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid",
 
 
 def main(argv=None) -> int:
+    from recipes.requirements import require_recipe_extra
+
+    require_recipe_extra()
     parser = argparse.ArgumentParser(prog="python -m recipes.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/demo")
     parser.add_argument("--steps", type=int, default=1200, help="training steps per BN-Inception variant")

@@ -4,7 +4,7 @@ histories written as train.py writes them, and its plot."""
 import json
 
 from recipes.inception_bn import compare
-from recipes.inception_bn.train import HISTORY_FIELDS, write_history
+from recipes.inception_bn.history import HISTORY_FIELDS, write_history
 
 
 def _run(run_dir, name, accuracies, every=50, initial_lr=None, num_classes=None):

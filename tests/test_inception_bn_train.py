@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.distributed import ROOT, TIMEOUT, _env, start_cluster
+from tests.distributed import ROOT, TIMEOUT, _env, free_ports, start_cluster, tf_config
 
 SMALL = ["--dataset", "synthetic", "--image-size", "32", "--width-multiplier", "0.125", "--batch-size", "8"]
 
@@ -84,7 +84,7 @@ def test_killed_run_resumes_and_exports_a_serving_model(tmp_path):
 
     # Stopped after the last checkpoint but before its evaluation was written: the rerun
     # evaluates that step (the same weights give the same accuracy), train columns blank.
-    from recipes.inception_bn.train import write_history
+    from recipes.inception_bn.history import write_history
 
     *earlier, last = _history(run_dir)
     write_history(run_dir / "history.csv", earlier)
@@ -166,6 +166,44 @@ def test_two_workers_on_loopback_train_checkpoint_and_resume(tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_to_one_worker_saves_the_same_step_on_every_worker_and_the_rerun_resumes(tmp_path):
+    # A scheduler preempting one machine of a multi-worker run: every worker saves the same step.
+    def command(steps):
+        return [sys.executable, "-m", "recipes.inception_bn.train", "--run-dir", str(tmp_path), "--variant",
+                "bn-x5", *SMALL, "--steps", str(steps), "--eval-every", "5", "--eval-examples", "16",
+                "--steps-per-loop", "2", "--quiet", "--no-export"]
+
+    ports = free_ports(2)
+    procs = [subprocess.Popen(command(100000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=_env({"TF_CONFIG": tf_config(ports, index)})) for index in range(2)]
+    try:
+        deadline = time.time() + TIMEOUT
+        # Synchronized on what the run writes: the first periodic checkpoint means both workers train.
+        while not _checkpoint_steps(tmp_path):
+            assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
+            assert time.time() < deadline
+            time.sleep(0.02)
+        procs[1].send_signal(signal.SIGTERM)
+        results = [p.communicate(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    saved = []
+    for proc, (_, stderr) in zip(procs, results):
+        assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+        (line,) = [line for line in stderr.splitlines() if line.startswith("preempted at step")]
+        saved.append(int(line.split()[3].rstrip(";")))
+        assert line.endswith(f"saved {tmp_path / 'checkpoints' / f'ckpt-{saved[-1]}'}; rerun the same command to resume")
+    step = saved[0]
+    assert saved == [step, step] and step > 5
+    assert f'"ckpt-{step}"' in (tmp_path / "checkpoints" / "checkpoint").read_text().splitlines()[0]
+    assert not list(tmp_path.rglob("workertemp_*"))
+    chief, _ = start_cluster(lambda index: command(step + 2), cwd=ROOT)
+    assert f"Resuming {tmp_path} from step {step} of {step + 2}" in chief
+    assert _checkpoint_steps(tmp_path)[-1] == step + 2
+
+
+@pytest.mark.slow
 def test_mixed_precision_run_exports_a_float32_serving_model(tmp_path):
     _train(tmp_path, "--variant", "bn-x5", *SMALL, "--steps", "4", "--eval-every", "2", "--eval-examples", "16",
            "--mixed-precision")  # mixed_bfloat16 on a CPU
@@ -243,3 +281,46 @@ def test_divergence_stops_with_a_clear_message(tmp_path):
 
 if os.name != "posix":  # SIGKILL
     pytestmark = pytest.mark.skip("POSIX only")
+
+
+@pytest.mark.parametrize("module", ["recipes.inception_bn.train", "recipes.demo", "recipes.figure1.train",
+                                    "recipes.inception_bn.compare"])
+def test_a_missing_recipe_extra_is_one_line_naming_what_to_install(module):
+    # What a user without kerasbn[recipes] sees (tensorboard stands for any of the extra's packages).
+    code = (f"import sys; sys.modules['tensorboard'] = None; from {module} import main; "
+            "sys.exit(main(['--run-dir', 'unused']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert _error_lines(result) == ["error: the recipes need kerasbn's `recipes` extra (missing: tensorboard); "
+                                    "from the repository: pip install -e '.[recipes]'"]
+
+
+def test_training_loops_stop_at_every_evaluation_and_at_the_end():
+    from types import SimpleNamespace
+
+    from recipes.inception_bn.train import RunPlan
+
+    args = SimpleNamespace(sync_bn=None, batch_size=8, steps=14, eval_every=6, steps_per_loop=4)
+    plan = RunPlan(args, None, SimpleNamespace(train_examples=800), replicas=1)
+    step, boundaries = 0, []
+    while step < plan.total_steps:
+        step += plan.steps_to_next_boundary(step)
+        boundaries.append(step)
+    assert boundaries == [4, 6, 10, 12, 14]
+    assert [s for s in boundaries if plan.evaluation_due(s)] == [6, 12, 14]
+
+
+@pytest.mark.slow
+def test_steps_per_loop_trains_exactly_as_one_step_per_call(tmp_path):
+    histories = []
+    for loop in ("1", "3"):
+        run_dir = tmp_path / f"loop{loop}"
+        _train(run_dir, "--variant", "bn-x5", *SMALL, "--steps", "6", "--eval-every", "3", "--eval-examples", "16",
+               "--steps-per-loop", loop, "--no-export", "--quiet")
+        histories.append(_history(run_dir))
+    one, three = histories
+    assert [r["step"] for r in one] == [r["step"] for r in three] == ["3", "6"]
+    for a, b in zip(one, three):
+        for key in ("train_loss", "train_accuracy", "eval_loss", "eval_accuracy"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5), key

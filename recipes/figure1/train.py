@@ -109,6 +109,9 @@ def plot(path, results):
 
 
 def main(argv=None) -> int:
+    from recipes.requirements import require_recipe_extra
+
+    require_recipe_extra()
     parser = argparse.ArgumentParser(prog="python -m recipes.figure1.train", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--steps", type=int, default=5000)

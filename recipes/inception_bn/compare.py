@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from recipes.inception_bn.data import SOURCES
-from recipes.inception_bn.train import DIVERGED, read_history
+from recipes.inception_bn.history import DIVERGED, read_history
 from recipes.inception_bn.variants import PAPER_VARIANTS, VARIANTS, get_variant
 
 BASELINE = "inception"
@@ -147,6 +147,9 @@ def plot(path: Path, histories, title):
 
 
 def main(argv=None) -> int:
+    from recipes.requirements import require_recipe_extra
+
+    require_recipe_extra()
     args, names, train_args = parse_args(argv)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

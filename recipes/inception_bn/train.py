@@ -16,7 +16,6 @@ resumes from the last checkpoint.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import signal
@@ -28,14 +27,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from recipes.inception_bn.checkpoints import Checkpoints, Preempted  # noqa: E402
 from recipes.inception_bn.data import DEFAULT_IMAGE_SIZE, SOURCES  # noqa: E402
+from recipes.inception_bn.history import DIVERGED  # noqa: E402
+from recipes.inception_bn.run_log import RunLog  # noqa: E402
 from recipes.inception_bn.variants import VARIANTS, variants_help  # noqa: E402
-
-HISTORY_FIELDS = ("step", "epoch", "learning_rate", "train_loss", "train_accuracy",
-                  "eval_loss", "eval_accuracy", "eval_top5", "images_per_second", "wall_seconds")
-
-
-DIVERGED = "diverged.json"  # written when the loss stops being finite
 
 
 class RecipeError(Exception):
@@ -73,6 +69,9 @@ def parse_args(argv=None):
     parser.add_argument("--mixed-precision", action="store_true",
                         help="mixed_float16 on GPUs (with loss scaling), mixed_bfloat16 on CPUs")
     parser.add_argument("--eval-every", type=int, default=1000, help="steps between evaluations and checkpoints")
+    parser.add_argument("--steps-per-loop", type=int, default=1,
+                        help="training steps per tf.function call (GPUs then wait less on Python); evaluations, "
+                        "checkpoints and preemption stay exact at loop boundaries")
     parser.add_argument("--eval-examples", type=int, help="evaluate on the first N examples (default: all)")
     parser.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up")
     parser.add_argument("--cpu-replicas", type=int, default=1,
@@ -88,7 +87,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.recalibrate_steps < 0:
         parser.error("--recalibrate-steps must be at least 0")
-    for name in ("batch_size", "eval_every", "cpu_replicas"):
+    for name in ("batch_size", "eval_every", "cpu_replicas", "steps_per_loop"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.steps is not None and args.steps < 1:
@@ -134,27 +133,6 @@ def worker_role(strategy):
     return chief, resolver.task_id
 
 
-# History ----------------------------------------------------------------------------------------
-
-def read_history(path: Path, up_to_step: int | None = None) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if up_to_step is not None:
-        rows = [row for row in rows if int(row["step"]) <= up_to_step]
-    return rows
-
-
-def write_history(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, HISTORY_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)  # atomic: a kill never leaves half a file
-
-
 # Training ---------------------------------------------------------------------------------------
 
 def l2_penalty(model, weight_decay):
@@ -167,238 +145,292 @@ def l2_penalty(model, weight_decay):
 
 
 def train(args) -> int:
+    """The run, top to bottom: set up, restore, train with evaluations and checkpoints, finish."""
     import keras
     import tensorflow as tf
 
-    import kerasbn
-    from recipes.fashion_mnist import DatasetNotFoundError
-    from recipes.inception_bn.data import DataNotFoundError, load_source
-
     variant = VARIANTS[args.variant]
-    run_dir = Path(args.run_dir).expanduser()
+    run_dir = prepare_run_dir(args.run_dir)
+    strategy = make_strategy(args.cpu_replicas)
+    is_chief, task_index = worker_role(strategy)
+    if args.mixed_precision:
+        on_gpu = bool(tf.config.list_physical_devices("GPU"))
+        keras.mixed_precision.set_global_policy("mixed_float16" if on_gpu else "mixed_bfloat16")
+    keras.utils.set_random_seed(args.seed)
+    source = load_data(args)
+    plan = RunPlan(args, variant, source, strategy.num_replicas_in_sync)
+    model, optimizer, schedule = build_model(variant, source, plan, args, strategy)
+
+    checkpoints = Checkpoints(tf.train.Checkpoint(model=model, optimizer=optimizer), run_dir, strategy,
+                              is_chief, task_index)
+    start_step = int(optimizer.iterations.numpy())
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and plan.replicas > 1:
+        _check_same_step(strategy, start_step)
+    log = RunLog(run_dir, is_chief, plan.total_steps, plan.steps_per_epoch, args.quiet,
+                 resumed_at=start_step if checkpoints.latest else None)
+    announce(log, run_dir, variant, source, plan, schedule, model, start_step, checkpoints.latest)
+    if is_chief:
+        write_settings(run_dir, args, variant, source, plan, schedule)
+
+    # Distinct shuffling after a resume, so a resumed run does not replay the same batches.
+    seed = args.seed + start_step
+    train_data = strategy.distribute_datasets_from_function(
+        lambda ctx: source.train(ctx.get_per_replica_batch_size(plan.global_batch), variant.distortion, seed, ctx))
+    train_loop = make_train_loop(strategy, model, optimizer, variant.weight_decay, plan, args.jit)
+    evaluate = make_evaluate(model, source, args.eval_examples)
+
+    if checkpoints.latest and plan.evaluation_due(start_step) and log.last_step != start_step:
+        # Stopped between the checkpoint and its evaluation: evaluate now, so no row is missing.
+        log.record(start_step, float(schedule(start_step)), evaluate(), train=None)
+    iterator, step, meter = iter(train_data), start_step, TrainMeter()
+    try:
+        while step < plan.total_steps:
+            loops = plan.steps_to_next_boundary(step)
+            loss_sum, correct_sum = train_loop(iterator, tf.constant(loops))
+            step += loops
+            meter.add(float(loss_sum), float(correct_sum), loops * plan.global_batch)
+            stop_if_diverged(meter, step, run_dir, is_chief, float(schedule(step)), checkpoints.directory)
+            log.progress(step, meter.loss, meter.accuracy, float(schedule(step)))
+            if plan.evaluation_due(step):
+                checkpoints.save(step)  # first: an interruption during the evaluation then loses no training
+                log.record(step, float(schedule(step)), evaluate(), train=meter.take())
+            checkpoints.after_loop(step)
+    except KeyboardInterrupt:
+        raise Interrupted(checkpoints.save_on_interrupt(int(optimizer.iterations.numpy()), start_step)) from None
+    checkpoints.close()
+    finish(args, variant, source, plan, model, strategy, evaluate, log, run_dir, seed, step)
+    return 0
+
+
+# Set-up -----------------------------------------------------------------------------------------
+
+def prepare_run_dir(path) -> Path:
+    run_dir = Path(path).expanduser()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=run_dir):
             pass
     except OSError as error:
         raise RecipeError(f"--run-dir {run_dir} cannot be written: {error.strerror or error}") from None
-    strategy = make_strategy(args.cpu_replicas)
-    is_chief, task_index = worker_role(strategy)
-    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    say = print if is_chief else (lambda *a, **k: None)
-    replicas = strategy.num_replicas_in_sync
-    synchronized = replicas > 1 if args.sync_bn is None else args.sync_bn
-    if args.mixed_precision:
-        on_gpu = bool(tf.config.list_physical_devices("GPU"))
-        keras.mixed_precision.set_global_policy("mixed_float16" if on_gpu else "mixed_bfloat16")
-    keras.utils.set_random_seed(args.seed)
+    return run_dir
+
+
+def load_data(args):
+    from recipes.fashion_mnist import DatasetNotFoundError
+    from recipes.inception_bn.data import DataNotFoundError, load_source
 
     try:
-        source = load_source(args.dataset, args.data_dir, args.image_size, args.prepared_dir)
+        return load_source(args.dataset, args.data_dir, args.image_size, args.prepared_dir)
     except (DataNotFoundError, DatasetNotFoundError) as error:
         raise RecipeError(str(error)) from None
-    global_batch = args.batch_size * replicas
-    steps_per_epoch = source.train_examples / global_batch
-    total_steps = args.steps or int(round(30 * steps_per_epoch))
+
+
+class RunPlan:
+    """Batch sizes, the step count, and where training loops stop (evaluations, the end)."""
+
+    def __init__(self, args, variant, source, replicas: int):
+        self.replicas = replicas
+        self.synchronized = replicas > 1 if args.sync_bn is None else args.sync_bn
+        self.global_batch = args.batch_size * replicas
+        self.steps_per_epoch = source.train_examples / self.global_batch
+        self.total_steps = args.steps or int(round(30 * self.steps_per_epoch))
+        self.eval_every = args.eval_every
+        self.steps_per_loop = args.steps_per_loop
+
+    def evaluation_due(self, step: int) -> bool:
+        return step % self.eval_every == 0 or step == self.total_steps
+
+    def steps_to_next_boundary(self, step: int) -> int:
+        next_evaluation = (step // self.eval_every + 1) * self.eval_every
+        return min(self.steps_per_loop, next_evaluation - step, self.total_steps - step)
+
+
+def build_model(variant, source, plan, args, strategy):
+    import keras
 
     with strategy.scope():
-        model = variant.build_model(source.num_classes, source.image_shape, args.width_multiplier, synchronized,
-                                    args.bn_momentum)
-        schedule = variant.schedule(global_batch, source.train_examples, args.warmup_epochs)
+        model = variant.build_model(source.num_classes, source.image_shape, args.width_multiplier,
+                                    plan.synchronized, args.bn_momentum)
+        schedule = variant.schedule(plan.global_batch, source.train_examples, args.warmup_epochs)
         optimizer = keras.optimizers.SGD(schedule, momentum=variant.momentum)
         if keras.mixed_precision.global_policy().name == "mixed_float16":
             optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    return model, optimizer, schedule
 
-    # Checkpoints: the chief writes checkpoints/; the other workers must save too (the save
-    # reads distributed variables), into a private directory removed afterwards.
-    checkpoint_dir = run_dir / "checkpoints"
-    write_dir = checkpoint_dir if is_chief else Path(tempfile.mkdtemp(prefix=f"worker{task_index}-"))
-    manager = tf.train.CheckpointManager(checkpoint, str(write_dir), max_to_keep=3)
-    latest = tf.train.latest_checkpoint(str(checkpoint_dir))
-    if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
-    start_step = int(optimizer.iterations.numpy())
-    if multi_worker and replicas > 1:
-        _check_same_step(strategy, start_step)
-    if start_step >= total_steps and latest:
-        say(f"{run_dir}: already trained {start_step} of {total_steps} steps; exporting.")
+
+def announce(log, run_dir, variant, source, plan, schedule, model, start_step, latest):
+    if start_step >= plan.total_steps and latest:
+        log.say(f"{run_dir}: already trained {start_step} of {plan.total_steps} steps; exporting.")
     elif latest:
-        say(f"Resuming {run_dir} from step {start_step} of {total_steps} ({latest}).")
-    history_path = run_dir / "history.csv"
-    history = read_history(history_path, up_to_step=start_step if latest else -1)
+        log.say(f"Resuming {run_dir} from step {start_step} of {plan.total_steps} ({latest}).")
+    log.say(f"{variant.name}: {variant.description}")
+    log.say(f"{model.count_params() / 1e6:.2f}M weights; {source.name} {source.image_shape}, "
+            f"{source.num_classes} classes; {plan.replicas} replica(s) x batch {plan.global_batch // plan.replicas} "
+            f"= {plan.global_batch}{', synchronized BN' if plan.synchronized and variant.batch_norm else ''}; "
+            f"lr {schedule.initial_learning_rate:g} decaying x{variant.decay_rate} every "
+            f"{schedule.decay_steps:.0f} steps; {plan.total_steps} steps "
+            f"({plan.total_steps / plan.steps_per_epoch:.2f} epochs)")
 
-    say(f"{variant.name}: {variant.description}")
-    say(f"{model.count_params() / 1e6:.2f}M weights; {source.name} {source.image_shape}, "
-        f"{source.num_classes} classes; {replicas} replica(s) x batch {args.batch_size} = {global_batch}"
-        f"{', synchronized BN' if synchronized and variant.batch_norm else ''}; "
-        f"lr {schedule.initial_learning_rate:g} decaying x{variant.decay_rate} every {schedule.decay_steps:.0f} "
-        f"steps; {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs)")
 
-    if is_chief:
-        settings = {"variant": variant.name, "dataset": source.name, "num_classes": source.num_classes,
-                    "replicas": replicas,
-                    "global_batch": global_batch, "synchronized_bn": bool(synchronized and variant.batch_norm),
-                    "initial_learning_rate": float(schedule.initial_learning_rate),
-                    "decay_rate": float(variant.decay_rate), "decay_steps": float(schedule.decay_steps),
-                    "steps": total_steps, "arguments": vars(args)}
-        tmp = run_dir / "run.json.tmp"
-        tmp.write_text(json.dumps(settings, indent=1, default=str))
-        os.replace(tmp, run_dir / "run.json")
+def write_settings(run_dir, args, variant, source, plan, schedule):
+    settings = {"variant": variant.name, "dataset": source.name, "num_classes": source.num_classes,
+                "replicas": plan.replicas, "global_batch": plan.global_batch,
+                "synchronized_bn": bool(plan.synchronized and variant.batch_norm),
+                "initial_learning_rate": float(schedule.initial_learning_rate),
+                "decay_rate": float(variant.decay_rate), "decay_steps": float(schedule.decay_steps),
+                "steps": plan.total_steps, "arguments": vars(args)}
+    tmp = run_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(settings, indent=1, default=str))
+    os.replace(tmp, run_dir / "run.json")
 
-    # Data: distinct shuffling after a resume, so a resumed run does not replay the same batches.
-    seed = args.seed + start_step
-    train_data = strategy.distribute_datasets_from_function(
-        lambda ctx: source.train(ctx.get_per_replica_batch_size(global_batch), variant.distortion, seed, ctx))
-    eval_examples = source.eval_examples if args.eval_examples is None else min(args.eval_examples,
-                                                                                 source.eval_examples)
 
-    # Evaluation runs on each worker's own copy of the weights, outside the strategy: with
-    # several replicas a last partial batch would leave some replicas empty batches.
-    eval_data = source.eval(256)
-    if args.eval_examples is not None:
-        eval_data = eval_data.unbatch().take(eval_examples).batch(256)
+# Steps ------------------------------------------------------------------------------------------
+
+def train_replica(model, optimizer, loss_fn, weight_decay, global_batch, replicas, images, labels):
+    """One replica's share of a training step; returns its summed loss and correct count."""
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        logits = tf.cast(model(images, training=True), tf.float32)
+        per_example = loss_fn(labels, logits)
+        # Mean over the global batch; the L2 term once over all replicas.
+        loss = tf.reduce_sum(per_example) / global_batch + l2_penalty(model, weight_decay) / replicas
+        scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
+    gradients = tape.gradient(scaled, model.trainable_variables)
+    optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+    correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
+    return tf.reduce_sum(per_example), correct
+
+
+def make_train_loop(strategy, model, optimizer, weight_decay, plan, jit):
+    """``loop(iterator, n)``: n training steps in one tf.function call; summed loss and correct count."""
+    import keras
+    import tensorflow as tf
 
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
 
-    def train_replica(images, labels):
-        with tf.GradientTape() as tape:
-            logits = tf.cast(model(images, training=True), tf.float32)
-            per_example = loss_fn(labels, logits)
-            # Mean over the global batch; the L2 term once over all replicas.
-            loss = tf.reduce_sum(per_example) / global_batch + l2_penalty(model, variant.weight_decay) / replicas
-            scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
-        gradients = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
-        return tf.reduce_sum(per_example), correct
+    def step(images, labels):
+        return train_replica(model, optimizer, loss_fn, weight_decay, plan.global_batch, plan.replicas,
+                             images, labels)
 
-    @tf.function(jit_compile=args.jit or None)
-    def train_step(iterator):
-        loss, correct = strategy.run(train_replica, args=next(iterator))
-        return (strategy.reduce("SUM", loss, axis=None), strategy.reduce("SUM", correct, axis=None))
+    @tf.function(jit_compile=jit or None)
+    def one_step(batch):
+        loss, correct = strategy.run(step, args=batch)
+        return strategy.reduce("SUM", loss, axis=None), strategy.reduce("SUM", correct, axis=None)
+
+    @tf.function
+    def loop(iterator, steps):
+        loss_sum, correct_sum = tf.constant(0.0), tf.constant(0.0)
+        for _ in tf.range(steps):
+            loss, correct = one_step(next(iterator))
+            loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
+        return loss_sum, correct_sum
+
+    return loop
+
+
+def make_evaluate(model, source, eval_examples):
+    """``evaluate()``: loss, top-1 and top-5 accuracy on the evaluation set.
+
+    On each worker's own copy of the weights, outside the strategy: with several replicas a
+    last partial batch would leave some replicas empty batches.
+    """
+    import keras
+    import tensorflow as tf
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+    data = source.eval(256)
+    if eval_examples is not None:
+        data = data.unbatch().take(min(eval_examples, source.eval_examples)).batch(256)
+    k = min(5, source.num_classes)
 
     @tf.function
     def eval_step(images, labels):
         logits = tf.cast(model(images, training=False), tf.float32)
-        k = min(5, source.num_classes)
         top5 = tf.reduce_sum(tf.cast(tf.nn.in_top_k(labels, logits, k), tf.float32))
         top1 = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
         return tf.reduce_sum(loss_fn(labels, logits)), top1, top5, tf.cast(tf.size(labels), tf.float32)
 
     def evaluate():
         totals = [0.0, 0.0, 0.0, 0.0]
-        for images, labels in eval_data:
+        for images, labels in data:
             totals = [t + float(v) for t, v in zip(totals, eval_step(images, labels))]
         loss, top1, top5, count = totals
         return loss / max(count, 1), top1 / max(count, 1), top5 / max(count, 1)
 
-    writers = ({split: tf.summary.create_file_writer(str(run_dir / "logs" / split)) for split in ("train", "eval")}
-               if is_chief else {})
-    progress = None if args.quiet or not is_chief else keras.utils.Progbar(
-        total_steps, stateful_metrics=["loss", "accuracy", "lr"], verbose=1 if sys.stdout.isatty() else 2)
+    return evaluate
 
-    def evaluation_due(step):
-        return step % args.eval_every == 0 or step == total_steps
 
-    def record(step, loss_sum, correct_sum, seen, elapsed):
-        """Evaluates at ``step`` and writes the history row and TensorBoard scalars (train columns
-        blank when ``seen`` is 0: an evaluation repeated after a resume)."""
-        eval_loss, eval_top1, eval_top5 = evaluate()
-        lr = float(schedule(step))
-        train = {"loss": loss_sum / seen, "accuracy": correct_sum / seen} if seen else {}
-        history.append({"step": step, "epoch": f"{step / steps_per_epoch:.4f}", "learning_rate": f"{lr:.6g}",
-                        "train_loss": f"{train['loss']:.5f}" if seen else "",
-                        "train_accuracy": f"{train['accuracy']:.5f}" if seen else "",
-                        "eval_loss": f"{eval_loss:.5f}", "eval_accuracy": f"{eval_top1:.5f}",
-                        "eval_top5": f"{eval_top5:.5f}", "images_per_second": f"{seen / elapsed:.1f}" if seen else "",
-                        "wall_seconds": f"{elapsed:.2f}" if seen else ""})
-        if is_chief:
-            write_history(history_path, history)
-            for split, values in (("train", {**train, "learning_rate": lr}),
-                                  ("eval", {"loss": eval_loss, "accuracy": eval_top1, "top5": eval_top5})):
-                with writers[split].as_default(step=step):
-                    for key, value in values.items():
-                        tf.summary.scalar(key, value)
-                writers[split].flush()
-        trained = (f"train loss {train['loss']:.4f} acc {train['accuracy']:.4f}; " if seen else "")
-        return (f"step {step}/{total_steps}: {trained}eval loss {eval_loss:.4f} acc {eval_top1:.4f}; lr {lr:.3g}"
-                + (f"; {seen / elapsed:.0f} images/s" if seen else ""))
+class TrainMeter:
+    """Training loss and accuracy since the last evaluation, and the images/s."""
 
-    if latest and evaluation_due(start_step) and (not history or int(history[-1]["step"]) != start_step):
-        # Stopped between the checkpoint and its evaluation: evaluate now, so no row is missing.
-        say(record(start_step, 0.0, 0.0, 0, 0.0), flush=True)
+    def __init__(self):
+        self._reset()
 
-    iterator = iter(train_data)
-    step, loss_sum, correct_sum, seen = start_step, 0.0, 0.0, 0
-    clock = time.perf_counter()
-    try:
-        while step < total_steps:
-            loss, correct = train_step(iterator)
-            step += 1
-            loss_sum, correct_sum, seen = loss_sum + float(loss), correct_sum + float(correct), seen + global_batch
-            if not (loss_sum == loss_sum and abs(loss_sum) != float("inf")):
-                if is_chief:
-                    (run_dir / DIVERGED).write_text(json.dumps({"step": step, "loss": str(loss_sum / seen)}))
-                raise RecipeError(f"the training loss became {loss_sum / seen} at step {step}: the learning rate "
-                                  f"({float(schedule(step)):.3g}) is too high for this network (diverged). "
-                                  f"The last good checkpoint is in {checkpoint_dir}.")
-            if progress is not None and progress.verbose == 1:
-                progress.update(step, [("loss", loss_sum / seen), ("accuracy", correct_sum / seen),
-                                       ("lr", float(schedule(step)))])
-            if evaluation_due(step):
-                # Checkpoint first: an interruption during the evaluation then loses no training.
-                manager.save(checkpoint_number=step)
-                line = record(step, loss_sum, correct_sum, seen, time.perf_counter() - clock)
-                if progress is None or progress.verbose != 1:
-                    say(line, flush=True)
-                else:
-                    print()
-                loss_sum, correct_sum, seen = 0.0, 0.0, 0
-                clock = time.perf_counter()
-    except KeyboardInterrupt:
-        raise Interrupted(_save_on_interrupt(manager, optimizer, start_step, multi_worker)) from None
-    if not is_chief:
-        tf.io.gfile.rmtree(str(write_dir))
+    def _reset(self):
+        self.loss_sum, self.correct_sum, self.seen, self.clock = 0.0, 0.0, 0, time.perf_counter()
+
+    def add(self, loss_sum: float, correct_sum: float, images: int) -> None:
+        self.loss_sum, self.correct_sum, self.seen = self.loss_sum + loss_sum, self.correct_sum + correct_sum, \
+            self.seen + images
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.seen, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct_sum / max(self.seen, 1)
+
+    def take(self) -> dict:
+        seconds = time.perf_counter() - self.clock
+        values = {"loss": self.loss, "accuracy": self.accuracy, "images_per_second": self.seen / seconds,
+                  "seconds": seconds}
+        self._reset()
+        return values
+
+
+def stop_if_diverged(meter, step, run_dir, is_chief, learning_rate, checkpoint_dir):
+    if meter.loss_sum == meter.loss_sum and abs(meter.loss_sum) != float("inf"):
+        return
+    if is_chief:
+        (run_dir / DIVERGED).write_text(json.dumps({"step": step, "loss": str(meter.loss)}))
+    raise RecipeError(f"the training loss became {meter.loss} at step {step}: the learning rate "
+                      f"({learning_rate:.3g}) is too high for this network (diverged). "
+                      f"The last good checkpoint is in {checkpoint_dir}.")
+
+
+# The end ----------------------------------------------------------------------------------------
+
+def finish(args, variant, source, plan, model, strategy, evaluate, log, run_dir, seed, step):
+    """Population statistics (Algorithm 2) if asked, the serving export, and the summary line."""
+    import kerasbn
+
     recalibrated = bool(args.recalibrate_steps and variant.batch_norm)
     if recalibrated:
         before = evaluate()[1]
         with strategy.scope():
             # Batched globally, as tf.distribute expects: every replica sees --batch-size images, as in training.
-            kerasbn.recalibrate_statistics(model, source.train(global_batch, variant.distortion, seed + 1),
+            kerasbn.recalibrate_statistics(model, source.train(plan.global_batch, variant.distortion, seed + 1),
                                            steps=args.recalibrate_steps, verbose=0)
         after = evaluate()[1]
-        say(f"Population statistics from {args.recalibrate_steps} training batches (Algorithm 2): "
-            f"eval accuracy {after:.4f} (moving averages: {before:.4f})")
-        if is_chief:
+        log.say(f"Population statistics from {args.recalibrate_steps} training batches (Algorithm 2): "
+                f"eval accuracy {after:.4f} (moving averages: {before:.4f})")
+        if log.is_chief:
             (run_dir / "recalibrated.json").write_text(json.dumps(
                 {"step": step, "batches": args.recalibrate_steps, "eval_accuracy": after,
                  "eval_accuracy_moving_averages": before}))
-    if args.export and is_chief:
+    if args.export and log.is_chief:
         export_dir = run_dir / "export"
         exported = kerasbn.export_for_serving(model, export_dir)
         left = sum(isinstance(layer, kerasbn.BatchNormalization) for layer in exported.layers)
-        say(f"SavedModel (BN folded, {left} BN layers left) in {export_dir}")
-    if history:
-        final = after if recalibrated else float(history[-1]["eval_accuracy"])
-        say(f"Done: step {history[-1]['step']}, eval accuracy {final:.4f}"
-            f"{' (population statistics)' if recalibrated else ''}; "
-            f"history in {history_path}, TensorBoard logs in {run_dir / 'logs'}")
-    return 0
-
-
-def _save_on_interrupt(manager, optimizer, start_step, multi_worker) -> str:
-    """Checkpoints the step training stopped at (one process only: a multi-worker save needs
-    every worker); returns what was kept."""
-    step = int(optimizer.iterations.numpy())  # the completed steps, whatever Python was doing
-    if multi_worker:
-        return f"interrupted at step {step}; the last checkpoint is in {manager.directory}"
-    if step > start_step and manager.latest_checkpoint != os.path.join(manager.directory, f"ckpt-{step}"):
-        manager.save(checkpoint_number=step)
-    if manager.latest_checkpoint is None:  # stopped before the first step of a new run
-        return f"interrupted at step {step}; nothing to save yet"
-    return f"interrupted at step {step}; saved {manager.latest_checkpoint}"
+        log.say(f"SavedModel (BN folded, {left} BN layers left) in {export_dir}")
+    if log.history:
+        final = after if recalibrated else float(log.history[-1]["eval_accuracy"])
+        log.say(f"Done: step {log.history[-1]['step']}, eval accuracy {final:.4f}"
+                f"{' (population statistics)' if recalibrated else ''}; "
+                f"history in {log.history_path}, TensorBoard logs in {log.logs_dir}")
 
 
 def _check_same_step(strategy, step):
@@ -415,6 +447,9 @@ def _check_same_step(strategy, step):
 
 
 def main(argv=None) -> int:
+    from recipes.requirements import require_recipe_extra
+
+    require_recipe_extra()
     args = parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         # Schedulers preempt with SIGTERM: treat it as Ctrl-C, so the current step is checkpointed.
@@ -424,8 +459,8 @@ def main(argv=None) -> int:
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except Interrupted as interrupted:
-        print(f"\n{interrupted}; rerun the same command to resume", file=sys.stderr)
+    except (Interrupted, Preempted) as stopped:
+        print(f"\n{stopped}; rerun the same command to resume", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # before training started: nothing to keep
         print("\ninterrupted before training started", file=sys.stderr)

@@ -1,0 +1,33 @@
+"""The run directory's record of training: ``history.csv`` (one row per evaluation) and
+``diverged.json``. Written by ``train``, read by ``compare``."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+HISTORY_FILE = "history.csv"
+HISTORY_FIELDS = ("step", "epoch", "learning_rate", "train_loss", "train_accuracy",
+                  "eval_loss", "eval_accuracy", "eval_top5", "images_per_second", "wall_seconds")
+DIVERGED = "diverged.json"  # written when the loss stops being finite
+
+
+def read_history(path: Path, up_to_step: int | None = None) -> list[dict]:
+    """The rows of ``path`` (none if it does not exist), those up to ``up_to_step`` if given."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if up_to_step is not None:
+        rows = [row for row in rows if int(row["step"]) <= up_to_step]
+    return rows
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)  # atomic: a kill never leaves half a file
