@@ -8,7 +8,12 @@ and the ratio. Then the same with 2 logical CPU replicas under
 MirroredStrategy and synchronized BN on both sides (kerasbn: 2 collectives
 per layer; Keras: ``synchronized=True``).
 
+Last, the recipe's own training loop (``recipes.inception_bn.train.make_train_loop``) at
+``--steps-per-loop`` 1 against 10, a small width where Python's per-call overhead shows:
+images/s of each and their ratio, alternating in one process.
+
     .venv/bin/python benchmarks/bench_recipe.py [--repeats 3] [--sizes 128,224] [--batches 16,32]
+    .venv/bin/python benchmarks/bench_recipe.py --loop-only
 """
 
 import argparse
@@ -85,6 +90,27 @@ def measure(size, batch, repeats, replicas):
     return images / times["kerasbn"], images / times["keras"]
 
 
+def measure_steps_per_loop(repeats, width=0.125, size=32, batch=8, loops=(1, 10)):
+    """Images/s of the recipe's training loop at each steps-per-loop in ``loops``, alternating."""
+    from types import SimpleNamespace
+
+    from recipes.inception_bn.train import make_train_loop
+
+    strategy = tf.distribute.get_strategy()
+    model = bn_inception(10, (size, size, 3), width_multiplier=width)
+    optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+    optimizer.build(model.trainable_variables)
+    plan = SimpleNamespace(global_batch=batch, replicas=1)
+    loop = make_train_loop(strategy, model, optimizer, 4e-5, plan, jit=False)
+    images = tf.random.stateless_uniform((batch, size, size, 3), (0, 1), -1, 1)
+    labels = tf.random.stateless_uniform((batch,), (0, 2), 0, 10, tf.int32)
+    iterator = iter(strategy.distribute_datasets_from_function(
+        lambda ctx: tf.data.Dataset.from_tensors((images, labels)).repeat()))
+    candidates = {n: (lambda n=n: [t.numpy() for t in loop(iterator, tf.constant(n))]) for n in loops}
+    times = time_alternating(candidates, repeats=repeats, inner=1, warmup=2)
+    return {n: n * batch / times[n] for n in loops}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -92,7 +118,14 @@ def main(argv=None):
     parser.add_argument("--batches", default="16,32")
     parser.add_argument("--sync-size", type=int, default=128)
     parser.add_argument("--sync-batch", type=int, default=16, help="per replica")
+    parser.add_argument("--loop-only", action="store_true", help="only the steps-per-loop comparison")
     args = parser.parse_args(argv)
+    speeds = measure_steps_per_loop(max(args.repeats, 5))
+    print(f"recipe training loop, width 0.125, 32px, batch 8, 1 replica: --steps-per-loop 1 "
+          f"{speeds[1]:.1f} images/s, 10: {speeds[10]:.1f} images/s, ratio {speeds[10] / speeds[1]:.2f}x",
+          flush=True)
+    if args.loop_only:
+        return
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
