@@ -43,7 +43,7 @@ RECIPE_TESTS := --ignore-glob='tests/test_inception_bn_*' --ignore=tests/test_fi
 $(FLOOR_VENV)/.installed-$(FLOOR_TF)-$(FLOOR_KERAS): setup.cfg
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
-	$(FLOOR_VENV)/bin/python -m pip install -q "tensorflow==$(FLOOR_TF)" "keras==$(FLOOR_KERAS)" "pytest>=7"
+	$(FLOOR_VENV)/bin/python -m pip install -q "tensorflow==$(FLOOR_TF)" "keras==$(FLOOR_KERAS)" "pytest>=7" "pytest-xdist>=3"
 	$(FLOOR_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 

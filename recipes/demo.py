@@ -37,8 +37,13 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=1200, help="training steps per BN-Inception variant")
     parser.add_argument("--figure1-steps", type=int, default=5000)
     parser.add_argument("--data-dir", help="the Fashion-MNIST idx files (default: Debian's location)")
+    parser.add_argument("--variants", default=",".join(DEMO_VARIANTS),
+                        help="comma-separated BN-Inception variants (default: all seven)")
     args = parser.parse_args(argv)
     assert set(DEMO_VARIANTS) <= set(VARIANTS)
+    unknown = [name for name in args.variants.split(",") if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown --variants {', '.join(unknown)}; choose among {', '.join(VARIANTS)}")
     from recipes.fashion_mnist import DatasetNotFoundError, load_fashion_mnist
 
     try:
@@ -57,7 +62,7 @@ def main(argv=None) -> int:
     print(f"\n== BN-Inception variants (width x0.25, 56x56 Fashion-MNIST, batch 32, {args.steps} steps each)",
           flush=True)
     compare.main(["--run-dir", str(run_dir / "inception_bn"), "--dataset", "fashion_mnist",
-                  "--variants", ",".join(DEMO_VARIANTS), "--title", "Scaled-down BN-Inception on Fashion-MNIST",
+                  "--variants", args.variants, "--title", "Scaled-down BN-Inception on Fashion-MNIST",
                   "--steps", str(args.steps), "--batch-size", "32", "--image-size", "56",
                   "--width-multiplier", "0.25", "--bn-momentum", "0.9", "--eval-every", "50", "--eval-examples", "2000", *data])
     print(f"\nDemo done in {(time.perf_counter() - start) / 60:.1f} min. Plots and tables:\n"

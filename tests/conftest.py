@@ -12,3 +12,9 @@ def _float32_policy():
     keras.config.set_dtype_policy("float32")
     yield
     keras.config.set_dtype_policy("float32")
+
+
+def pytest_collection_modifyitems(items):
+    """Slow (multi-process) tests first: with several workers they then overlap each other and
+    the many quick tests fill in behind them, instead of one long test starting last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

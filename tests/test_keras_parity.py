@@ -33,6 +33,7 @@ class KerasbnBatchNormalization(_kerasbn.BatchNormalization):
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not KERAS_TEST.exists(), reason="this Keras ships no BN test file")
 def test_keras_batch_normalization_test_file_passes_whole(tmp_path):
     source = KERAS_TEST.read_text()

@@ -10,7 +10,9 @@ when there is more than one replica unless --no-sync-bn. The run directory
 gets TensorBoard logs (logs/), history.csv (one row per evaluation: step,
 loss, accuracy, learning rate, images/s), checkpoints (checkpoints/) and, at
 the end, a SavedModel with BN folded (export/). Rerunning the same command
-resumes from the last checkpoint.
+resumes from the last checkpoint; SIGTERM or Ctrl-C saves the step reached
+first, on one machine or (TensorFlow's PreemptionCheckpointHandler) on all
+workers alike.
 """
 
 from __future__ import annotations
@@ -319,12 +321,15 @@ def make_train_loop(strategy, model, optimizer, weight_decay, plan, jit):
         loss, correct = strategy.run(step, args=batch)
         return strategy.reduce("SUM", loss, axis=None), strategy.reduce("SUM", correct, axis=None)
 
-    @tf.function
+    # An explicit while loop, not AutoGraph: tracing then never depends on reading this file's source.
+    @tf.function(autograph=False)
     def loop(iterator, steps):
-        loss_sum, correct_sum = tf.constant(0.0), tf.constant(0.0)
-        for _ in tf.range(steps):
+        def body(i, loss_sum, correct_sum):
             loss, correct = one_step(next(iterator))
-            loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
+            return i + 1, loss_sum + loss, correct_sum + correct
+
+        _, loss_sum, correct_sum = tf.while_loop(lambda i, *_: i < steps, body,
+                                                 (tf.constant(0), tf.constant(0.0), tf.constant(0.0)))
         return loss_sum, correct_sum
 
     return loop
