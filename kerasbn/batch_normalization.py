@@ -415,10 +415,10 @@ class BatchNormalization(keras.layers.Layer):
 
     def _training_options(self, inputs) -> dict:
         """How the batch statistics are computed and used; the fused decision is made here."""
-        synchronized = self.synchronized and cross_replica.num_replicas_in_sync() > 1
+        replicas = cross_replica.num_replicas_in_sync()
+        synchronized = self.synchronized and replicas > 1
         if synchronized:
-            cross_replica.check_group_size(self.sync_group_size,
-                                           cross_replica.num_replicas_in_sync())
+            cross_replica.check_group_size(self.sync_group_size, replicas)
         return {
             "virtual_batch_size": self.virtual_batch_size,
             "use_fused": self._use_fused(inputs),

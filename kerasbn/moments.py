@@ -164,9 +164,10 @@ def _shifted_fused_moments(x: tf.Tensor, channel_axis: int):
     The kernel's float32 variance cancels catastrophically when a channel's
     mean is large against its spread (oneDNN's float32 accumulation; XLA
     expands the kernel into ``E[x^2] - E[x]^2``; figures in the README).
-    Statistics are shift-invariant, so the kernel sees ``x - shift`` with ``shift`` the first example's per-channel mean: a
-    value of the channel's own distribution, which leaves a shifted mean of
-    the order of the spread. No branch, on every backend.
+    Statistics are shift-invariant, so the kernel sees ``x - shift`` with
+    ``shift`` the first example's per-channel mean: a value of the channel's
+    own distribution, which leaves a shifted mean of the order of the spread.
+    No branch, on every backend.
     """
     rank = x.shape.rank
     channels = x.shape[channel_axis]

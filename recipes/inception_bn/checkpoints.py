@@ -58,8 +58,9 @@ class Checkpoints:
             self._preemption.save_checkpoint_if_preempted(checkpoint_number=step)
 
     def save_on_interrupt(self, step: int, start_step: int) -> str:
-        """One process, SIGTERM or Ctrl-C: saves ``step`` (the steps completed); says what was kept."""
-        if self._preemption is not None:  # not reached: the handler owns SIGTERM
+        """SIGTERM or Ctrl-C in one process: saves ``step`` (the steps completed); says what was kept."""
+        if self._preemption is not None:
+            # Ctrl-C on one of several workers (the handler owns SIGTERM): a save needs every worker.
             return f"interrupted at step {step}; the last checkpoint is in {self.directory}"
         if step > start_step and self._manager.latest_checkpoint != os.path.join(self._write_dir, f"ckpt-{step}"):
             self.save(step)

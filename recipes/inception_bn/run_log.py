@@ -50,14 +50,15 @@ class RunLog:
         last evaluation; None for an evaluation redone after a resume (train columns blank).
         """
         eval_loss, eval_top1, eval_top5 = evaluation
-        blank = {"loss": "", "accuracy": "", "images_per_second": "", "seconds": ""}
-        shown = {k: (f"{v:.5f}" if k in ("loss", "accuracy") else f"{v:.1f}" if k == "images_per_second"
-                     else f"{v:.2f}") for k, v in train.items()} if train else blank
+        train_columns = dict.fromkeys(("train_loss", "train_accuracy", "images_per_second", "wall_seconds"), "")
+        if train:
+            train_columns = {"train_loss": f"{train['loss']:.5f}", "train_accuracy": f"{train['accuracy']:.5f}",
+                             "images_per_second": f"{train['images_per_second']:.1f}",
+                             "wall_seconds": f"{train['seconds']:.2f}"}
         self.history.append({
             "step": step, "epoch": f"{step / self.steps_per_epoch:.4f}", "learning_rate": f"{learning_rate:.6g}",
-            "train_loss": shown["loss"], "train_accuracy": shown["accuracy"], "eval_loss": f"{eval_loss:.5f}",
-            "eval_accuracy": f"{eval_top1:.5f}", "eval_top5": f"{eval_top5:.5f}",
-            "images_per_second": shown["images_per_second"], "wall_seconds": shown["seconds"]})
+            **train_columns, "eval_loss": f"{eval_loss:.5f}", "eval_accuracy": f"{eval_top1:.5f}",
+            "eval_top5": f"{eval_top5:.5f}"})
         if not self.is_chief:
             return
         write_history(self.history_path, self.history)

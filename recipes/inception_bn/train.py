@@ -190,12 +190,13 @@ def train(args) -> int:
             loops = plan.steps_to_next_boundary(step)
             loss_sum, correct_sum = train_loop(iterator, tf.constant(loops))
             step += loops
+            learning_rate = float(schedule(step))
             meter.add(float(loss_sum), float(correct_sum), loops * plan.global_batch)
-            stop_if_diverged(meter, step, run_dir, is_chief, float(schedule(step)), checkpoints.directory)
-            log.progress(step, meter.loss, meter.accuracy, float(schedule(step)))
+            stop_if_diverged(meter, step, run_dir, is_chief, learning_rate, checkpoints.directory)
+            log.progress(step, meter.loss, meter.accuracy, learning_rate)
             if plan.evaluation_due(step):
                 checkpoints.save(step)  # first: an interruption during the evaluation then loses no training
-                log.record(step, float(schedule(step)), evaluate(), train=meter.take())
+                log.record(step, learning_rate, evaluate(), train=meter.take())
             checkpoints.after_loop(step)
     except KeyboardInterrupt:
         raise Interrupted(checkpoints.save_on_interrupt(int(optimizer.iterations.numpy()), start_step)) from None
