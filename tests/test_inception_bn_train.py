@@ -1,4 +1,4 @@
-"""The training recipe end to end, in fresh processes: kill and resume, export and serve,
+"""The training recipe end to end, in fresh processes: interrupt, kill and resume, export and serve,
 two replicas, two workers on loopback, and the one-line errors."""
 
 import csv
@@ -26,9 +26,28 @@ def _train(run_dir, *args, env=None, check=True):
     return result
 
 
-def _error_lines(result):
+def _start(run_dir, *args, stdout=subprocess.PIPE):
+    return subprocess.Popen([sys.executable, "-m", "recipes.inception_bn.train", "--run-dir", str(run_dir), *args],
+                            stdout=stdout, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+
+
+def _main_in_process(argv, capsys):
+    """``train.main(argv)`` in this process: ``(exit status, stderr)``, for errors raised before training."""
+    from recipes.inception_bn import train
+
+    handler = signal.getsignal(signal.SIGTERM)  # main() takes SIGTERM over
+    try:
+        status = train.main(argv)
+    except SystemExit as exit_:  # argparse
+        status = exit_.code
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return status, capsys.readouterr().err
+
+
+def _error_lines(stderr):
     """The recipe's own error lines (TensorFlow's C++ start-up may log before them)."""
-    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
 def _history(run_dir):
@@ -40,30 +59,56 @@ def _checkpoint_steps(run_dir):
     return sorted(int(p.name[len("ckpt-"):-len(".index")]) for p in (run_dir / "checkpoints").glob("ckpt-*.index"))
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_and_exports_a_serving_model(tmp_path):
-    run_dir = tmp_path / "run"
-    args = ["--variant", "bn-x5", *SMALL, "--steps", "60", "--eval-every", "4", "--eval-examples", "16"]
-    proc = subprocess.Popen([sys.executable, "-m", "recipes.inception_bn.train", "--run-dir", str(run_dir), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
+def _wait_for_checkpoint_past(procs, run_dir, step):
+    """Until a checkpoint after ``step`` exists: synchronized on what the run writes, not on the
+    clock (the timeout is a safety net only)."""
     deadline = time.time() + TIMEOUT
-    while not _checkpoint_steps(run_dir) or _checkpoint_steps(run_dir)[-1] < 8:
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
+    while max(_checkpoint_steps(run_dir), default=0) <= step:
+        for proc in procs:
+            assert proc.poll() is None, f"training ended early:\n{proc.communicate()[1][-3000:]}"
+        assert time.time() < deadline, "no checkpoint in time"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # no chance to clean up
-    proc.wait()
-    # The checkpoint the state file names (a kill during a save leaves the previous one named).
-    state = (run_dir / "checkpoints" / "checkpoint").read_text()
-    killed_at = int(state.split('"')[1].rsplit("-", 1)[1])
-    assert killed_at >= 4
-    assert killed_at < 60 and not (run_dir / "export").exists()
 
-    result = _train(run_dir, *args)
-    assert f"Resuming {run_dir} from step {killed_at} of 60" in result.stdout
-    steps = [int(row["step"]) for row in _history(run_dir)]
-    assert steps == list(range(4, 61, 4))  # each evaluation once: nothing lost, nothing repeated
-    assert _checkpoint_steps(run_dir)[-1] == 60
+
+def _named_checkpoint(run_dir):
+    """The step of the checkpoint the state file names (a kill during a save leaves the previous one)."""
+    state = (run_dir / "checkpoints" / "checkpoint").read_text()
+    return int(state.split('"')[1].rsplit("-", 1)[1])
+
+
+@pytest.mark.slow
+def test_interrupted_and_killed_runs_resume_losing_nothing_and_export_a_serving_model(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--variant", "bn-x5", *SMALL, "--eval-every", "4", "--eval-examples", "16", "--quiet"]
+
+    # A scheduler's preemption (SIGTERM) or Ctrl-C between evaluations saves the step reached.
+    proc = _start(run_dir, *args, "--steps", "100000")
+    _wait_for_checkpoint_past([proc], run_dir, 4)  # training is past the first evaluation
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("interrupted at step")]
+    stopped = int(line.split()[3].rstrip(";"))
+    assert stopped >= 8 and line.endswith(f"saved {run_dir / 'checkpoints' / f'ckpt-{stopped}'}; "
+                                          "rerun the same command to resume")
+    assert _named_checkpoint(run_dir) == stopped
+
+    # The rerun resumes there; SIGKILL (no chance to clean up) keeps its last checkpoint.
+    with open(tmp_path / "resumed.out", "w") as out:
+        proc = _start(run_dir, *args, "--steps", "100000", stdout=out)
+        _wait_for_checkpoint_past([proc], run_dir, stopped)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=TIMEOUT)
+    assert f"Resuming {run_dir} from step {stopped} of 100000" in (tmp_path / "resumed.out").read_text()
+    killed_at = _named_checkpoint(run_dir)
+    assert killed_at >= stopped and not (run_dir / "export").exists()
+
+    total = killed_at + 6
+    result = _train(run_dir, *args, "--steps", str(total))
+    assert f"Resuming {run_dir} from step {killed_at} of {total}" in result.stdout
+    # Each evaluation once: nothing lost, nothing repeated.
+    assert [int(row["step"]) for row in _history(run_dir)] == sorted({*range(4, total + 1, 4), total})
+    assert _checkpoint_steps(run_dir)[-1] == total
 
     # The SavedModel (BN folded) serves the trained network: same outputs as the checkpoint's
     # weights in a freshly built model, run in inference mode.
@@ -72,68 +117,33 @@ def test_killed_run_resumes_and_exports_a_serving_model(tmp_path):
     from recipes.inception_bn.variants import VARIANTS
 
     model = VARIANTS["bn-x5"].build_model(10, (32, 32, 3), width_multiplier=0.125)
-    tf.train.Checkpoint(model=model).restore(str(run_dir / "checkpoints" / "ckpt-60")).expect_partial()
+    tf.train.Checkpoint(model=model).restore(str(run_dir / "checkpoints" / f"ckpt-{total}")).expect_partial()
     x = np.random.RandomState(1).uniform(-1, 1, (3, 32, 32, 3)).astype("float32")
     loaded = tf.saved_model.load(str(run_dir / "export"))  # held: its variables die with it
     served = loaded.serve(tf.constant(x)).numpy()
     np.testing.assert_allclose(served, model(x, training=False).numpy(), rtol=1e-4, atol=1e-4)
 
-    again = _train(run_dir, *args)  # a finished run: says so, trains nothing
-    assert "already trained 60 of 60 steps" in again.stdout
-    assert len(_history(run_dir)) == len(steps)
-
-    # Stopped after the last checkpoint but before its evaluation was written: the rerun
-    # evaluates that step (the same weights give the same accuracy), train columns blank.
+    # A finished run stopped after its last checkpoint but before that evaluation was written:
+    # the rerun trains nothing and evaluates that step (the same weights give the same
+    # accuracy), train columns blank.
     from recipes.inception_bn.history import write_history
 
     *earlier, last = _history(run_dir)
     write_history(run_dir / "history.csv", earlier)
-    _train(run_dir, *args)
+    again = _train(run_dir, *args, "--steps", str(total))
+    assert f"already trained {total} of {total} steps" in again.stdout
     *kept, redone = _history(run_dir)
-    assert kept == earlier and redone["step"] == "60" and redone["train_loss"] == ""
+    assert kept == earlier and redone["step"] == str(total) and redone["train_loss"] == ""
     assert float(redone["eval_accuracy"]) == pytest.approx(float(last["eval_accuracy"]), abs=1 / 16)
     assert float(redone["eval_loss"]) == pytest.approx(float(last["eval_loss"]), abs=1e-3)
+    assert _checkpoint_steps(run_dir)[-1] == total
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_the_current_step_and_the_rerun_resumes_there(tmp_path):
-    # A scheduler's preemption (SIGTERM) or Ctrl-C between evaluations keeps every finished step.
-    run_dir = tmp_path / "run"
-    args = ["--variant", "bn-x5", *SMALL, "--eval-every", "7", "--eval-examples", "16", "--quiet"]
-    proc = subprocess.Popen([sys.executable, "-m", "recipes.inception_bn.train", "--run-dir", str(run_dir), *args,
-                             "--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), cwd=ROOT)
-    deadline = time.time() + TIMEOUT
-    # Synchronized on what the run writes, not on the clock: the second evaluation's
-    # checkpoint means training is past the first one, however busy the machine is.
-    while max(_checkpoint_steps(run_dir), default=0) < 14:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
-    (line,) = [line for line in stderr.splitlines() if line.startswith("interrupted at step")]
-    stopped = int(line.split()[3].rstrip(";"))
-    assert stopped >= 14 and f"saved {run_dir / 'checkpoints' / f'ckpt-{stopped}'}" in line
-    assert f'"ckpt-{stopped}"' in (run_dir / "checkpoints" / "checkpoint").read_text().splitlines()[0]
-
-    result = _train(run_dir, *args, "--steps", str(stopped + 2))
-    assert f"Resuming {run_dir} from step {stopped} of {stopped + 2}" in result.stdout
-    # Every evaluation once, none lost to the interruption.
-    expected = sorted({*range(7, stopped + 1, 7), stopped + 2})
-    assert [int(row["step"]) for row in _history(run_dir)] == expected
-
-
-@pytest.mark.slow
-def test_two_replicas_train_with_synchronized_bn(tmp_path):
+def test_two_replicas_train_with_synchronized_bn_and_mixed_precision(tmp_path):
     result = _train(tmp_path, "--variant", "bn-x30", *SMALL, "--cpu-replicas", "2", "--steps", "6",
-                    "--eval-every", "3", "--eval-examples", "32", "--recalibrate-steps", "2")
+                    "--eval-every", "3", "--eval-examples", "32", "--mixed-precision")  # mixed_bfloat16 on CPUs
     assert "2 replica(s) x batch 8 = 16, synchronized BN" in result.stdout
-    assert "Population statistics from 2 training batches (Algorithm 2)" in result.stdout
-    recalibrated = json.loads((tmp_path / "recalibrated.json").read_text())
-    assert recalibrated["step"] == 6 and 0 <= recalibrated["eval_accuracy"] <= 1
-    assert f"eval accuracy {recalibrated['eval_accuracy']:.4f} (population statistics)" in result.stdout
     rows = _history(tmp_path)
     assert [int(r["step"]) for r in rows] == [3, 6]
     assert all(np.isfinite(float(r["train_loss"])) for r in rows)
@@ -143,7 +153,12 @@ def test_two_replicas_train_with_synchronized_bn(tmp_path):
     assert settings["initial_learning_rate"] == pytest.approx(0.0225) and settings["global_batch"] == 16
     assert settings["replicas"] == 2 and settings["synchronized_bn"] and settings["steps"] == 6
     assert settings["num_classes"] == 10
-    assert (tmp_path / "export" / "saved_model.pb").exists()
+    # The serving model is float32 whatever the training precision.
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(tmp_path / "export"))
+    out = loaded.serve(tf.zeros((2, 32, 32, 3))).numpy()
+    assert out.shape == (2, 10) and out.dtype == np.float32 and np.all(np.isfinite(out))
 
 
 @pytest.mark.slow
@@ -159,12 +174,7 @@ def test_two_workers_preempted_save_the_same_step_and_the_rerun_resumes_and_expo
     procs = [subprocess.Popen(command(100000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                               env=_env({"TF_CONFIG": tf_config(ports, index)})) for index in range(2)]
     try:
-        deadline = time.time() + TIMEOUT
-        # Synchronized on what the run writes: the first periodic checkpoint means both workers train.
-        while not _checkpoint_steps(tmp_path):
-            assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
-            assert time.time() < deadline
-            time.sleep(0.02)
+        _wait_for_checkpoint_past(procs, tmp_path, 0)  # the first periodic checkpoint: both workers train
         procs[1].send_signal(signal.SIGTERM)
         results = [p.communicate(timeout=TIMEOUT) for p in procs]
     finally:
@@ -185,22 +195,12 @@ def test_two_workers_preempted_save_the_same_step_and_the_rerun_resumes_and_expo
     chief, worker = start_cluster(lambda index: [*command(step + 2)[:-1], "--recalibrate-steps", "2"], cwd=ROOT)
     assert f"Resuming {tmp_path} from step {step} of {step + 2}" in chief and worker == ""
     assert _checkpoint_steps(tmp_path)[-1] == step + 2
-    assert "Population statistics from 2 training batches" in chief
-    assert json.loads((tmp_path / "recalibrated.json").read_text())["step"] == step + 2
+    assert "Population statistics from 2 training batches (Algorithm 2)" in chief
+    recalibrated = json.loads((tmp_path / "recalibrated.json").read_text())
+    assert recalibrated["step"] == step + 2 and 0 <= recalibrated["eval_accuracy"] <= 1
+    assert f"eval accuracy {recalibrated['eval_accuracy']:.4f} (population statistics)" in chief
     assert [int(r["step"]) for r in _history(tmp_path)] == [*range(5, step + 1, 5), step + 2]
     assert (tmp_path / "export" / "saved_model.pb").exists()
-
-
-@pytest.mark.slow
-def test_mixed_precision_run_exports_a_float32_serving_model(tmp_path):
-    _train(tmp_path, "--variant", "bn-x5", *SMALL, "--steps", "4", "--eval-every", "2", "--eval-examples", "16",
-           "--mixed-precision")  # mixed_bfloat16 on a CPU
-    assert all(np.isfinite(float(r["train_loss"])) for r in _history(tmp_path))
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(str(tmp_path / "export"))
-    out = loaded.serve(tf.zeros((2, 32, 32, 3))).numpy()
-    assert out.shape == (2, 10) and np.all(np.isfinite(out))
 
 
 def test_help_lists_the_variants():
@@ -216,19 +216,19 @@ def test_help_lists_the_variants():
     ("empty", "lacks ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar"),
     ("no_val", "lacks ILSVRC2012_img_val.tar"),
 ])
-def test_missing_imagenet_is_one_line(tmp_path, setup, expected):
+def test_missing_imagenet_is_one_line(tmp_path, setup, expected, capsys):
     data_dir = tmp_path / "imagenet"
     if setup != "missing":
         data_dir.mkdir()
     if setup == "no_val":
         (data_dir / "ILSVRC2012_img_train.tar").write_bytes(b"x" * 10)
         (data_dir / "ILSVRC2012_img_val.tar").write_bytes(b"")  # empty counts as missing
-    result = _train(tmp_path / "run", "--variant", "bn-x5", "--dataset", "imagenet2012", "--data-dir",
-                    str(data_dir), "--prepared-dir", str(tmp_path / "prepared"), check=False)
-    assert result.returncode == 2
-    (err,) = _error_lines(result)
+    status, stderr = _main_in_process(["--run-dir", str(tmp_path / "run"), "--variant", "bn-x5", "--dataset",
+                                       "imagenet2012", "--data-dir", str(data_dir), "--prepared-dir",
+                                       str(tmp_path / "prepared")], capsys)
+    assert status == 2 and stderr.count("\n") == 1
+    (err,) = _error_lines(stderr)
     assert err.startswith("error: --data-dir") and expected in err and str(data_dir) in err
-    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -236,35 +236,33 @@ def test_missing_imagenet_is_one_line(tmp_path, setup, expected):
     (["--variant", "bn-x5", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--variant", "bn-x5", "--dataset", "cifar"], "invalid choice"),
 ])
-def test_bad_flags(tmp_path, args, expected):
-    result = _train(tmp_path, *args, check=False)
-    assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
+def test_bad_flags(tmp_path, args, expected, capsys):
+    status, stderr = _main_in_process(["--run-dir", str(tmp_path), *args], capsys)
+    assert status == 2 and expected in stderr and "Traceback" not in stderr
 
 
-def test_unwritable_run_dir_is_one_line(tmp_path):
+def test_unwritable_run_dir_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    result = _train(blocker / "run", "--variant", "bn-x5", *SMALL, check=False)
-    assert result.returncode == 2 and _error_lines(result)[0].startswith("error: --run-dir")
-    assert "Traceback" not in result.stderr
+    status, stderr = _main_in_process(["--run-dir", str(blocker / "run"), "--variant", "bn-x5", *SMALL], capsys)
+    assert status == 2 and stderr.count("\n") == 1 and _error_lines(stderr)[0].startswith("error: --run-dir")
 
 
-def test_divergence_stops_with_a_clear_message(tmp_path):
+def test_divergence_stops_with_a_clear_message(tmp_path, capsys, monkeypatch):
     # A learning rate no network survives: the loss overflows; the run stops, says so, and
     # compare reads the marker it leaves.
-    from recipes.inception_bn import train
+    import dataclasses
 
-    assert train.DIVERGED == "diverged.json"
-    result = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; from recipes.inception_bn import variants as V, train; import dataclasses;"
-         "V.VARIANTS['inception'] = dataclasses.replace(V.VARIANTS['inception'], learning_rate=1e6);"
-         "sys.exit(train.main(sys.argv[1:]))",
-         "--run-dir", str(tmp_path), "--variant", "inception", *SMALL, "--steps", "50", "--eval-every", "50"],
-        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=TIMEOUT)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "diverged" in result.stderr and "Traceback" not in result.stderr
-    assert (tmp_path / "diverged.json").exists()
+    from recipes.inception_bn import train, variants
+
+    monkeypatch.setitem(variants.VARIANTS, "inception",
+                        dataclasses.replace(variants.VARIANTS["inception"], learning_rate=1e6))
+    status, stderr = _main_in_process(["--run-dir", str(tmp_path), "--variant", "inception", *SMALL, "--steps",
+                                       "50", "--eval-every", "50", "--quiet"], capsys)
+    assert status == 2 and stderr.count("\n") == 1
+    (err,) = _error_lines(stderr)
+    assert "diverged" in err and str(tmp_path / "checkpoints") in err
+    assert train.DIVERGED == "diverged.json" and (tmp_path / "diverged.json").exists()
 
 
 if os.name != "posix":  # SIGKILL
@@ -280,7 +278,7 @@ def test_a_missing_recipe_extra_is_one_line_naming_what_to_install(module):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=ROOT,
                             timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert _error_lines(result) == ["error: the recipes need kerasbn's `recipes` extra (missing: tensorboard); "
+    assert _error_lines(result.stderr) == ["error: the recipes need kerasbn's `recipes` extra (missing: tensorboard); "
                                     "from the repository: pip install -e '.[recipes]'"]
 
 
@@ -314,13 +312,16 @@ def test_steps_per_loop_trains_exactly_as_one_step_per_call():
     images = rng.uniform(-1, 1, (48, 32, 32, 3)).astype("float32")
     labels = rng.randint(0, 10, 48).astype("int32")
     strategy = tf.distribute.get_strategy()
+    keras.utils.set_random_seed(0)
+    model = VARIANTS["bn-x5"].build_model(10, (32, 32, 3), width_multiplier=0.125)
+    optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
+    optimizer.build(model.trainable_variables)
+    initial = [v.numpy() for v in [*model.weights, *optimizer.variables]]
+    loop = make_train_loop(strategy, model, optimizer, 4e-5, SimpleNamespace(global_batch=8, replicas=1), False)
     results = []
     for loops in ([1] * 6, [3, 3]):
-        keras.utils.set_random_seed(0)
-        model = VARIANTS["bn-x5"].build_model(10, (32, 32, 3), width_multiplier=0.125)
-        optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
-        optimizer.build(model.trainable_variables)
-        loop = make_train_loop(strategy, model, optimizer, 4e-5, SimpleNamespace(global_batch=8, replicas=1), False)
+        for variable, value in zip([*model.weights, *optimizer.variables], initial):
+            variable.assign(value)
         iterator = iter(strategy.distribute_datasets_from_function(
             lambda ctx: tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)))
         losses = [float(loop(iterator, tf.constant(n))[0]) for n in loops]
@@ -330,3 +331,4 @@ def test_steps_per_loop_trains_exactly_as_one_step_per_call():
     assert loss_1 == pytest.approx(loss_3, rel=1e-5)
     for a, b in zip(weights_1, weights_3):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(weights_1[0], initial[0])  # it trained

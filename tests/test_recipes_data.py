@@ -52,8 +52,8 @@ def test_demo_runs_end_to_end_on_fashion_mnist(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    # Three of the seven variants (the baseline and both BN rates): the others run the same code.
-    variants = ("inception", "bn-x5", "bn-x30")
+    # The baseline and BN-x30, two of the seven variants: the others run the same code.
+    variants = ("inception", "bn-x30")
     result = subprocess.run([sys.executable, "-m", "recipes.demo", "--run-dir", str(tmp_path), "--steps", "10",
                              "--figure1-steps", "100", "--variants", ",".join(variants)],
                             capture_output=True, text=True, cwd=root, timeout=900)

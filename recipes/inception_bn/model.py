@@ -148,8 +148,11 @@ def _network(num_classes, input_shape, activation, batch_norm, synchronized, wid
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if dropout:
         x = keras.layers.Dropout(dropout, name="dropout")(x)
-    # The classifier is the only fully-connected layer; logits, no softmax.
-    outputs = keras.layers.Dense(num_classes, kernel_initializer="glorot_uniform", name="logits")(x)
+    # The classifier is the only fully-connected layer; logits, no softmax. In float32 under a
+    # mixed-precision policy (Keras' rule for a model's output): the softmax and the served
+    # logits keep full precision.
+    outputs = keras.layers.Dense(num_classes, kernel_initializer="glorot_uniform", dtype="float32",
+                                 name="logits")(x)
     return keras.Model(inputs, outputs, name=name)
 
 

@@ -317,7 +317,7 @@ def make_train_loop(strategy, model, optimizer, weight_decay, plan, jit):
         return train_replica(model, optimizer, loss_fn, weight_decay, plan.global_batch, plan.replicas,
                              images, labels)
 
-    @tf.function(jit_compile=jit or None)
+    @tf.function(jit_compile=jit or None, autograph=False)
     def one_step(batch):
         loss, correct = strategy.run(step, args=batch)
         return strategy.reduce("SUM", loss, axis=None), strategy.reduce("SUM", correct, axis=None)
