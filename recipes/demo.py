@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     compare.main(["--run-dir", str(run_dir / "inception_bn"), "--dataset", "fashion_mnist",
                   "--variants", args.variants, "--title", "Scaled-down BN-Inception on Fashion-MNIST",
                   "--steps", str(args.steps), "--batch-size", "32", "--image-size", "56",
-                  "--width-multiplier", "0.25", "--bn-momentum", "0.9", "--eval-every", "50", "--eval-examples", "2000", *data])
+                  "--width-multiplier", "0.25", "--bn-momentum", "0.9", "--eval-every", "50", "--eval-examples", "2000",
+                  "--steps-per-loop", "10", *data])
     print(f"\nDemo done in {(time.perf_counter() - start) / 60:.1f} min. Plots and tables:\n"
           f"  {run_dir / 'figure1' / 'figure1.png'}\n  {run_dir / 'inception_bn' / 'compare.png'}\n"
           f"  {run_dir / 'inception_bn' / 'compare.md'}")

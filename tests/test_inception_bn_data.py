@@ -101,6 +101,30 @@ def test_fashion_mnist_pipeline():
     assert eval_images.shape == (10000, 32, 32, 1)
 
 
+def test_batched_crops_flips_and_distortion_are_per_image():
+    from recipes.inception_bn.data import grayscale_distortion, random_crops_and_flips
+
+    tf.random.set_seed(0)
+    images = tf.reshape(tf.range(64 * 6 * 6, dtype=tf.float32), (64, 6, 6, 1)) + 1.0
+    crops = random_crops_and_flips(images, pad=2).numpy()
+    padded = np.pad(images.numpy(), [(0, 0), (2, 2), (2, 2), (0, 0)])
+    windows = set()
+    for image, crop in zip(padded, crops):
+        # Each output is one 6x6 window of its own padded image, mirrored or not.
+        found = [(dy, dx, flip) for dy in range(5) for dx in range(5) for flip in (False, True)
+                 if np.array_equal(crop, (image[dy:dy + 6, dx:dx + 6, :][:, ::-1] if flip
+                                          else image[dy:dy + 6, dx:dx + 6, :]))]
+        assert found
+        windows.add(found[0])
+    assert len(windows) > 10  # offsets and flips drawn per image, not once per batch
+
+    flat = tf.fill((32, 4, 4, 1), 0.5) + tf.random.uniform((32, 4, 4, 1), -0.1, 0.1)
+    distorted = grayscale_distortion(flat, 1.0).numpy()
+    assert distorted.min() >= 0 and distorted.max() <= 1
+    assert np.std(distorted.mean((1, 2, 3))) > 0.01  # brightness differs between images
+    assert grayscale_distortion(flat, 0.0) is flat
+
+
 def test_bad_source_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         load_source("cifar")

@@ -76,6 +76,31 @@ def photometric_distortion(image, strength: float):
     return tf.clip_by_value(image, 0.0, 1.0)
 
 
+def random_crops_and_flips(images, pad: int):
+    """Each image of a ``(B, H, W, C)`` batch zero-padded by ``pad``, cropped back to ``H x W``
+    at a random offset and flipped left-right with probability 1/2 (per image, in batched ops)."""
+    batch, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    offsets = tf.random.uniform((2, batch, 1), 0, 2 * pad + 1, tf.int32)
+    rows = tf.gather(padded, offsets[0] + tf.range(height), axis=1, batch_dims=1)
+    crops = tf.gather(rows, offsets[1] + tf.range(width), axis=2, batch_dims=1)
+    flip = tf.random.uniform((batch, 1, 1, 1)) < 0.5
+    return tf.where(flip, tf.reverse(crops, [2]), crops)
+
+
+def grayscale_distortion(images, strength: float):
+    """:func:`photometric_distortion` for a batch of grayscale images, per image: random
+    brightness, then random contrast, clipped to [0, 1]."""
+    if strength <= 0:
+        return images
+    batch = (tf.shape(images)[0], 1, 1, 1)
+    max_delta = 32.0 / 255.0 * strength
+    images = images + tf.random.uniform(batch, -max_delta, max_delta)
+    factor = tf.random.uniform(batch, 1.0 - 0.5 * strength, 1.0 + 0.5 * strength)
+    mean = tf.reduce_mean(images, axis=(1, 2), keepdims=True)
+    return tf.clip_by_value((images - mean) * factor + mean, 0.0, 1.0)
+
+
 # ImageNet ------------------------------------------------------------------------------------------
 
 def check_imagenet_dir(data_dir) -> Path:
@@ -167,22 +192,22 @@ def fashion_mnist(data_dir=None, image_size: int = 28) -> Source:
             images = tf.image.resize(images, (image_size, image_size))
         return images
 
+    def augment_batch(images, distortion):
+        # Random crops of a padded image (the 28x28 digits-style frame leaves no room
+        # for the ImageNet crop), random flips, photometric distortion.
+        images = random_crops_and_flips(prepare(images), max(1, image_size // 14))
+        return to_signed_unit(grayscale_distortion(images, distortion))
+
     def train(batch_size, distortion, seed, input_context=None):
-        pad = max(1, image_size // 14)
-
-        def augment(image, label):
-            # Random crops of a padded image (the 28x28 digits-style frame leaves no room
-            # for the ImageNet crop), random flips, photometric distortion.
-            image = tf.image.resize_with_crop_or_pad(image, image_size + 2 * pad, image_size + 2 * pad)
-            image = tf.image.random_crop(image, (image_size, image_size, 1))
-            image = tf.image.random_flip_left_right(image)
-            return to_signed_unit(photometric_distortion(image, distortion)), label
-
-        dataset = tf.data.Dataset.from_tensor_slices((prepare(x_train), y_train.astype(np.int32)))
+        dataset = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.int32)))
         dataset = _shard(dataset, input_context)
+        # Shuffled as 28x28 bytes and augmented a batch at a time: per-image float copies and
+        # per-image ops took a quarter of the training throughput of 2 cores.
         return (dataset.shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True).repeat()
-                .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-                .batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+                .batch(batch_size, drop_remainder=True)
+                .map(lambda images, labels: (augment_batch(images, distortion), labels),
+                     num_parallel_calls=tf.data.AUTOTUNE)
+                .prefetch(tf.data.AUTOTUNE))
 
     def evaluate(batch_size, input_context=None):
         dataset = tf.data.Dataset.from_tensor_slices((to_signed_unit(prepare(x_test)), y_test.astype(np.int32)))

@@ -195,8 +195,10 @@ def train(args) -> int:
             stop_if_diverged(meter, step, run_dir, is_chief, learning_rate, checkpoints.directory)
             log.progress(step, meter.loss, meter.accuracy, learning_rate)
             if plan.evaluation_due(step):
+                trained = meter.take()
                 checkpoints.save(step)  # first: an interruption during the evaluation then loses no training
-                log.record(step, learning_rate, evaluate(), train=meter.take())
+                log.record(step, learning_rate, evaluate(), train=trained)
+                meter.restart_clock()  # images/s counts training time only
             checkpoints.after_loop(step)
     except KeyboardInterrupt:
         raise Interrupted(checkpoints.save_on_interrupt(int(optimizer.iterations.numpy()), start_step)) from None
@@ -351,7 +353,8 @@ def make_evaluate(model, source, eval_examples):
         data = data.unbatch().take(min(eval_examples, source.eval_examples)).batch(256)
     k = min(5, source.num_classes)
 
-    @tf.function
+    # One trace for every batch size (the last batch is smaller).
+    @tf.function(input_signature=data.element_spec)
     def eval_step(images, labels):
         logits = tf.cast(model(images, training=False), tf.float32)
         top5 = tf.reduce_sum(tf.cast(tf.nn.in_top_k(labels, logits, k), tf.float32))
@@ -375,7 +378,11 @@ class TrainMeter:
         self._reset()
 
     def _reset(self):
-        self.loss_sum, self.correct_sum, self.seen, self.clock = 0.0, 0.0, 0, time.perf_counter()
+        self.loss_sum, self.correct_sum, self.seen = 0.0, 0.0, 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.clock = time.perf_counter()
 
     def add(self, loss_sum: float, correct_sum: float, images: int) -> None:
         self.loss_sum, self.correct_sum, self.seen = self.loss_sum + loss_sum, self.correct_sum + correct_sum, \
