@@ -4,7 +4,7 @@
         --width-multiplier 0.25 --steps 1500
 
 Each variant trains in its own process (``train.py``, so each is resumable)
-into ``RUN_DIR/<variant>``; then ``RUN_DIR/compare.png`` plots evaluation
+into ``RUN_DIR/<variant>``, ``--jobs`` of them at a time; then ``RUN_DIR/compare.png`` plots evaluation
 accuracy against training steps, one line per variant, and
 ``RUN_DIR/compare.md`` gives the paper's table: steps for each variant to
 reach the no-BN baseline's best accuracy, the best accuracy, the speed-up,
@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from recipes.inception_bn.data import SOURCES
@@ -38,6 +39,9 @@ def parse_args(argv=None):
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--dataset", default="fashion_mnist", choices=SOURCES)
     parser.add_argument("--title", default=None, help="plot title")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="variants trained at once, each on its share of the cores (default 1; with more, "
+                        "each variant's output goes to RUN_DIR/<variant>/train.log)")
     args, train_args = parser.parse_known_args(argv)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     try:
@@ -47,24 +51,70 @@ def parse_args(argv=None):
         parser.error(str(error))
     if not names:
         parser.error("--variants is empty")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     for flag in ("--variant", "--run-dir", "--dataset"):
         if any(a == flag or a.startswith(flag + "=") for a in train_args):
             parser.error(f"{flag} is set per variant by compare")
     return args, names, train_args
 
 
-def run_variant(name, run_dir: Path, dataset, train_args) -> dict:
-    """Trains one variant in a fresh process; returns its outcome."""
+def run_variant(name, run_dir: Path, dataset, train_args, log_path: Path | None = None, env=None) -> dict:
+    """Trains one variant in a fresh process, its output to the console or appended to
+    ``log_path``; returns its outcome (``failed``: the exit status of a run that neither
+    finished nor diverged, else None)."""
     command = [sys.executable, "-m", "recipes.inception_bn.train", "--variant", name, "--dataset", dataset,
                "--run-dir", str(run_dir / name), "--quiet", "--no-export", *train_args]
-    print(f"\n== {name}: {VARIANTS[name].description}", flush=True)
     start = time.perf_counter()
-    result = subprocess.run(command)
+    if log_path is None:
+        result = subprocess.run(command, env=env)
+    else:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as log:
+            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     seconds = time.perf_counter() - start
     diverged = run_dir / name / DIVERGED
-    if result.returncode != 0 and not diverged.exists():
-        raise SystemExit(f"error: {name} failed (exit {result.returncode}); rerun to resume it")
-    return {"seconds": seconds, "diverged": json.loads(diverged.read_text()) if diverged.exists() else None}
+    failed = result.returncode if result.returncode != 0 and not diverged.exists() else None
+    return {"seconds": seconds, "diverged": json.loads(diverged.read_text()) if diverged.exists() else None,
+            "failed": failed}
+
+
+def run_variants(names, run_dir: Path, dataset, train_args, jobs: int) -> dict:
+    """Trains every variant, ``jobs`` at a time; returns their outcomes or exits naming a failure."""
+    if jobs == 1:
+        outcomes = {}
+        for name in names:
+            print(f"\n== {name}: {VARIANTS[name].description}", flush=True)
+            outcomes[name] = run_variant(name, run_dir, dataset, train_args)
+            if outcomes[name]["failed"] is not None:
+                raise SystemExit(f"error: {name} failed (exit {outcomes[name]['failed']}); rerun to resume it")
+        return outcomes
+
+    # Each run gets its share of the cores (TensorFlow reads TF_NUM_INTRAOP_THREADS): small
+    # networks gain little from threads within an op, and the runs' start-ups overlap.
+    env = dict(os.environ)
+    env.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, usable_cores() // jobs)))
+
+    def run(name):
+        log_path = run_dir / name / "train.log"
+        print(f"== {name}: {VARIANTS[name].description}; output in {log_path}", flush=True)
+        outcome = run_variant(name, run_dir, dataset, train_args, log_path, env)
+        done = [line for line in log_path.read_text().splitlines() if line.startswith("Done:")]
+        status = "failed" if outcome["failed"] is not None else "diverged" if outcome["diverged"] else "finished"
+        print(f"== {name}: {status} in {outcome['seconds']:.0f} s{'; ' + done[-1] if done else ''}", flush=True)
+        return outcome
+
+    with ThreadPoolExecutor(jobs) as pool:
+        outcomes = dict(zip(names, pool.map(run, names)))
+    failed = [f"{name} (exit {o['failed']}; its output: {run_dir / name / 'train.log'})"
+              for name, o in outcomes.items() if o["failed"] is not None]
+    if failed:
+        raise SystemExit(f"error: {', '.join(failed)} failed; rerun to resume")
+    return outcomes
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def steps_to_reach(history, target):
@@ -153,7 +203,7 @@ def main(argv=None) -> int:
     args, names, train_args = parse_args(argv)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    outcomes = {name: run_variant(name, run_dir, args.dataset, train_args) for name in names}
+    outcomes = run_variants(names, run_dir, args.dataset, train_args, args.jobs)
     table, histories = summarize(run_dir, names, outcomes)
     (run_dir / "compare.md").write_text(table)
     plot(run_dir / "compare.png", histories, args.title or f"BN-Inception variants on {args.dataset}")
