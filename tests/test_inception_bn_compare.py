@@ -3,6 +3,8 @@ histories written as train.py writes them, and its plot."""
 
 import json
 
+import pytest
+
 from recipes.inception_bn import compare
 from recipes.inception_bn.history import HISTORY_FIELDS, write_history
 
@@ -71,3 +73,19 @@ def test_plot_writes_a_png(tmp_path):
     _, histories = compare.summarize(tmp_path, ["inception", "bn-x5"], {})
     compare.plot(tmp_path / "compare.png", histories, "title")
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parallel_runs_name_every_failed_variant_and_its_log(tmp_path, capsys):
+    # Two variants at once (--jobs 2), both refused by train.py: compare waits for both, then names
+    # each failure with the file holding its output.
+    with pytest.raises(SystemExit) as stopped:
+        compare.main(["--run-dir", str(tmp_path), "--dataset", "synthetic", "--variants", "inception,bn-x5",
+                      "--jobs", "2", "--batch-size", "0"])
+    message = str(stopped.value)
+    for name in ("inception", "bn-x5"):
+        log = tmp_path / name / "train.log"
+        assert f"{name} (exit 2; its output: {log})" in message
+        assert "--batch-size must be at least 1" in log.read_text()
+    assert message.startswith("error: ") and message.endswith("failed; rerun to resume")
+    out = capsys.readouterr().out
+    assert "== inception: failed in" in out and "== bn-x5: failed in" in out
