@@ -91,7 +91,8 @@ def run_variants(names, run_dir: Path, dataset, train_args, jobs: int) -> dict:
         return outcomes
 
     # Each run gets its share of the cores (TensorFlow reads TF_NUM_INTRAOP_THREADS): small
-    # networks gain little from threads within an op, and the runs' start-ups overlap.
+    # networks gain little or lose from threads within an op (benchmarks/bench_threads.py), and
+    # the runs' start-ups overlap.
     env = dict(os.environ)
     env.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, usable_cores() // jobs)))
 

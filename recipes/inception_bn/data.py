@@ -202,7 +202,7 @@ def fashion_mnist(data_dir=None, image_size: int = 28) -> Source:
         dataset = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.int32)))
         dataset = _shard(dataset, input_context)
         # Shuffled as 28x28 bytes and augmented a batch at a time: per-image float copies and
-        # per-image ops took a quarter of the training throughput of 2 cores.
+        # per-image ops took CPU time from the training they feed.
         return (dataset.shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True).repeat()
                 .batch(batch_size, drop_remainder=True)
                 .map(lambda images, labels: (augment_batch(images, distortion), labels),
