@@ -25,7 +25,6 @@ class Checkpoints:
         import tensorflow as tf
 
         self.directory = run_dir / "checkpoints"
-        self._checkpoint = checkpoint
         self._is_chief = is_chief
         # The other workers must save too (the save reads distributed variables), into a
         # private directory removed afterwards.

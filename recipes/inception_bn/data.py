@@ -64,15 +64,22 @@ def to_signed_unit(image):
     return (image - 0.5) * 2.0
 
 
+def _distortion_ranges(strength: float):
+    """GoogLeNet-style distortion at ``strength``: the largest brightness shift, and the
+    ``(lower, upper)`` factor range for contrast and saturation."""
+    return 32.0 / 255.0 * strength, (1.0 - 0.5 * strength, 1.0 + 0.5 * strength)
+
+
 def photometric_distortion(image, strength: float):
     """GoogLeNet-style colour distortion, scaled by ``strength`` (0: none)."""
     if strength <= 0:
         return image
-    image = tf.image.random_brightness(image, 32.0 / 255.0 * strength)
+    max_delta, factors = _distortion_ranges(strength)
+    image = tf.image.random_brightness(image, max_delta)
     if image.shape[-1] == 3:
-        image = tf.image.random_saturation(image, 1.0 - 0.5 * strength, 1.0 + 0.5 * strength)
+        image = tf.image.random_saturation(image, *factors)
         image = tf.image.random_hue(image, 0.2 * strength)
-    image = tf.image.random_contrast(image, 1.0 - 0.5 * strength, 1.0 + 0.5 * strength)
+    image = tf.image.random_contrast(image, *factors)
     return tf.clip_by_value(image, 0.0, 1.0)
 
 
@@ -94,9 +101,9 @@ def grayscale_distortion(images, strength: float):
     if strength <= 0:
         return images
     batch = (tf.shape(images)[0], 1, 1, 1)
-    max_delta = 32.0 / 255.0 * strength
+    max_delta, factors = _distortion_ranges(strength)
     images = images + tf.random.uniform(batch, -max_delta, max_delta)
-    factor = tf.random.uniform(batch, 1.0 - 0.5 * strength, 1.0 + 0.5 * strength)
+    factor = tf.random.uniform(batch, *factors)
     mean = tf.reduce_mean(images, axis=(1, 2), keepdims=True)
     return tf.clip_by_value((images - mean) * factor + mean, 0.0, 1.0)
 
