@@ -1,14 +1,28 @@
-"""One BN layer, kerasbn vs keras.layers.BatchNormalization, same process.
+"""One BN layer: kerasbn vs Keras' layer vs TensorFlow's bare fused training kernel, one process.
 
-Training step = forward + backward (gradients for the input, gamma and beta)
-+ moving-statistics update, inside tf.function as model.fit runs it.
-Inference = forward with training=False at batch 1. Prints the ratio of
-median times (kerasbn / Keras; below 1 means kerasbn is faster).
+Training step = forward + backward for a given output gradient ``dy``
+(gradients for the input, gamma and beta) + the moving-statistics update,
+inside tf.function as model.fit runs it. The bare kernel is what tf.keras 2
+ran with ``BatchNormalization(fused=True)``: ``FusedBatchNormV3`` with
+``is_training=True`` and its registered gradient (``FusedBatchNormGradV3``),
+plus the same two moving-average updates; it has no precision guard.
+Inference = forward with training=False at batch 1. Candidates alternate in
+rounds; medians are reported, with ratios (below 1: kerasbn is faster).
 
-    .venv/bin/python benchmarks/bench_layer.py [--repeats 30]
+Bandwidth: a training step must move at least 8 input-sized tensors (forward
+reads x for the statistics and again to normalize, writes y; backward reads x
+and dy for the sums and again for dx, writes dx). "GB/s" is those bytes over
+the step's time; "of copy" divides it by the rate of a plain memory copy
+(numpy's memcpy of an input-sized buffer, one thread, bytes read plus
+written), measured in the same rounds: the fraction of the machine's
+streaming bandwidth, at the step's working-set size, that the step reaches.
+
+    .venv/bin/python benchmarks/bench_layer.py [--repeats 30] [--shapes small]
 """
 
 import argparse
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,17 +34,51 @@ from common import markdown_table, time_alternating  # noqa: E402
 
 import kerasbn  # noqa: E402
 
+TRAIN_SHAPES = [(64, 28, 28, 64), (256, 1024)]
+# Around the size where fused=None switches to the fused kernels (FUSED_MIN_ELEMENTS).
+SMALL_TRAIN_SHAPES = [(8, 8, 8, 32), (16, 8, 8, 64), (24, 8, 8, 64), (32, 8, 8, 64),
+                      (32, 16, 16, 64), (64, 256), (128, 512), (256, 384), (256, 512)]
+INFER_SHAPES = [(1, 28, 28, 64), (1, 1024)]
+MIN_TENSORS_PER_TRAINING_STEP = 8
 
-def training_step(layer, x):
+
+def layer_training_step(layer, x, dy):
     @tf.function
     def step():
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = layer(x, training=True)
-            loss = tf.reduce_sum(y * y)
-        return tape.gradient(loss, [x] + layer.trainable_weights)
+        return tape.gradient(y, [x] + layer.trainable_weights, output_gradients=dy)
 
-    return lambda: [g.numpy() for g in step()][0]
+    return lambda: step()[0].numpy()
+
+
+def kernel_training_step(x, dy, momentum=0.99, epsilon=1e-3):
+    """tf.keras 2's fused=True training step: the bare kernel, no shift."""
+    channels = x.shape[-1]
+    gamma, beta = tf.Variable(tf.ones([channels])), tf.Variable(tf.zeros([channels]))
+    moving_mean = tf.Variable(tf.zeros([channels]))
+    moving_variance = tf.Variable(tf.ones([channels]))
+    x4 = x if x.shape.rank == 4 else tf.reshape(x, [x.shape[0], 1, 1, channels])
+    dy4 = tf.reshape(dy, x4.shape)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            tape.watch(x4)
+            y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                x4, gamma, beta, epsilon=epsilon, is_training=True)
+        moving_mean.assign(moving_mean * momentum + (1 - momentum) * mean)
+        moving_variance.assign(moving_variance * momentum + (1 - momentum) * variance)
+        return tape.gradient(y, [x4, gamma, beta], output_gradients=dy4)
+
+    return lambda: step()[0].numpy()
+
+
+def copy_step(x):
+    source = x.numpy()
+    target = np.empty_like(source)
+    return lambda: np.copyto(target, source)
 
 
 def inference_step(layer, x):
@@ -38,33 +86,85 @@ def inference_step(layer, x):
     return lambda: fn().numpy()
 
 
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def built(layer, shape):
+    layer.build(shape)
+    return layer
+
+
+def training_row(shape, repeats):
+    rng = np.random.RandomState(0)
+    x = tf.constant(rng.normal(1, 2, shape).astype("float32"))
+    dy = tf.constant(rng.normal(0, 1, shape).astype("float32"))
+    candidates = {
+        "kernel": kernel_training_step(x, dy),
+        "keras": layer_training_step(built(keras.layers.BatchNormalization(), shape), x, dy),
+        "kerasbn": layer_training_step(built(kerasbn.BatchNormalization(), shape), x, dy),
+        "copy": copy_step(x),
+    }
+    t = time_alternating(candidates, repeats=repeats)
+    tensor_bytes = x.shape.num_elements() * 4
+    step_bytes = MIN_TENSORS_PER_TRAINING_STEP * tensor_bytes
+    copy_rate = 2 * tensor_bytes / t["copy"]  # read + written
+
+    def rate(name):
+        return f"{step_bytes / t[name] / 1e9:.1f} ({step_bytes / t[name] / copy_rate:.2f})"
+
+    return [shape, f"{t['kernel'] * 1e3:.3f}", f"{t['keras'] * 1e3:.3f}",
+            f"{t['kerasbn'] * 1e3:.3f}", f"{t['kerasbn'] / t['kernel']:.2f}",
+            f"{t['kerasbn'] / t['keras']:.2f}", f"{t['kernel'] / t['keras']:.2f}",
+            rate("kernel"), rate("kerasbn"), f"{copy_rate / 1e9:.1f}"]
+
+
+def inference_row(shape, repeats):
+    x = tf.constant(np.random.RandomState(0).normal(1, 2, shape).astype("float32"))
+    t = time_alternating({
+        "keras": inference_step(built(keras.layers.BatchNormalization(), shape), x),
+        "kerasbn": inference_step(built(kerasbn.BatchNormalization(), shape), x),
+    }, repeats=repeats)
+    return [shape, f"{t['keras'] * 1e3:.3f}", f"{t['kerasbn'] * 1e3:.3f}",
+            f"{t['kerasbn'] / t['keras']:.2f}"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--shapes", choices=["default", "small", "all"], default="default",
+                        help="training shapes: the two headline ones, the small ones around "
+                             "the fused=None threshold, or both")
     args = parser.parse_args(argv)
-    cases = [
-        ("train", (64, 28, 28, 64), training_step),
-        ("train", (256, 1024), training_step),
-        ("infer", (1, 28, 28, 64), inference_step),
-        ("infer", (1, 1024), inference_step),
-    ]
-    rows = []
-    for mode, shape, make in cases:
-        x = tf.constant(np.random.RandomState(0).normal(1, 2, shape).astype("float32"))
-        ours, theirs = kerasbn.BatchNormalization(), keras.layers.BatchNormalization()
-        ours.build(shape)
-        theirs.build(shape)
-        times = time_alternating(
-            {"kerasbn": make(ours, x), "keras": make(theirs, x)}, repeats=args.repeats
-        )
-        ratio = times["kerasbn"] / times["keras"]
-        rows.append([mode, shape, f"{times['keras'] * 1e3:.3f}", f"{times['kerasbn'] * 1e3:.3f}",
-                     f"{ratio:.2f}"])
-        print(rows[-1], flush=True)
+    shapes = {"default": TRAIN_SHAPES, "small": SMALL_TRAIN_SHAPES,
+              "all": TRAIN_SHAPES + SMALL_TRAIN_SHAPES}[args.shapes]
+    train_rows = []
+    for shape in shapes:
+        train_rows.append(training_row(shape, args.repeats))
+        print(train_rows[-1], flush=True)
+    infer_rows = []
+    if args.shapes != "small":
+        for shape in INFER_SHAPES:
+            infer_rows.append(inference_row(shape, args.repeats))
+            print(infer_rows[-1], flush=True)
     print()
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-          f"{tf.config.threading.get_inter_op_parallelism_threads() or 'default'} inter-op threads")
-    print(markdown_table(["step", "shape", "Keras ms", "kerasbn ms", "kerasbn / Keras"], rows))
+    print(f"{cpu_model()}, {tf.config.threading.get_intra_op_parallelism_threads() or 'default'}"
+          f" intra-op threads; TensorFlow {tf.__version__}, Keras {keras.__version__}")
+    print("Training step (forward + backward + moving statistics), float32:")
+    print(markdown_table(
+        ["shape", "kernel ms", "Keras ms", "kerasbn ms", "kerasbn / kernel", "kerasbn / Keras",
+         "kernel / Keras", "kernel GB/s (of copy)", "kerasbn GB/s (of copy)", "copy GB/s"],
+        train_rows))
+    if infer_rows:
+        print("\nInference (training=False):")
+        print(markdown_table(["shape", "Keras ms", "kerasbn ms", "kerasbn / Keras"], infer_rows))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
 from kerasbn import cross_replica, fused
-from kerasbn.moments import batch_statistics, variance_from_moments
+from kerasbn.moments import (
+    ELEMENTWISE, FUSED, ONE_PASS, batch_statistics, variance_from_moments)
 from kerasbn.normalize import normalize_inference, normalize_with_batch_statistics
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
@@ -362,17 +363,17 @@ class BatchNormalization(keras.layers.Layer):
                                     gamma, beta, self.epsilon)
             return tf.cast(y, self.compute_dtype)
 
-        options = self._training_options(inputs)
-        statistics = batch_statistics(inputs, axis, mask, **options)
+        gamma = tf.ones_like(self.moving_mean) if gamma is None else gamma
+        beta = tf.zeros_like(self.moving_mean) if beta is None else beta
+        options = self._training_options(inputs, mask)
+        # With the one-pass kernel, the statistics come with the normalized output.
+        statistics = batch_statistics(inputs, axis, mask, affine=(gamma, beta, self.epsilon),
+                                      **options)
         if self.renorm:
             gamma, beta = self._renormalize(statistics, gamma, beta)
-        self._update_moving_statistics(*statistics)
-        y = normalize_with_batch_statistics(
-            inputs, axis, statistics,
-            tf.ones_like(self.moving_mean) if gamma is None else gamma,
-            tf.zeros_like(self.moving_mean) if beta is None else beta,
-            self.epsilon, mask=mask, **options,
-        )
+        self._update_moving_statistics(statistics)
+        y = normalize_with_batch_statistics(inputs, axis, statistics, gamma, beta, self.epsilon,
+                                            mask=mask, **options)
         return tf.cast(y, self.compute_dtype)
 
     def _check_inputs(self, inputs):
@@ -413,15 +414,22 @@ class BatchNormalization(keras.layers.Layer):
         beta = tf.cast(self.beta, tf.float32) if self.center else None
         return gamma, beta
 
-    def _training_options(self, inputs) -> dict:
-        """How the batch statistics are computed and used; the fused decision is made here."""
+    def _training_options(self, inputs, mask) -> dict:
+        """How the batch statistics are computed and used: the one decision of which kernel runs."""
         replicas = cross_replica.num_replicas_in_sync()
         synchronized = self.synchronized and replicas > 1
         if synchronized:
             cross_replica.check_group_size(self.sync_group_size, replicas)
+        kernel = ELEMENTWISE
+        if self._use_fused(inputs):
+            # The one-pass kernel computes the local statistics and normalizes with
+            # them at once; merged statistics, masked statistics and renorm's
+            # corrections must exist before anything is normalized.
+            split = synchronized or mask is not None or self.renorm
+            kernel = FUSED if split else ONE_PASS
         return {
+            "kernel": kernel,
             "virtual_batch_size": self.virtual_batch_size,
-            "use_fused": self._use_fused(inputs),
             "synchronized": synchronized,
             "group_size": self.sync_group_size,
         }
@@ -444,7 +452,7 @@ class BatchNormalization(keras.layers.Layer):
     def _renormalize(self, statistics, gamma, beta):
         """Batch Renormalization (Ioffe, 2017), as Keras computes it: folds
         ``(r, d)`` into gamma and beta, then updates the renorm statistics."""
-        count, mean, m2 = statistics
+        count, mean, m2, _ = statistics
         stddev = tf.sqrt(variance_from_moments(count, m2) + self.epsilon)
         renorm_stddev = tf.maximum(self.renorm_stddev, tf.sqrt(self.epsilon))
         r = stddev / renorm_stddev
@@ -461,11 +469,9 @@ class BatchNormalization(keras.layers.Layer):
         self.renorm_mean.assign(self.renorm_mean + rate * (mean - self.renorm_mean))
         self.renorm_stddev.assign(self.renorm_stddev + rate * (stddev - self.renorm_stddev))
         # gamma * (x_hat * r + d) + beta = x_hat * (gamma r) + (gamma d + beta)
-        new_gamma = r if gamma is None else gamma * r
-        new_beta = d if gamma is None else gamma * d
-        return new_gamma, (new_beta if beta is None else new_beta + beta)
+        return gamma * r, gamma * d + beta
 
-    def _update_moving_statistics(self, count, mean, m2):
+    def _update_moving_statistics(self, statistics):
         """Feeds the batch statistics, ``(C,)`` (``(G, C)`` for ghost batches), to the averages.
 
         A channel counts when it carries a variance estimate: at least two
@@ -473,6 +479,7 @@ class BatchNormalization(keras.layers.Layer):
         are averaged; a channel with no valid batch keeps its statistics, so
         empty batches never write NaN.
         """
+        count, mean, m2, _ = statistics
         if self.unbiased_variance:
             valid = count > 1.0
             variance = m2 / tf.maximum(count - 1.0, 1.0)

@@ -1,5 +1,11 @@
 """TensorFlow's fused batch-norm kernels (oneDNN on CPU, cuDNN on GPU), in one place.
 
+Three uses: :func:`normalize_batch` is the one-pass training kernel (statistics and
+output in one call forward, one gradient call backward) for the local layer;
+:func:`moments`, :func:`normalize` and :func:`normalize_grad` split the same work for
+the synchronized layer, whose statistics must be merged across replicas before
+anything is normalized.
+
 ``FusedBatchNormV3`` and ``FusedBatchNormGradV3`` take 4D inputs with the
 channel axis last ("NHWC") or second ("NCHW"); any rank >= 2 folds into that
 layout without changing which values each channel reduces over.
@@ -30,6 +36,25 @@ def _to_fused_layout(x: tf.Tensor, channel_axis: int) -> tuple[tf.Tensor, str]:
 
 def _from_fused_layout(y: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
     return y if like.shape.rank == 4 else tf.reshape(y, tf.shape(like))
+
+
+def normalize_batch(x, channel_axis, scale, offset, epsilon):
+    """Training-mode batch normalization of ``x`` with its own statistics, in one kernel call.
+
+    Returns ``y`` (``x``'s shape and dtype), the per-channel batch mean and the
+    Bessel-corrected batch variance (float32, ``(C,)``; NaN for an empty batch).
+    The gradient is TensorFlow's registered one: a single ``FusedBatchNormGradV3``
+    with ``is_training=True``, which differentiates through the statistics.
+    The statistics lose precision when a channel's mean is large against its
+    spread: see :func:`kerasbn.moments.batch_statistics` for the guard.
+    """
+    x4, data_format = _to_fused_layout(x, channel_axis)
+    y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=x4, scale=scale, offset=offset,
+        mean=tf.zeros([0], tf.float32), variance=tf.zeros([0], tf.float32),
+        epsilon=epsilon, is_training=True, data_format=data_format,
+    )
+    return _from_fused_layout(y, x), tf.stop_gradient(mean), tf.stop_gradient(variance)
 
 
 def moments(x: tf.Tensor, channel_axis: int) -> tuple[tf.Tensor, tf.Tensor]:

@@ -21,7 +21,7 @@ Numerical care taken here, one line each:
 - TensorFlow's fused kernel (oneDNN on CPU) is used for speed where it
   applies, but it loses the variance when a channel's mean is large against
   its spread (oneDNN, and XLA's expansion into ``E[x^2] - E[x]^2``); it is
-  fed data shifted by a sample of each channel (:func:`_shifted_fused_moments`,
+  fed data shifted by a sample of each channel (:func:`_shifted_fused_statistics`,
   the one place that guard lives).
 - The merge computes deviations from the merged mean directly (within-part
   M2 plus count-weighted between-part squares), so it stays stable for any
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -111,16 +112,34 @@ def variance_from_moments(count: tf.Tensor, m2: tf.Tensor) -> tf.Tensor:
     return m2 / tf.maximum(count, 1.0)
 
 
+# Which kernels compute a training step's statistics and output (decided once per call
+# by the layer): the one-pass fused kernel (statistics and output together, local
+# layer), the fused kernels split into statistics, merge and normalization
+# (synchronized layer and masks' normalization), or element-wise ops.
+ONE_PASS, FUSED, ELEMENTWISE = "one_pass", "fused", "elementwise"
+
+
+class BatchStatistics(NamedTuple):
+    """Per-channel ``(count, mean, m2)``, and the normalized output when the
+    one-pass kernel computed both at once (None otherwise)."""
+
+    count: tf.Tensor
+    mean: tf.Tensor
+    m2: tf.Tensor
+    normalized: tf.Tensor | None = None
+
+
 def batch_statistics(
     x: tf.Tensor,
     channel_axis: int,
     mask: tf.Tensor | None = None,
     *,
+    kernel: str = ELEMENTWISE,
+    affine: tuple | None = None,
     virtual_batch_size: int | None = None,
-    use_fused: bool = False,
     synchronized: bool = False,
     group_size: int | None = None,
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+) -> BatchStatistics:
     """The batch statistics BN normalizes with: ``(count, mean, m2)``, each ``(C,)``.
 
     With ``virtual_batch_size``, each ``(G, C)`` for the ``G`` ghost batches.
@@ -132,57 +151,78 @@ def batch_statistics(
         channel_axis: the positive channel axis.
         mask: optional boolean tensor of ``x``'s shape; False positions are
             left out.
+        kernel: ``ONE_PASS`` (the caller checked :func:`kerasbn.fused.fusable`;
+            no mask, ghost batches or synchronization) also returns the
+            normalized output, ``gamma * x_hat + beta``, from the same kernel
+            call, with its gradient; ``FUSED`` computes the moments with the
+            fused kernel (unmasked); ``ELEMENTWISE`` with element-wise ops.
+            The fused kernels see shifted data, for precision.
+        affine: ``(gamma, beta, epsilon)`` for ``ONE_PASS``: float32 ``(C,)``
+            vectors and the float added to the variance.
         virtual_batch_size: each consecutive group of this many examples gets
             its own statistics.
-        use_fused: compute the local moments with the fused kernel (the
-            caller checked :func:`kerasbn.fused.fusable`; ignored with a mask
-            or ghost batches), on shifted data for precision.
         synchronized: merge the statistics across the replicas of the current
             ``tf.distribute`` replica context (one collective).
         group_size: with ``synchronized``, replicas per group; None means all.
     """
-    x = tf.stop_gradient(x)
     channels = x.shape[channel_axis]
+    if kernel == ONE_PASS:
+        return _shifted_fused_statistics(x, channel_axis, affine)
+    x = tf.stop_gradient(x)
     if virtual_batch_size:
         x, mask = split_ghost_batches(x, mask, virtual_batch_size)
         axes = [a for a in range(x.shape.rank) if a not in (0, channel_axis + 1)]
-        return tuple(tf.reshape(t, [-1, channels]) for t in local_moments(x, axes, mask))
-    if use_fused and mask is None:
-        count, mean, m2 = _shifted_fused_moments(x, channel_axis)
+        return BatchStatistics(
+            *(tf.reshape(t, [-1, channels]) for t in local_moments(x, axes, mask)))
+    if kernel == FUSED and mask is None:
+        count, mean, m2, _ = _shifted_fused_statistics(x, channel_axis)
     else:
         axes = [a for a in range(x.shape.rank) if a != channel_axis]
         count, mean, m2 = (tf.reshape(t, [channels]) for t in local_moments(x, axes, mask))
     if synchronized:
         table = cross_replica.group_table(tf.stack([count, mean, m2]), group_size)
         count, mean, m2 = merge_moments(table[:, 0], table[:, 1], table[:, 2])
-    return count, mean, m2
+    return BatchStatistics(count, mean, m2)
 
 
-def _shifted_fused_moments(x: tf.Tensor, channel_axis: int):
-    """``(count, mean, m2)``, each ``(C,)``, from the fused kernel on shifted data.
+def _shifted_fused_statistics(x: tf.Tensor, channel_axis: int, affine: tuple | None = None):
+    """``BatchStatistics`` from the fused kernel on shifted data; with ``affine``,
+    from the one-pass kernel, with the normalized output.
 
     The kernel's float32 variance cancels catastrophically when a channel's
     mean is large against its spread (oneDNN's float32 accumulation; XLA
     expands the kernel into ``E[x^2] - E[x]^2``; figures in the README).
-    Statistics are shift-invariant, so the kernel sees ``x - shift`` with
-    ``shift`` the first example's per-channel mean: a value of the channel's
-    own distribution, which leaves a shifted mean of the order of the spread.
-    No branch, on every backend.
+    Statistics and normalization are shift-invariant, so the kernel sees
+    ``x - shift`` with ``shift`` the first example's per-channel mean: a value
+    of the channel's own distribution, which leaves a shifted mean of the
+    order of the spread. The shift is a constant to the gradient (its exact
+    derivative through a normalization is zero). No branch, on every backend.
     """
     rank = x.shape.rank
     channels = x.shape[channel_axis]
     count = tf.cast(tf.size(x, out_type=tf.int64) // channels, tf.float32)
     spatial_axes = [a for a in range(1, rank) if a != channel_axis]
-    first = x[:1]  # empty for an empty batch: the shift is then 0
+    first = tf.stop_gradient(x[:1])  # empty for an empty batch: the shift is then 0
     first_count = tf.cast(tf.size(first, out_type=tf.int64) // channels, tf.float32)
     shift = tf.reduce_sum(tf.cast(first, tf.float32), [0] + spatial_axes, keepdims=True)
     shift = shift / tf.maximum(first_count, 1.0)
-    # In float32: half-precision differences would round away what the shift keeps.
-    shifted_mean, unbiased = fused.moments(tf.cast(x, tf.float32) - shift, channel_axis)
+    if affine is None:
+        normalized = None
+        # In float32: half-precision differences would round the statistics' input.
+        shifted_mean, unbiased = fused.moments(tf.cast(x, tf.float32) - shift, channel_axis)
+    else:
+        # In x's dtype, so the kernel reads and writes half precision under mixed
+        # precision. The shift is rounded to that dtype first: then x - shift is
+        # exact wherever x is within a factor 2 of it (Sterbenz), which is where
+        # precision is at stake, and the same rounded shift is added back below.
+        shift = tf.cast(tf.cast(shift, x.dtype), tf.float32)
+        gamma, beta, epsilon = affine
+        normalized, shifted_mean, unbiased = fused.normalize_batch(
+            x - tf.cast(shift, x.dtype), channel_axis, gamma, beta, epsilon)
     # NaN for an empty batch: back to zeros there.
     mean = tf.where(count > 0.0, shifted_mean + tf.reshape(shift, [channels]), 0.0)
     m2 = tf.where(count > 1.0, unbiased * (count - 1.0), 0.0)
-    return tf.fill([channels], count), mean, m2
+    return BatchStatistics(tf.fill([channels], count), mean, m2, normalized)
 
 
 def split_ghost_batches(x: tf.Tensor, mask: tf.Tensor | None, virtual_batch_size: int):

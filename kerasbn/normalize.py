@@ -1,5 +1,9 @@
 """Normalizing with given statistics, and the paper's backward pass through batch statistics.
 
+The local layer's common case never comes here: the one-pass fused kernel computes its
+statistics and output together (:data:`kerasbn.moments.ONE_PASS`). What follows is the
+general path: synchronized statistics, masks, ghost batches, renorm, float64.
+
 Training normalizes with the batch statistics of :func:`kerasbn.moments.batch_statistics`
 (this replica's, or its group's merged across replicas). The backward pass is written
 out instead of differentiated through the statistics (the paper's section 3,
@@ -22,7 +26,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 from kerasbn import cross_replica, fused
-from kerasbn.moments import split_ghost_batches, variance_from_moments
+from kerasbn.moments import (
+    ELEMENTWISE, BatchStatistics, split_ghost_batches, variance_from_moments)
 
 
 def normalize_inference(x, channel_axis, mean, variance, gamma, beta, epsilon) -> tf.Tensor:
@@ -48,14 +53,14 @@ def normalize_inference(x, channel_axis, mean, variance, gamma, beta, epsilon) -
 def normalize_with_batch_statistics(
     x: tf.Tensor,
     channel_axis: int,
-    statistics: tuple[tf.Tensor, tf.Tensor, tf.Tensor],
+    statistics: BatchStatistics,
     gamma: tf.Tensor,
     beta: tf.Tensor,
     epsilon: float,
     *,
     mask: tf.Tensor | None = None,
     virtual_batch_size: int | None = None,
-    use_fused: bool = False,
+    kernel: str = ELEMENTWISE,
     synchronized: bool = False,
     group_size: int | None = None,
 ) -> tf.Tensor:
@@ -65,21 +70,24 @@ def normalize_with_batch_statistics(
         x: the layer's input, rank >= 2.
         channel_axis: the positive channel axis.
         statistics: ``(count, mean, m2)``, each ``(C,)`` (``(G, C)`` with ghost batches), from
-            :func:`kerasbn.moments.batch_statistics` with the same ``mask``,
-            ``virtual_batch_size``, ``synchronized`` and ``group_size``.
+            :func:`kerasbn.moments.batch_statistics` with the same ``mask``, ``kernel``,
+            ``virtual_batch_size``, ``synchronized`` and ``group_size``. When the
+            one-pass kernel already normalized, its output is returned as it is.
         gamma, beta: float32 ``(C,)``.
         epsilon: added to the variance.
-        use_fused: normalize and differentiate with the fused kernels (the
-            caller checked :func:`kerasbn.fused.fusable`; not with ghost
-            batches).
+        kernel: ``FUSED`` normalizes and differentiates with the fused
+            kernels (the caller checked :func:`kerasbn.fused.fusable`; not with
+            ghost batches); ``ELEMENTWISE`` with element-wise ops.
 
     Returns:
         ``y`` with ``x``'s shape: ``x``'s dtype on the fused path, float32
         otherwise.
     """
-    count, mean, m2 = statistics
+    if statistics.normalized is not None:
+        return statistics.normalized
+    count, mean, m2, _ = statistics
     variance = variance_from_moments(count, m2)
-    if use_fused and not virtual_batch_size:
+    if kernel != ELEMENTWISE and not virtual_batch_size:
         return _fused_normalize(x, channel_axis, count, mean, variance, gamma, beta,
                                 epsilon, mask, synchronized, group_size)
     return _elementwise_normalize(x, channel_axis, count, mean, variance, gamma, beta, epsilon,

@@ -507,3 +507,59 @@ def test_xla_keeps_precision_at_large_channel_mean(fused):
         np.testing.assert_allclose(dx, dx_ref, atol=1e-2)
     np.testing.assert_allclose(results[True][0], results[False][0], atol=2e-3)
     np.testing.assert_allclose(results[True][1], results[False][1], rtol=1e-3, atol=1e-3)
+
+
+def _fused_kernel_calls(layer, x, **call_kwargs):
+    """``{(op type, is_training): count}`` of the fused kernels in one traced training step."""
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True, **call_kwargs)
+        return tape.gradient(y, [x] + layer.trainable_weights, output_gradients=tf.ones_like(y))
+
+    graph = step.get_concrete_function(tf.TensorSpec(x.shape, x.dtype)).graph
+    calls = {}
+    for op in graph.get_operations():
+        if op.type.startswith("FusedBatchNorm"):
+            key = (op.type, op.get_attr("is_training"))
+            calls[key] = calls.get(key, 0) + 1
+    return calls
+
+
+ONE_PASS_CALLS = {("FusedBatchNormV3", True): 1, ("FusedBatchNormGradV3", True): 1}
+
+
+@pytest.mark.parametrize("kwargs,shape", [
+    ({}, (4, 5, 5, 6)),
+    ({"axis": 1}, (4, 6, 5, 5)),
+    ({}, (32, 6)),
+    ({}, (2, 3, 4, 4, 6)),
+    ({"momentum": None}, (4, 5, 5, 6)),
+    ({"unbiased_variance": False}, (4, 5, 5, 6)),
+    ({"center": False, "scale": False}, (4, 5, 5, 6)),
+])
+def test_local_training_is_one_fused_call_forward_and_one_backward(kwargs, shape):
+    layer = kerasbn.BatchNormalization(fused=True, **kwargs)
+    assert _fused_kernel_calls(layer, tf.zeros(shape)) == ONE_PASS_CALLS
+
+
+def test_mixed_precision_takes_the_one_pass_kernel_in_half_precision():
+    keras.config.set_dtype_policy("mixed_float16")
+    layer = kerasbn.BatchNormalization(fused=True)
+    assert _fused_kernel_calls(layer, tf.zeros((4, 5, 5, 6), "float16")) == ONE_PASS_CALLS
+
+
+def test_masks_and_renorm_take_the_split_fused_path():
+    # Their statistics (masked; renorm's corrections) must exist before normalizing:
+    # statistics, normalization and the gradient with fixed statistics, each a call.
+    split = {("FusedBatchNormV3", True): 1, ("FusedBatchNormV3", False): 2,
+             ("FusedBatchNormGradV3", False): 1}
+    x = tf.zeros((4, 5, 5, 6))
+    assert _fused_kernel_calls(kerasbn.BatchNormalization(fused=True, renorm=True), x) == split
+    masked = _fused_kernel_calls(kerasbn.BatchNormalization(fused=True), x,
+                                 mask=tf.ones((4, 5, 5), tf.bool))
+    assert masked == {("FusedBatchNormV3", False): 2, ("FusedBatchNormGradV3", False): 1}
+    assert _fused_kernel_calls(kerasbn.BatchNormalization(virtual_batch_size=2), x) == {}
+    assert _fused_kernel_calls(kerasbn.BatchNormalization(fused=False), x) == {}
