@@ -151,9 +151,14 @@ class BatchNormalization(keras.layers.Layer):
             (float16/bfloat16/float32 input, channel axis 1 or last, no ghost
             batches) and the input has at least 2**17 values (below that the
             element-wise path is faster); False never uses them; True
-            requires them. Masks, renorm and synchronization all run on them:
-            the kernels normalize with the (merged) batch statistics and
-            yield the gradient's per-channel sums in one pass.
+            requires them. Local training (no synchronization, mask or renorm)
+            is one kernel call forward (statistics and output) and one
+            gradient call backward, as tf.keras 2's ``fused=True``, on input
+            shifted by a per-channel sample so the statistics keep their
+            precision. Masks, renorm and synchronization need the statistics
+            before normalizing: they run the kernels split (statistics, then
+            normalization with the merged statistics, whose gradient call
+            yields the per-channel sums for the backward pass).
         **kwargs: base layer arguments (``name``, ``dtype``, ``trainable``).
 
     Call arguments:
