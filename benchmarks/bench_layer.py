@@ -17,7 +17,7 @@ the step's time; "of copy" divides it by the rate of a plain memory copy
 written), measured in the same rounds: the fraction of the machine's
 streaming bandwidth, at the step's working-set size, that the step reaches.
 
-    .venv/bin/python benchmarks/bench_layer.py [--repeats 30] [--shapes small]
+    .venv/bin/python benchmarks/bench_layer.py [--repeats 30] [--shapes small] [--variants]
 """
 
 import argparse
@@ -42,12 +42,12 @@ INFER_SHAPES = [(1, 28, 28, 64), (1, 1024)]
 MIN_TENSORS_PER_TRAINING_STEP = 8
 
 
-def layer_training_step(layer, x, dy):
-    @tf.function
+def layer_training_step(layer, x, dy, mask=None, jit_compile=False):
+    @tf.function(jit_compile=jit_compile)
     def step():
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = layer(x, training=True)
+            y = layer(x, training=True, mask=mask)
         return tape.gradient(y, [x] + layer.trainable_weights, output_gradients=dy)
 
     return lambda: step()[0].numpy()
@@ -136,12 +136,48 @@ def inference_row(shape, repeats):
             f"{t['kerasbn'] / t['keras']:.2f}"]
 
 
+# Each layer option's training step on TRAIN_SHAPES[0], and the kernels it takes
+# (kerasbn.moments: one_pass, fused = the split kernels, elementwise).
+VARIANTS = [
+    ("default", {}, "one_pass"),
+    ("momentum=None", {"momentum": None}, "one_pass"),
+    ("unbiased_variance=False", {"unbiased_variance": False}, "one_pass"),
+    ("mixed_float16", {"dtype": "mixed_float16"}, "one_pass"),
+    ("jit_compile=True", {}, "one_pass"),
+    ("mask", {}, "fused"),
+    ("renorm=True", {"renorm": True}, "fused"),
+    ("virtual_batch_size=16", {"virtual_batch_size": 16}, "elementwise"),
+    ("fused=False", {"fused": False}, "elementwise"),
+]
+
+
+def variant_rows(repeats):
+    shape = TRAIN_SHAPES[0]
+    rng = np.random.RandomState(0)
+    x32 = tf.constant(rng.normal(1, 2, shape).astype("float32"))
+    dy32 = tf.constant(rng.normal(0, 1, shape).astype("float32"))
+    candidates = {"keras": layer_training_step(
+        built(keras.layers.BatchNormalization(), shape), x32, dy32)}
+    for name, kwargs, _ in VARIANTS:
+        half = kwargs.get("dtype") == "mixed_float16"
+        x, dy = (tf.cast(x32, "float16"), tf.cast(dy32, "float16")) if half else (x32, dy32)
+        mask = tf.ones(shape[:-1], tf.bool) if name == "mask" else None
+        candidates[name] = layer_training_step(
+            built(kerasbn.BatchNormalization(**kwargs), shape), x, dy, mask=mask,
+            jit_compile=name.startswith("jit"))
+    t = time_alternating(candidates, repeats=repeats)
+    return [[name, kernel, f"{t[name] * 1e3:.3f}", f"{t[name] / t['keras']:.2f}"]
+            for name, _, kernel in VARIANTS]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--shapes", choices=["default", "small", "all"], default="default",
                         help="training shapes: the two headline ones, the small ones around "
                              "the fused=None threshold, or both")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time each layer option's training step on the first shape")
     args = parser.parse_args(argv)
     shapes = {"default": TRAIN_SHAPES, "small": SMALL_TRAIN_SHAPES,
               "all": TRAIN_SHAPES + SMALL_TRAIN_SHAPES}[args.shapes]
@@ -165,6 +201,10 @@ def main(argv=None):
     if infer_rows:
         print("\nInference (training=False):")
         print(markdown_table(["shape", "Keras ms", "kerasbn ms", "kerasbn / Keras"], infer_rows))
+    if args.variants:
+        print(f"\nTraining step by layer option, {TRAIN_SHAPES[0]}, against Keras' float32 step:")
+        print(markdown_table(["kerasbn option", "kernels", "kerasbn ms", "vs Keras"],
+                             variant_rows(args.repeats)))
 
 
 if __name__ == "__main__":
