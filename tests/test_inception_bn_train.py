@@ -139,6 +139,63 @@ def test_interrupted_and_killed_runs_resume_losing_nothing_and_export_a_serving_
     assert _checkpoint_steps(run_dir)[-1] == total
 
 
+def _wait_for(procs, condition, what):
+    """Until ``condition()``: synchronized on what the run writes (the timeout is a safety net only)."""
+    deadline = time.time() + TIMEOUT
+    while not condition():
+        for proc in procs:
+            assert proc.poll() is None, f"training ended early:\n{proc.communicate()[1][-3000:]}"
+        assert time.time() < deadline, f"no {what} in time"
+        time.sleep(0.005)
+
+
+def _stopped_at(proc, run_dir):
+    """The step of the one "interrupted at step K; saved .../ckpt-K" line, checked against the disk."""
+    _, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("interrupted at step")]
+    step = int(line.split()[3].rstrip(";"))
+    assert line.endswith(f"saved {run_dir / 'checkpoints' / f'ckpt-{step}'}; rerun the same command to resume"), line
+    assert _named_checkpoint(run_dir) == step  # what the rerun resumes from
+    return step, stderr
+
+
+@pytest.mark.slow
+def test_stops_are_prompt_inside_long_loops_and_evaluations_and_say_what_was_saved(tmp_path):
+    run_dir = tmp_path / "run"
+    # Loops of 400 steps (several seconds here), evaluations of 1000 examples.
+    args = ["--variant", "bn-x5", *SMALL, "--eval-every", "400", "--steps-per-loop", "400", "--quiet"]
+
+    # SIGTERM as the second 400-step loop starts: the loop ends after the step in progress.
+    proc = _start(run_dir, *args, "--steps", "100000")
+    _wait_for([proc], lambda: (run_dir / "history.csv").exists() and _history(run_dir), "evaluation")
+    signalled = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    stopped, _ = _stopped_at(proc, run_dir)
+    seconds = time.perf_counter() - signalled
+    print(f"SIGTERM to exit: {seconds:.2f} s; saved step {stopped}, {stopped - 400} steps into the loop")
+    assert 400 < stopped < 800, "the loop ran to its end"
+
+    # Two signals at once (Ctrl-C twice; a scheduler signalling the process and its group) the
+    # instant the next checkpoint's files appear: the save or the evaluation that follows it is
+    # in progress; neither is interrupted, one message, status 130.
+    proc = _start(run_dir, *args, "--steps", "100000")
+    _wait_for([proc], lambda: max(_checkpoint_steps(run_dir)) >= 800, "checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    again, stderr = _stopped_at(proc, run_dir)
+    assert again >= 800 and "forced exit" not in stderr
+    abandoned = [int(r["step"]) for r in _history(run_dir)][-1] != 800
+    assert not abandoned or again == 800  # an abandoned evaluation: its checkpoint is what was saved
+
+    # The rerun resumes there (evaluating 800 first if that evaluation was abandoned): every
+    # evaluation exactly once.
+    total = again + 4
+    result = _train(run_dir, *args, "--steps", str(total), "--no-export")
+    assert f"Resuming {run_dir} from step {again} of {total}" in result.stdout
+    assert [int(row["step"]) for row in _history(run_dir)] == [400, 800, total]
+
+
 @pytest.mark.slow
 def test_two_replicas_train_with_synchronized_bn_and_mixed_precision(tmp_path):
     result = _train(tmp_path, "--variant", "bn-x30", *SMALL, "--cpu-replicas", "2", "--steps", "6",
@@ -162,34 +219,35 @@ def test_two_replicas_train_with_synchronized_bn_and_mixed_precision(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_workers_preempted_save_the_same_step_and_the_rerun_resumes_and_exports(tmp_path):
-    # A scheduler preempting one machine of a multi-worker run (SIGTERM to the non-chief): every worker
-    # saves the same step; rerunning the command on both resumes there.
+def test_two_workers_stopped_inside_a_long_loop_save_the_same_step_and_the_rerun_resumes(tmp_path):
+    # A scheduler preempting one machine of a multi-worker run (SIGTERM to the non-chief) in the
+    # middle of a 1000-step loop: every worker ends its loop after the same step and saves it;
+    # rerunning the command on both resumes there.
     def command(steps):
         return [sys.executable, "-m", "recipes.inception_bn.train", "--run-dir", str(tmp_path), "--variant",
-                "bn-x5", *SMALL, "--steps", str(steps), "--eval-every", "5", "--eval-examples", "16",
-                "--steps-per-loop", "2", "--quiet", "--no-export"]
+                "bn-x5", *SMALL, "--steps", str(steps), "--eval-every", "1000", "--eval-examples", "16",
+                "--steps-per-loop", "1000", "--quiet", "--no-export"]
 
     ports = free_ports(2)
     procs = [subprocess.Popen(command(100000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                               env=_env({"TF_CONFIG": tf_config(ports, index)})) for index in range(2)]
     try:
-        _wait_for_checkpoint_past(procs, tmp_path, 0)  # the first periodic checkpoint: both workers train
+        announced = [procs[0].stdout.readline() for _ in range(2)]  # the chief is about to train
         procs[1].send_signal(signal.SIGTERM)
         results = [p.communicate(timeout=TIMEOUT) for p in procs]
     finally:
         for p in procs:
             p.kill()
-    assert "2 replica(s) x batch 8 = 16, synchronized BN" in results[0][0] and results[1][0] == ""
+    assert "2 replica(s) x batch 8 = 16, synchronized BN" in announced[1] and results[1][0] == ""
     saved = []
     for proc, (_, stderr) in zip(procs, results):
         assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
-        (line,) = [line for line in stderr.splitlines() if line.startswith("preempted at step")]
+        (line,) = [line for line in stderr.splitlines() if line.startswith("interrupted at step")]
         saved.append(int(line.split()[3].rstrip(";")))
         assert line.endswith(f"saved {tmp_path / 'checkpoints' / f'ckpt-{saved[-1]}'}; rerun the same command to resume")
     step = saved[0]
-    assert saved == [step, step] and step > 5
-    assert f'"ckpt-{step}"' in (tmp_path / "checkpoints" / "checkpoint").read_text().splitlines()[0]
+    assert saved == [step, step] and 1 <= step < 1000
+    assert _named_checkpoint(tmp_path) == step
     assert not list(tmp_path.rglob("workertemp_*"))
     # The rerun resumes there, finishes, recalibrates and exports (chief only).
     chief, worker = start_cluster(lambda index: [*command(step + 2)[:-1], "--recalibrate-steps", "2"], cwd=ROOT)
@@ -199,7 +257,7 @@ def test_two_workers_preempted_save_the_same_step_and_the_rerun_resumes_and_expo
     recalibrated = json.loads((tmp_path / "recalibrated.json").read_text())
     assert recalibrated["step"] == step + 2 and 0 <= recalibrated["eval_accuracy"] <= 1
     assert f"eval accuracy {recalibrated['eval_accuracy']:.4f} (population statistics)" in chief
-    assert [int(r["step"]) for r in _history(tmp_path)] == [*range(5, step + 1, 5), step + 2]
+    assert [int(r["step"]) for r in _history(tmp_path)] == [step + 2]
     assert (tmp_path / "export" / "saved_model.pb").exists()
 
 
@@ -324,7 +382,7 @@ def test_steps_per_loop_trains_exactly_as_one_step_per_call():
             variable.assign(value)
         iterator = iter(strategy.distribute_datasets_from_function(
             lambda ctx: tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)))
-        losses = [float(loop(iterator, tf.constant(n))[0]) for n in loops]
+        losses = [float(loop(iterator, tf.constant(n))[1]) for n in loops]
         results.append((sum(losses), [w.numpy() for w in model.weights], int(optimizer.iterations.numpy())))
     (loss_1, weights_1, steps_1), (loss_3, weights_3, steps_3) = results
     assert steps_1 == steps_3 == 6
@@ -332,3 +390,28 @@ def test_steps_per_loop_trains_exactly_as_one_step_per_call():
     for a, b in zip(weights_1, weights_3):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert not np.allclose(weights_1[0], initial[0])  # it trained
+
+
+def test_a_stop_request_ends_the_training_loop_after_the_current_step():
+    from types import SimpleNamespace
+
+    import keras
+    import tensorflow as tf
+
+    from recipes.inception_bn.train import make_train_loop
+    from recipes.inception_bn.variants import VARIANTS
+
+    strategy = tf.distribute.get_strategy()
+    model = VARIANTS["bn-x5"].build_model(10, (32, 32, 3), width_multiplier=0.125)
+    optimizer = keras.optimizers.SGD(0.05)
+    flag = tf.Variable(0)
+    loop = make_train_loop(strategy, model, optimizer, 4e-5, SimpleNamespace(global_batch=8, replicas=1), False,
+                           flag)
+    iterator = iter(tf.data.Dataset.from_tensors(
+        (tf.zeros((8, 32, 32, 3)), tf.zeros((8,), tf.int32))).repeat())
+    steps, _, _, votes = loop(iterator, tf.constant(3))
+    assert (int(steps), float(votes)) == (3, 0.0)
+    flag.assign(1)  # what the stop thread does on SIGTERM or SIGINT
+    steps, _, _, votes = loop(iterator, tf.constant(1000))
+    assert (int(steps), float(votes)) == (1, 1.0)
+    assert int(optimizer.iterations.numpy()) == 4

@@ -1,27 +1,19 @@
-"""Checkpoints of a training run: periodic saves, resume, and saving on preemption.
+"""Checkpoints of a training run: periodic saves, resume, and the save when a stop is requested.
 
-One process (with or without MirroredStrategy): SIGTERM or Ctrl-C becomes a
-KeyboardInterrupt between training loops, and the step reached is saved.
-Several workers (MultiWorkerMirroredStrategy): TensorFlow's coordination
-service owns SIGTERM, and a save needs every worker, so
-``tf.distribute.experimental.PreemptionCheckpointHandler`` takes the signal:
-when any worker gets it, all workers agree on the next loop boundary, save
-that same step and stop (:class:`Preempted`).
+A stop request (:mod:`recipes.inception_bn.stopping`) never interrupts a save: the loop
+ends after the step every worker agreed on, every worker saves that step (a save reads
+distributed variables, so all take part), and the message names the checkpoint that the
+state file on disk names, read back after the save.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 
-class Preempted(Exception):
-    """Every worker saved the same step after one of them was told to stop."""
-
-
 class Checkpoints:
-    def __init__(self, checkpoint, run_dir: Path, strategy, is_chief: bool, task_index: int):
+    def __init__(self, checkpoint, run_dir: Path, is_chief: bool, task_index: int, barrier=None):
         import tensorflow as tf
 
         self.directory = run_dir / "checkpoints"
@@ -30,45 +22,44 @@ class Checkpoints:
         # private directory removed afterwards.
         self._write_dir = self.directory if is_chief else Path(tempfile.mkdtemp(prefix=f"worker{task_index}-"))
         self._manager = tf.train.CheckpointManager(checkpoint, str(self._write_dir), max_to_keep=3)
+        # Every worker passes the barrier only once all reached it: after it, the chief's save is on disk.
+        self._barrier = barrier
         self.latest = tf.train.latest_checkpoint(str(self.directory))
         if self.latest:
             checkpoint.restore(self.latest).assert_existing_objects_matched()
-        self._preemption = None
-        self._preempted_at = None
-        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            def stop():
-                step = self._preempted_at
-                self.close()
-                raise Preempted(f"preempted at step {step}; saved {self.directory / f'ckpt-{step}'}")
-
-            # It restores the same latest checkpoint on every worker, so their counts of training
-            # loops agree, and writes the preemption checkpoint into the shared directory.
-            self._preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
-                strategy.cluster_resolver, checkpoint, str(self.directory),
-                tf.distribute.experimental.TerminationConfig(exit_fn=stop))
+        self.saved_step = _step_of(self.latest)
 
     def save(self, step: int) -> None:
         self._manager.save(checkpoint_number=step)
+        self.saved_step = step  # nothing interrupts a save: this is what the state file names
 
-    def after_loop(self, step: int) -> None:
-        """At a training-loop boundary: with several workers, save and stop here if preempted."""
-        if self._preemption is not None:
-            self._preempted_at = step
-            self._preemption.save_checkpoint_if_preempted(checkpoint_number=step)
+    def on_disk(self) -> str | None:
+        """The checkpoint the state file in the run directory names (what a rerun resumes from)."""
+        import tensorflow as tf
 
-    def save_on_interrupt(self, step: int, start_step: int) -> str:
-        """SIGTERM or Ctrl-C in one process: saves ``step`` (the steps completed); says what was kept."""
-        if self._preemption is not None:
-            # Ctrl-C on one of several workers (the handler owns SIGTERM): a save needs every worker.
-            return f"interrupted at step {step}; the last checkpoint is in {self.directory}"
-        if step > start_step and self._manager.latest_checkpoint != os.path.join(self._write_dir, f"ckpt-{step}"):
+        return tf.train.latest_checkpoint(str(self.directory))
+
+    def resume_message(self) -> str:
+        latest = self.on_disk()
+        return f"the rerun resumes from {latest}" if latest else "nothing saved yet: the rerun starts afresh"
+
+    def save_for_stop(self, step: int) -> str:
+        """Saves ``step`` unless it is saved already; says what the state file on disk names."""
+        if step > 0 and step != self.saved_step:
             self.save(step)
-        if self._manager.latest_checkpoint is None:  # stopped before the first step of a new run
-            return f"interrupted at step {step}; nothing to save yet"
-        return f"interrupted at step {step}; saved {self._manager.latest_checkpoint}"
+        if self._barrier is not None:
+            self._barrier()
+        latest = self.on_disk()
+        if latest is not None and _step_of(latest) == step:
+            return f"interrupted at step {step}; saved {latest}"
+        return f"interrupted at step {step}; nothing new to save; {self.resume_message()}"
 
     def close(self) -> None:
         import tensorflow as tf
 
         if not self._is_chief:
             tf.io.gfile.rmtree(str(self._write_dir))
+
+
+def _step_of(path: str | None) -> int | None:
+    return None if path is None else int(path.rsplit("-", 1)[1])

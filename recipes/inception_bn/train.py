@@ -10,9 +10,9 @@ when there is more than one replica unless --no-sync-bn. The run directory
 gets TensorBoard logs (logs/), history.csv (one row per evaluation: step,
 loss, accuracy, learning rate, images/s), checkpoints (checkpoints/) and, at
 the end, a SavedModel with BN folded (export/). Rerunning the same command
-resumes from the last checkpoint; SIGTERM or Ctrl-C saves the step reached
-first, on one machine or (TensorFlow's PreemptionCheckpointHandler) on all
-workers alike.
+resumes from the last checkpoint; SIGTERM or Ctrl-C stops within a step or
+two, saves the step reached (every worker the same step) and exits with 130
+(see recipes/inception_bn/stopping.py).
 """
 
 from __future__ import annotations
@@ -20,19 +20,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+if __name__ == "__main__":
+    # First, before TensorFlow starts a thread: every thread inherits the blocked stop signals.
+    from recipes.inception_bn.stopping import block_stop_signals
+
+    block_stop_signals()
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from recipes.inception_bn.checkpoints import Checkpoints, Preempted  # noqa: E402
+from recipes.inception_bn.checkpoints import Checkpoints  # noqa: E402
 from recipes.inception_bn.data import DEFAULT_IMAGE_SIZE, SOURCES  # noqa: E402
 from recipes.inception_bn.history import DIVERGED  # noqa: E402
 from recipes.inception_bn.run_log import RunLog  # noqa: E402
+from recipes.inception_bn.stopping import make_agreement  # noqa: E402
 from recipes.inception_bn.variants import VARIANTS, variants_help  # noqa: E402
 
 
@@ -146,7 +151,7 @@ def l2_penalty(model, weight_decay):
     return weight_decay * 0.5 * tf.add_n([tf.reduce_sum(tf.square(tf.cast(w, tf.float32))) for w in kernels])
 
 
-def train(args) -> int:
+def train(args, stop) -> int:
     """The run, top to bottom: set up, restore, train with evaluations and checkpoints, finish."""
     import keras
     import tensorflow as tf
@@ -155,6 +160,13 @@ def train(args) -> int:
     run_dir = prepare_run_dir(args.run_dir)
     strategy = make_strategy(args.cpu_replicas)
     is_chief, task_index = worker_role(strategy)
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    stop_flag = tf.Variable(0, trainable=False, name="stop_requested")  # this worker's, not mirrored
+    stop.bind(stop_flag)
+    agreed_stop = make_agreement(strategy, stop_flag)
+    stop.resume_message(lambda: resume_message(run_dir))
+    if not multi_worker:  # one process: nothing trained yet, nothing to save
+        stop.exit_now_when(lambda: f"interrupted before training started; {resume_message(run_dir)}")
     if args.mixed_precision:
         on_gpu = bool(tf.config.list_physical_devices("GPU"))
         keras.mixed_precision.set_global_policy("mixed_float16" if on_gpu else "mixed_bfloat16")
@@ -163,10 +175,10 @@ def train(args) -> int:
     plan = RunPlan(args, variant, source, strategy.num_replicas_in_sync)
     model, optimizer, schedule = build_model(variant, source, plan, args, strategy)
 
-    checkpoints = Checkpoints(tf.train.Checkpoint(model=model, optimizer=optimizer), run_dir, strategy,
-                              is_chief, task_index)
+    checkpoints = Checkpoints(tf.train.Checkpoint(model=model, optimizer=optimizer), run_dir, is_chief,
+                              task_index, barrier=agreed_stop if multi_worker else None)
     start_step = int(optimizer.iterations.numpy())
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and plan.replicas > 1:
+    if multi_worker and plan.replicas > 1:
         _check_same_step(strategy, start_step)
     log = RunLog(run_dir, is_chief, plan.total_steps, plan.steps_per_epoch, args.quiet,
                  resumed_at=start_step if checkpoints.latest else None)
@@ -178,33 +190,60 @@ def train(args) -> int:
     seed = args.seed + start_step
     train_data = strategy.distribute_datasets_from_function(
         lambda ctx: source.train(ctx.get_per_replica_batch_size(plan.global_batch), variant.distortion, seed, ctx))
-    train_loop = make_train_loop(strategy, model, optimizer, variant.weight_decay, plan, args.jit)
+    train_loop = make_train_loop(strategy, model, optimizer, variant.weight_decay, plan, args.jit, stop_flag)
     evaluate = make_evaluate(model, source, args.eval_examples)
+    # Between evaluation batches: every worker must abandon the same batch, so they vote.
+    evaluation_stopped = agreed_stop if multi_worker else (lambda: stop.requested)
 
-    if checkpoints.latest and plan.evaluation_due(start_step) and log.last_step != start_step:
-        # Stopped between the checkpoint and its evaluation: evaluate now, so no row is missing.
-        log.record(start_step, float(schedule(start_step)), evaluate(), train=None)
-    iterator, step, meter = iter(train_data), start_step, TrainMeter()
+    stop.exit_now_when(None)  # from here a stop saves first
     try:
+        step = start_step
+        if checkpoints.latest and plan.evaluation_due(start_step) and log.last_step != start_step:
+            # Stopped between the checkpoint and its evaluation: evaluate now, so no row is missing.
+            log.record(start_step, float(schedule(start_step)), evaluate_or_stop(evaluate, evaluation_stopped),
+                       train=None)
+        iterator, meter = iter(train_data), TrainMeter()
         while step < plan.total_steps:
             loops = plan.steps_to_next_boundary(step)
-            loss_sum, correct_sum = train_loop(iterator, tf.constant(loops))
-            step += loops
+            steps_done, loss_sum, correct_sum, stop_votes = train_loop(iterator, tf.constant(loops))
+            step += int(steps_done)
             learning_rate = float(schedule(step))
-            meter.add(float(loss_sum), float(correct_sum), loops * plan.global_batch)
+            meter.add(float(loss_sum), float(correct_sum), int(steps_done) * plan.global_batch)
             stop_if_diverged(meter, step, run_dir, is_chief, learning_rate, checkpoints.directory)
             log.progress(step, meter.loss, meter.accuracy, learning_rate)
+            if float(stop_votes) > 0:  # every worker ended its loop after this same step
+                raise Interrupted(checkpoints.save_for_stop(step))
             if plan.evaluation_due(step):
                 trained = meter.take()
-                checkpoints.save(step)  # first: an interruption during the evaluation then loses no training
-                log.record(step, learning_rate, evaluate(), train=trained)
+                checkpoints.save(step)  # first: a stop during the evaluation then loses no training
+                log.record(step, learning_rate, evaluate_or_stop(evaluate, evaluation_stopped), train=trained)
                 meter.restart_clock()  # images/s counts training time only
-            checkpoints.after_loop(step)
-    except KeyboardInterrupt:
-        raise Interrupted(checkpoints.save_on_interrupt(int(optimizer.iterations.numpy()), start_step)) from None
-    checkpoints.close()
+    except _EvaluationAbandoned:
+        raise Interrupted(checkpoints.save_for_stop(step)) from None
+    finally:
+        checkpoints.close()
+    if not multi_worker:
+        stop.exit_now_when(lambda: f"interrupted after training, at step {step}; {resume_message(run_dir)}")
     finish(args, variant, source, plan, model, strategy, evaluate, log, run_dir, seed, step)
     return 0
+
+
+class _EvaluationAbandoned(Exception):
+    """A stop was requested during an evaluation (its checkpoint is saved; the rerun evaluates it)."""
+
+
+def evaluate_or_stop(evaluate, stopped):
+    result = evaluate(stopped)
+    if result is None:
+        raise _EvaluationAbandoned
+    return result
+
+
+def resume_message(run_dir) -> str:
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(str(Path(run_dir) / "checkpoints"))
+    return f"the rerun resumes from {latest}" if latest else "nothing saved: the rerun starts afresh"
 
 
 # Set-up -----------------------------------------------------------------------------------------
@@ -308,32 +347,38 @@ def train_replica(model, optimizer, loss_fn, weight_decay, global_batch, replica
     return tf.reduce_sum(per_example), correct
 
 
-def make_train_loop(strategy, model, optimizer, weight_decay, plan, jit):
-    """``loop(iterator, n)``: n training steps in one tf.function call; summed loss and correct count."""
+def make_train_loop(strategy, model, optimizer, weight_decay, plan, jit, stop_flag=None):
+    """``loop(iterator, n)``: up to n training steps in one tf.function call.
+
+    Returns the steps run, the summed loss and correct count, and the stop votes: the loop
+    ends early, after the same step on every worker, once any worker's ``stop_flag`` is set
+    (read each step and summed with the loss, in the step's one all-reduce).
+    """
     import keras
     import tensorflow as tf
 
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+    if stop_flag is None:
+        stop_flag = tf.Variable(0, trainable=False)
 
     def step(images, labels):
-        return train_replica(model, optimizer, loss_fn, weight_decay, plan.global_batch, plan.replicas,
-                             images, labels)
+        loss, correct = train_replica(model, optimizer, loss_fn, weight_decay, plan.global_batch, plan.replicas,
+                                      images, labels)
+        return tf.stack([loss, correct, tf.cast(stop_flag.read_value(), tf.float32)])
 
     @tf.function(jit_compile=jit or None, autograph=False)
     def one_step(batch):
-        loss, correct = strategy.run(step, args=batch)
-        return strategy.reduce("SUM", loss, axis=None), strategy.reduce("SUM", correct, axis=None)
+        return strategy.reduce("SUM", strategy.run(step, args=batch), axis=None)
 
     # An explicit while loop, not AutoGraph: tracing then never depends on reading this file's source.
     @tf.function(autograph=False)
     def loop(iterator, steps):
-        def body(i, loss_sum, correct_sum):
-            loss, correct = one_step(next(iterator))
-            return i + 1, loss_sum + loss, correct_sum + correct
+        def body(i, totals):
+            return i + 1, totals + one_step(next(iterator))
 
-        _, loss_sum, correct_sum = tf.while_loop(lambda i, *_: i < steps, body,
-                                                 (tf.constant(0), tf.constant(0.0), tf.constant(0.0)))
-        return loss_sum, correct_sum
+        i, totals = tf.while_loop(lambda i, totals: (i < steps) & (totals[2] == 0.0), body,
+                                  (tf.constant(0), tf.zeros([3])))
+        return i, totals[0], totals[1], totals[2]
 
     return loop
 
@@ -361,9 +406,12 @@ def make_evaluate(model, source, eval_examples):
         top1 = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
         return tf.reduce_sum(loss_fn(labels, logits)), top1, top5, tf.cast(tf.size(labels), tf.float32)
 
-    def evaluate():
+    def evaluate(stopped=lambda: False):
+        """``(loss, top-1, top-5)``; None when ``stopped()`` turns true between batches."""
         totals = [0.0, 0.0, 0.0, 0.0]
         for images, labels in data:
+            if stopped():
+                return None
             totals = [t + float(v) for t, v in zip(totals, eval_step(images, labels))]
         loss, top1, top5, count = totals
         return loss / max(count, 1), top1 / max(count, 1), top5 / max(count, 1)
@@ -460,24 +508,20 @@ def _check_same_step(strategy, step):
 
 
 def main(argv=None) -> int:
+    from recipes.inception_bn.stopping import StopRequest
     from recipes.requirements import require_recipe_extra
 
     require_recipe_extra()
     args = parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        # Schedulers preempt with SIGTERM: treat it as Ctrl-C, so the current step is checkpointed.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        return train(args)
-    except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (Interrupted, Preempted) as stopped:
-        print(f"\n{stopped}; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:  # before training started: nothing to keep
-        print("\ninterrupted before training started", file=sys.stderr)
-        return 130
+    with StopRequest() as stop:
+        try:
+            return train(args, stop)
+        except RecipeError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except Interrupted as stopped:
+            print(f"\n{stopped}; rerun the same command to resume", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":
