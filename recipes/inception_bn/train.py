@@ -78,7 +78,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=1000, help="steps between evaluations and checkpoints")
     parser.add_argument("--steps-per-loop", type=int, default=1,
                         help="training steps per tf.function call (GPUs then wait less on Python); evaluations, "
-                        "checkpoints and preemption stay exact at loop boundaries")
+                        "checkpoints stay exact at loop boundaries; a stop request ends a loop after the current step")
     parser.add_argument("--eval-examples", type=int, help="evaluate on the first N examples (default: all)")
     parser.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up")
     parser.add_argument("--cpu-replicas", type=int, default=1,
