@@ -187,6 +187,7 @@ def test_stops_are_prompt_inside_long_loops_and_evaluations_and_say_what_was_sav
     assert again >= 800 and "forced exit" not in stderr
     abandoned = [int(r["step"]) for r in _history(run_dir)][-1] != 800
     assert not abandoned or again == 800  # an abandoned evaluation: its checkpoint is what was saved
+    print(f"two signals as ckpt-800 appeared: saved step {again}, evaluation abandoned: {abandoned}")
 
     # The rerun resumes there (evaluating 800 first if that evaluation was abandoned): every
     # evaluation exactly once.
