@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kerasbn-installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-floor bench lint venv fashion-mnist
+.PHONY: demo test test-floor bench lint venv fashion-mnist package-check
 
 venv: $(STAMP)
 
@@ -57,3 +57,15 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff
 	$(PY) -m ruff check kerasbn recipes tests benchmarks
+
+# The release artifacts as a user gets them: build the sdist and the wheel, check their metadata,
+# install the wheel (not the checkout) into a fresh virtualenv and run one layer there.
+PACKAGE_DIR := build/package-check
+package-check: $(STAMP)
+	$(PY) -m pip install -q build twine
+	rm -rf $(PACKAGE_DIR) && mkdir -p $(PACKAGE_DIR)
+	$(PY) -m build --sdist --wheel --outdir $(PACKAGE_DIR)/dist . >$(PACKAGE_DIR)/build.log 2>&1 || { tail -20 $(PACKAGE_DIR)/build.log; exit 1; }
+	$(PY) -m twine check --strict $(PACKAGE_DIR)/dist/*
+	$(PYTHON) -m venv $(PACKAGE_DIR)/venv
+	$(PACKAGE_DIR)/venv/bin/python -m pip install -q $(PACKAGE_DIR)/dist/*.whl
+	cd $(PACKAGE_DIR) && venv/bin/python ../../tests/installed_wheel_check.py

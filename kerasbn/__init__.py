@@ -5,6 +5,7 @@ statistics, and the tools around it. Work-arounds for Keras itself live in
 :mod:`kerasbn.compat`; the statistics helpers in :mod:`kerasbn.moments`.
 """
 
+from kerasbn.backend import BackendError
 from kerasbn.batch_normalization import BatchNormalization, SyncBatchNormalization
 from kerasbn.convert import convert_sync_batchnorm
 from kerasbn.folding import fold_batch_norm
@@ -12,6 +13,7 @@ from kerasbn.population import recalibrate_statistics
 from kerasbn.serving import export_for_serving
 
 __all__ = [
+    "BackendError",
     "BatchNormalization",
     "SyncBatchNormalization",
     "convert_sync_batchnorm",
@@ -19,4 +21,4 @@ __all__ = [
     "fold_batch_norm",
     "recalibrate_statistics",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -9,8 +9,8 @@ import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
 from kerasbn import cross_replica, fused
-from kerasbn.moments import (
-    ELEMENTWISE, FUSED, ONE_PASS, batch_statistics, variance_from_moments)
+from kerasbn.backend import require_tensorflow_backend
+from kerasbn.moments import ELEMENTWISE, FUSED, ONE_PASS, batch_statistics, variance_from_moments
 from kerasbn.normalize import normalize_inference, normalize_with_batch_statistics
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
@@ -212,6 +212,7 @@ class BatchNormalization(keras.layers.Layer):
         fused=None,
         **kwargs,
     ):
+        require_tensorflow_backend(type(self).__name__)
         super().__init__(**kwargs)
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(

@@ -18,6 +18,8 @@ import functools
 
 import tensorflow as tf
 
+from kerasbn.backend import require_tensorflow_backend
+
 _PATCHED = "_kerasbn_multi_worker_fix"
 
 
@@ -27,6 +29,7 @@ def patch_keras_multi_worker_fit() -> bool:
     Idempotent. Returns True when the patch is (now) in place, False when
     this Keras has no such method (nothing to fix).
     """
+    require_tensorflow_backend("patch_keras_multi_worker_fit")
     try:
         from keras.src.backend.tensorflow import trainer as trainer_module
         from keras.src.backend.tensorflow.trainer import TensorFlowTrainer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kerasbn import model_walk
+from kerasbn.backend import require_tensorflow_backend
 from kerasbn.batch_normalization import BatchNormalization, SyncBatchNormalization
 
 # Arguments both layers share; everything else in Keras' config is base-layer state.
@@ -62,6 +63,7 @@ def convert_sync_batchnorm(model, sync_group_size: int | None = None, **override
         The converted copy.
     """
     tool = "convert_sync_batchnorm"
+    require_tensorflow_backend(tool)
     model_walk.check_model(model, tool)
     model_walk.require_graph_model(
         model, tool, ": construct it with kerasbn.SyncBatchNormalization layers instead")

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from kerasbn import model_walk
+from kerasbn.backend import require_tensorflow_backend
 
 _FOLDABLE = (
     keras.layers.Conv1D,
@@ -58,23 +59,36 @@ def _channel_axis_matches(producer, bn) -> bool:
 
 def _producer(bn):
     """The layer whose output feeds ``bn`` alone, when BN can fold into it."""
+    return _fold_target(bn)[0]
+
+
+def _fold_target(bn):
+    """``(producer, None)`` when ``bn`` folds into ``producer``, else ``(None, why not)``."""
+    if not bn._inbound_nodes:
+        return None, "it is called inside a layer's own code, which has no graph to rebuild"
     if len(bn._inbound_nodes) != 1:
-        return None
+        return None, "it is called more than once"
     tensors = bn._inbound_nodes[0].arguments.keras_tensors
     if len(tensors) != 1:
-        return None
+        return None, "it has several inputs"
     producer = tensors[0]._keras_history.operation
     if not isinstance(producer, _FOLDABLE):
-        return None
+        return None, f"its input comes from {type(producer).__name__}, not a convolution or Dense layer"
     if len(producer._inbound_nodes) != 1 or len(producer._outbound_nodes) != 1:
-        return None  # shared layer, or its output also feeds something else
+        return None, f"{producer.name} is shared, or its output also feeds another layer"
     if keras.activations.serialize(producer.activation) not in ("linear", None):
-        return None
+        return None, f"{producer.name} has an activation before it"
     if producer.dtype_policy.name != "float32" and producer.dtype_policy.variable_dtype != "float32":
-        return None
+        return None, f"{producer.name} does not keep float32 weights"
     if not _channel_axis_matches(producer, bn):
-        return None
-    return producer
+        return None, f"it normalizes another axis than {producer.name}'s channels"
+    return producer, None
+
+
+def unfoldable(model) -> list[str]:
+    """``"name (why)"`` for every BN layer of a functional or Sequential ``model`` that cannot fold."""
+    return [f"{bn.name} ({_fold_target(bn)[1]})" for bn in model_walk.batch_norm_layers(model)
+            if _fold_target(bn)[0] is None]
 
 
 def _folded_weights(producer, bn) -> list[np.ndarray]:
@@ -118,6 +132,7 @@ def fold_batch_norm(model):
     ['Dense', 'FoldedBatchNorm']
     """
     tool = "fold_batch_norm"
+    require_tensorflow_backend(tool)
     model_walk.check_model(model, tool)
     bns = model_walk.batch_norm_layers(model)
     if not bns:

@@ -36,9 +36,14 @@ def warn_no_batch_norm(model, tool: str):
     return model
 
 
+def is_graph_model(model) -> bool:
+    """Functional or Sequential: a graph of layers that can be rebuilt (a subclassed model's is code)."""
+    return isinstance(model, keras.Sequential) or hasattr(model, "_nodes_by_depth")
+
+
 def require_graph_model(model, tool: str, hint: str = "") -> None:
     """Cloning needs a functional or Sequential model (subclassed models have no graph)."""
-    if not isinstance(model, keras.Sequential) and not hasattr(model, "_nodes_by_depth"):
+    if not is_graph_model(model):
         raise ValueError(f"{tool} needs a functional or Sequential model; "
                          f"{type(model).__name__} is a subclassed model{hint}.")
 

@@ -26,8 +26,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from kerasbn import cross_replica, fused
-from kerasbn.moments import (
-    ELEMENTWISE, BatchStatistics, split_ghost_batches, variance_from_moments)
+from kerasbn.moments import ELEMENTWISE, BatchStatistics, split_ghost_batches, variance_from_moments
 
 
 def normalize_inference(x, channel_axis, mean, variance, gamma, beta, epsilon) -> tf.Tensor:

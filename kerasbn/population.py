@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerasbn import model_walk
+from kerasbn.backend import require_tensorflow_backend
 from kerasbn.batch_normalization import BatchNormalization
 from kerasbn.convert import kerasbn_config
 
@@ -86,6 +87,7 @@ def recalibrate_statistics(model, data, steps: int | None = None, verbose: int |
     True
     """
     tool = "recalibrate_statistics"
+    require_tensorflow_backend(tool)
     model_walk.check_model(model, tool)
     if steps is not None and (not isinstance(steps, int) or steps <= 0):
         raise ValueError(f"`steps` must be a positive int or None; received steps={steps!r}.")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
-from kerasbn.folding import fold_batch_norm
+from kerasbn import model_walk
+from kerasbn.backend import require_tensorflow_backend
+from kerasbn.folding import fold_batch_norm, unfoldable
 
 
 def export_for_serving(model, path: str | os.PathLike, fold: bool = True):
@@ -16,7 +19,10 @@ def export_for_serving(model, path: str | os.PathLike, fold: bool = True):
         model: a built Keras model.
         path: the SavedModel directory to write (created; must not be a file).
         fold: fold BN layers into their producers first
-            (:func:`kerasbn.fold_batch_norm`): same outputs, fewer ops.
+            (:func:`kerasbn.fold_batch_norm`): same outputs, fewer ops. What
+            cannot fold is exported as it is, with a warning naming each BN
+            layer left and why; a subclassed model (no graph to rebuild) is
+            exported whole, unfolded, with that warning.
 
     Returns:
         The model that was exported (the folded copy when ``fold``).
@@ -28,6 +34,9 @@ def export_for_serving(model, path: str | os.PathLike, fold: bool = True):
     Raises:
         OSError: ``path`` cannot be written.
     """
+    tool = "export_for_serving"
+    require_tensorflow_backend(tool)
+    model_walk.check_model(model, tool)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OSError(f"export_for_serving: {path} exists and is not a directory.")
@@ -38,7 +47,18 @@ def export_for_serving(model, path: str | os.PathLike, fold: bool = True):
             pass
     except OSError as error:
         raise OSError(f"export_for_serving: cannot write to {path}: {error.strerror or error}") from None
-    served = fold_batch_norm(model) if fold else model
+    served = model
+    bns = model_walk.batch_norm_layers(model)
+    if fold and bns:
+        if model_walk.is_graph_model(model):
+            left = unfoldable(model)
+            served = fold_batch_norm(model)
+        else:
+            left = [f"{bn.name} (in subclassed model {type(model).__name__}, which has no graph to "
+                    "rebuild)" for bn in bns]
+        if left:
+            warnings.warn(f"{tool}: {len(left)} of {len(bns)} BN layers not folded, exported as they are: "
+                          + "; ".join(left), stacklevel=2)
     served.export(str(path), format="tf_saved_model", verbose=False)
     return served
 

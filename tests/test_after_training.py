@@ -166,7 +166,9 @@ def test_export_reloads_in_a_fresh_process_and_lists_the_signature(tmp_path):
     x = RNG.normal(0, 1, (3, 8, 8, 3)).astype("float32")
     np.save(tmp_path / "x.npy", x)
     expected = model(x, training=False).numpy()
-    served = kerasbn.export_for_serving(model, tmp_path / "export")
+    # The BN after average pooling has nothing to fold into: exported as it is, and named.
+    with pytest.warns(UserWarning, match=r"1 of 10 BN layers not folded.*AveragePooling2D"):
+        served = kerasbn.export_for_serving(model, tmp_path / "export")
     assert "FoldedBatchNorm" in [type(layer).__name__ for layer in served.layers]
     script = (
         "import sys, numpy as np, tensorflow as tf\n"
@@ -180,6 +182,45 @@ def test_export_reloads_in_a_fresh_process_and_lists_the_signature(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert "serving_default" in cli.stdout and "serve" in cli.stdout
+
+
+class ConvBlock(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = keras.layers.Conv2D(4, 3, use_bias=False)
+        self.bn = kerasbn.BatchNormalization()
+
+    def call(self, x, training=None):
+        return keras.activations.relu(self.bn(self.conv(x), training=training))
+
+
+class SubclassedNet(keras.Model):
+    """BN inside a custom layer inside a subclassed model: no graph to rebuild."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.block = ConvBlock()
+        self.pool = keras.layers.GlobalAveragePooling2D()
+        self.head = keras.layers.Dense(3)
+
+    def call(self, x, training=None):
+        return self.head(self.pool(self.block(x, training=training)))
+
+
+def test_a_subclassed_model_is_exported_unfolded_with_a_warning_and_serves(tmp_path):
+    model = SubclassedNet()
+    x = RNG.normal(0, 1, (2, 8, 8, 3)).astype("float32")
+    model(x)
+    _randomize(model)
+    kerasbn.recalibrate_statistics(model, [x], steps=1, verbose=0)
+    expected = model(x, training=False).numpy()
+    with pytest.warns(UserWarning, match=r"1 of 1 BN layers not folded.*subclassed model SubclassedNet"):
+        served = kerasbn.export_for_serving(model, tmp_path / "export")
+    assert served is model
+    loaded = tf.saved_model.load(str(tmp_path / "export"))
+    np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="fold_batch_norm needs a functional or Sequential model"):
+        kerasbn.fold_batch_norm(model)  # it cannot rebuild the model, and says so
 
 
 def test_export_to_an_unwritable_path_is_a_clear_error(tmp_path):

@@ -82,3 +82,47 @@ def test_bad_input_leaves_moving_statistics_untouched():
     with pytest.raises(ValueError):
         layer(np.ones((8, 2), "float32"), training=True)
     np.testing.assert_array_equal(layer.moving_mean.numpy(), before)
+
+
+OTHER_BACKEND_SCRIPT = """
+import keras, numpy as np
+import kerasbn
+assert keras.backend.backend() == {backend!r}
+checks = {{
+    "layer": lambda: kerasbn.BatchNormalization(),
+    "sync layer": lambda: kerasbn.SyncBatchNormalization(),
+    "model": lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), kerasbn.BatchNormalization()]),
+    "fold": lambda: kerasbn.fold_batch_norm(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])),
+    "convert": lambda: kerasbn.convert_sync_batchnorm(keras.Sequential([keras.Input((4,))])),
+    "recalibrate": lambda: kerasbn.recalibrate_statistics(keras.Sequential([keras.Input((4,))]), [np.zeros((1, 4))]),
+    "export": lambda: kerasbn.export_for_serving(keras.Sequential([keras.Input((4,))]), "unused"),
+}}
+for name, use in checks.items():
+    try:
+        use()
+    except kerasbn.BackendError as error:
+        print(name, "->", error)
+    else:
+        raise SystemExit(name + " did not fail")
+"""
+
+
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
+def test_another_keras_backend_is_named_at_first_use(backend):
+    import importlib.util
+    import subprocess
+    import sys
+
+    from tests.distributed import _env
+
+    missing = [m for m in ("jax", "scipy") if importlib.util.find_spec(m) is None]
+    if missing:  # Keras' numpy backend imports both too
+        pytest.skip(f"Keras' {backend} backend needs {', '.join(missing)} (the `test` extra)")
+    result = subprocess.run([sys.executable, "-c", OTHER_BACKEND_SCRIPT.format(backend=backend)],
+                            capture_output=True, text=True, timeout=300, env=_env({"KERAS_BACKEND": backend}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 7
+    for line in lines:
+        assert f"needs Keras' TensorFlow backend; Keras is running on {backend!r}" in line
+        assert "KERAS_BACKEND=tensorflow" in line and "tf.distribute" in line
