@@ -12,7 +12,7 @@ Numerical care taken here, one line each:
   squares overflows at activations around 250).
 - The mean takes two passes: the second adds back the rounding error of the
   first float32 sum, which matters when a channel's mean is large against its
-  spread (figures in the README).
+  spread (docs/design.md, "Precision").
 - M2 is a sum of centred squares, never ``E[x^2] - E[x]^2``, which cancels
   catastrophically when a channel's mean is large against its spread.
 - Counts are exact: from the static/dynamic shape, or from the mask; no
@@ -191,7 +191,7 @@ def _shifted_fused_statistics(x: tf.Tensor, channel_axis: int, affine: tuple | N
 
     The kernel's float32 variance cancels catastrophically when a channel's
     mean is large against its spread (oneDNN's float32 accumulation; XLA
-    expands the kernel into ``E[x^2] - E[x]^2``; figures in the README).
+    expands the kernel into ``E[x^2] - E[x]^2``; docs/design.md, "Precision").
     Statistics and normalization are shift-invariant, so the kernel sees
     ``x - shift`` with ``shift`` the first example's per-channel mean: a value
     of the channel's own distribution, which leaves a shifted mean of the
