@@ -31,7 +31,7 @@ WORKER = """
 import json, sys, time
 from types import SimpleNamespace
 import keras, tensorflow as tf
-from recipes.inception_bn.data import load_source
+from recipes.inception_bn.data import load_source, network_input
 from recipes.inception_bn.train import make_train_loop
 from recipes.inception_bn.variants import VARIANTS
 
@@ -44,7 +44,8 @@ optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
 optimizer.build(model.trainable_variables)
 strategy = tf.distribute.get_strategy()
 loop = make_train_loop(strategy, model, optimizer, variant.weight_decay,
-                       SimpleNamespace(global_batch=32, replicas=1), False)
+                       SimpleNamespace(global_batch=32, replicas=1), False,
+                       prepare=lambda images, factors: network_input(images, factors, variant.distortion))
 iterator = iter(source.train(32, variant.distortion, 0))
 float(loop(iterator, tf.constant(20))[0])  # trace and warm up
 start = time.perf_counter()

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from recipes.fashion_mnist import find_data_dir
-from recipes.inception_bn.data import DataNotFoundError, check_imagenet_dir, load_source
+from recipes.inception_bn.data import DataNotFoundError, check_imagenet_dir, load_source, network_input
 
 SYNSETS = ["n01440764", "n01443537"]  # the first two of tfds' labels.txt: labels 0 and 1
 
@@ -46,16 +46,17 @@ def test_tfds_imagenet2012_from_the_manual_dir(fake_imagenet, tmp_path):
     source = load_source("imagenet2012", fake_imagenet, image_size=32, prepared_dir=tmp_path / "prepared")
     assert (source.num_classes, source.image_shape) == (1000, (32, 32, 3))
     assert (source.train_examples, source.eval_examples) == (6, 4)
-    images, labels = next(iter(source.train(4, 1.0, seed=0)))
-    assert images.shape == (4, 32, 32, 3) and images.dtype == tf.float32
-    assert -1.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0
+    images, factors, labels = next(iter(source.train(4, 1.0, seed=0)))
+    assert images.shape == (4, 32, 32, 3) and images.dtype == tf.uint8  # the host sends uint8
+    assert factors.shape == (4, 4) and factors.dtype == tf.float32
     assert set(labels.numpy()) <= {0, 1}
     # Class 1's images are brighter (150 grey levels): the labels travel with their images
-    # through the random crops and distortions.
-    means = tf.reduce_mean(images, [1, 2, 3]).numpy()
-    for mean, label in zip(means, labels.numpy()):
-        assert (mean > 0.0) == (label == 1)
-    eval_images, eval_labels = next(iter(source.eval(8)))
+    # through the random crops, and the device's distortion keeps them apart.
+    for batch in (tf.cast(images, tf.float32) / 255 * 2 - 1, network_input(images, factors, 1.0)):
+        means = tf.reduce_mean(batch, [1, 2, 3]).numpy()
+        for mean, label in zip(means, labels.numpy()):
+            assert (mean > 0.0) == (label == 1)
+    eval_images, eval_labels = next(iter(source.eval().batch(8)))
     assert eval_images.shape == (4, 32, 32, 3)
     # Validation labels: tfds' validation_labels.txt, line i for val image i, as indices in labels.txt.
     import tensorflow_datasets as tfds
@@ -64,7 +65,8 @@ def test_tfds_imagenet2012_from_the_manual_dir(fake_imagenet, tmp_path):
     synsets = (folder / "labels.txt").read_text().split()
     expected = [synsets.index(s) for s in (folder / "validation_labels.txt").read_text().split()[:4]]
     assert sorted(eval_labels.numpy().tolist()) == sorted(expected)
-    np.testing.assert_allclose(eval_images.numpy(), 100 / 255 * 2 - 1, atol=0.03)
+    np.testing.assert_allclose(network_input(eval_images).numpy(), 100 / 255 * 2 - 1, atol=0.03)
+    assert [int(tf.shape(b[0])[0]) for b in source.eval(3).batch(8)] == [3]
     # Prepared once: a second load reads the TFRecords without the tars.
     again = load_source("imagenet2012", None, image_size=32, prepared_dir=tmp_path / "prepared")
     assert again.train_examples == 6
@@ -81,28 +83,33 @@ def test_imagenet_dir_checks(tmp_path):
 
 def test_synthetic_is_learnable_and_sharded():
     source = load_source("synthetic", image_size=16)
-    images, labels = next(iter(source.eval(1000)))
+    images, labels = next(iter(source.eval().batch(1000)))
     # Each class's images share a pattern: the nearest class mean recovers most labels.
     flat = images.numpy().reshape(len(images), -1)
     centroids = np.stack([flat[labels.numpy() == c].mean(0) for c in range(10)])
     predicted = np.argmin(((flat[:, None] - centroids[None]) ** 2).sum(-1), 1)
     assert (predicted == labels.numpy()).mean() > 0.9
     context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=2)
-    assert sum(int(tf.shape(b[1])[0]) for b in source.eval(100, context)) == 500
+    assert sum(1 for _ in source.eval(None, context)) == 500
+    # The first 333 examples, split between two pipelines: each example in exactly one of them.
+    first = [int(label) for _, label in source.eval(333)]
+    shares = [[int(label) for _, label in source.eval(333, tf.distribute.InputContext(2, i, 2))] for i in (0, 1)]
+    assert len(shares[0]) + len(shares[1]) == 333 and sorted(shares[0] + shares[1]) == sorted(first)
 
 
 @pytest.mark.skipif(find_data_dir() is None, reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_pipeline():
     source = load_source("fashion_mnist", image_size=32)
     assert (source.num_classes, source.image_shape, source.train_examples) == (10, (32, 32, 1), 60000)
-    images, labels = next(iter(source.train(16, 0.5, seed=0)))
-    assert images.shape == (16, 32, 32, 1) and labels.dtype == tf.int32
-    eval_images, _ = next(iter(source.eval(10000)))
-    assert eval_images.shape == (10000, 32, 32, 1)
+    images, factors, labels = next(iter(source.train(16, 0.5, seed=0)))
+    assert images.shape == (16, 32, 32, 1) and images.dtype == tf.uint8 and labels.dtype == tf.int32
+    assert network_input(images, factors, 0.5).shape == (16, 32, 32, 1)
+    eval_images, _ = next(iter(source.eval().batch(10000)))
+    assert eval_images.shape == (10000, 32, 32, 1) and eval_images.dtype == tf.uint8
 
 
 def test_batched_crops_flips_and_distortion_are_per_image():
-    from recipes.inception_bn.data import grayscale_distortion, random_crops_and_flips
+    from recipes.inception_bn.data import random_crops_and_flips
 
     tf.random.set_seed(0)
     images = tf.reshape(tf.range(64 * 6 * 6, dtype=tf.float32), (64, 6, 6, 1)) + 1.0
@@ -118,11 +125,50 @@ def test_batched_crops_flips_and_distortion_are_per_image():
         windows.add(found[0])
     assert len(windows) > 10  # offsets and flips drawn per image, not once per batch
 
-    flat = tf.fill((32, 4, 4, 1), 0.5) + tf.random.uniform((32, 4, 4, 1), -0.1, 0.1)
-    distorted = grayscale_distortion(flat, 1.0).numpy()
-    assert distorted.min() >= 0 and distorted.max() <= 1
-    assert np.std(distorted.mean((1, 2, 3))) > 0.01  # brightness differs between images
-    assert grayscale_distortion(flat, 0.0) is flat
+
+
+def _per_image_reference(image, factors):
+    """Today's per-image distortion, with given factors: tf.image's own ops, one image at a time."""
+    brightness, saturation, hue, contrast = (float(f) for f in factors)
+    image = tf.image.adjust_brightness(image, brightness)
+    if image.shape[-1] == 3:
+        image = tf.image.adjust_saturation(image, saturation)
+        image = tf.image.adjust_hue(image, hue)
+    return tf.clip_by_value(tf.image.adjust_contrast(image, contrast), 0.0, 1.0)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_batched_device_distortion_equals_the_per_image_ops(channels):
+    from recipes.inception_bn.data import apply_distortion, distortion_factors
+
+    tf.random.set_seed(1)
+    images = tf.random.uniform((16, 8, 8, channels), 0.15, 0.85)
+    factors = distortion_factors(16, 1.0)
+    batched = apply_distortion(images, factors).numpy()
+    for image, f, out in zip(images, factors, batched):
+        np.testing.assert_allclose(out, _per_image_reference(image, f).numpy(), atol=2e-5)
+    assert np.std(batched.mean((1, 2, 3))) > 0.01  # factors differ between images
+
+
+def test_distortion_factors_are_googlenets_ranges_drawn_per_image():
+    from recipes.inception_bn.data import NEUTRAL_FACTORS, distortion_factors
+
+    tf.random.set_seed(2)
+    factors = distortion_factors(20000, 0.5).numpy()
+    # Uniform on [-16/255, 16/255], [0.75, 1.25], [-0.1, 0.1], [0.75, 1.25]: mean, spread, bounds.
+    low, high = np.array([-16 / 255, 0.75, -0.1, 0.75]), np.array([16 / 255, 1.25, 0.1, 1.25])
+    assert np.all(factors >= low) and np.all(factors <= high)
+    np.testing.assert_allclose(factors.mean(0), (low + high) / 2, atol=0.01 * (high - low).max())
+    np.testing.assert_allclose(factors.std(0), (high - low) / np.sqrt(12), rtol=0.03)
+    assert abs(np.corrcoef(factors.T)[np.triu_indices(4, 1)]).max() < 0.05  # independent
+    np.testing.assert_array_equal(distortion_factors(3, 0.0).numpy(), [NEUTRAL_FACTORS] * 3)
+
+
+def test_network_input_scales_uint8_to_signed_unit_in_the_compute_dtype():
+    images = tf.constant([[[[0], [255]], [[51], [204]]]], tf.uint8)
+    out = network_input(images, dtype=tf.bfloat16)
+    assert out.dtype == tf.bfloat16
+    np.testing.assert_allclose(tf.cast(out, tf.float32).numpy().ravel(), [-1, 1, -0.6, 0.6], atol=1e-2)
 
 
 def test_bad_source_arguments(tmp_path):

@@ -260,6 +260,22 @@ def test_two_workers_stopped_inside_a_long_loop_save_the_same_step_and_the_rerun
     assert f"eval accuracy {recalibrated['eval_accuracy']:.4f} (population statistics)" in chief
     assert [int(r["step"]) for r in _history(tmp_path)] == [step + 2]
     assert (tmp_path / "export" / "saved_model.pb").exists()
+    # That evaluation ran on both workers, each on its share of the 16 images: it equals one
+    # evaluation of the checkpoint's weights on one device.
+    import tensorflow as tf
+
+    from recipes.inception_bn.data import load_source, network_input
+    from recipes.inception_bn.variants import VARIANTS
+
+    model = VARIANTS["bn-x5"].build_model(10, (32, 32, 3), width_multiplier=0.125)
+    tf.train.Checkpoint(model=model).restore(str(tmp_path / "checkpoints" / f"ckpt-{step + 2}")).expect_partial()
+    images, labels = next(iter(load_source("synthetic", image_size=32).eval(16).batch(16)))
+    logits = model(network_input(images), training=False)
+    loss = float(tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)))
+    accuracy = float(np.mean(np.argmax(logits, -1) == labels.numpy()))
+    (row,) = _history(tmp_path)
+    assert float(row["eval_loss"]) == pytest.approx(loss, abs=2e-5)
+    assert float(row["eval_accuracy"]) == pytest.approx(accuracy, abs=1e-6)
 
 
 def test_help_lists_the_variants():
@@ -416,3 +432,17 @@ def test_a_stop_request_ends_the_training_loop_after_the_current_step():
     steps, _, _, votes = loop(iterator, tf.constant(1000))
     assert (int(steps), float(votes)) == (1, 1.0)
     assert int(optimizer.iterations.numpy()) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("examples", [997, 5])
+def test_evaluation_on_three_replicas_counts_every_example_once(examples, tmp_path):
+    # 997 = 20 global batches of 48 and 37 left; 5: most replicas never get an example.
+    from tests.distributed import run_script
+
+    result = run_script("eval_worker.py", ["--replicas", "3", "--examples", str(examples), "--batch", "16"],
+                        tmp_path)
+    assert int(result["count"]) == examples
+    loss, top1, top5 = result["distributed"]
+    np.testing.assert_allclose(result["distributed"], result["single"], rtol=1e-5, atol=1e-6)
+    assert 0 < top1 < top5 <= 1 or examples == 5  # a real evaluation, not a constant

@@ -3,7 +3,14 @@
 Every source gives per-replica ``tf.data`` pipelines for
 ``strategy.distribute_datasets_from_function``: the training one shuffled,
 augmented, repeated and prefetched; the evaluation one a single pass.
-Images come out as float32 in [-1, 1], labels as int32.
+
+Host and device split the work. Per image, the host does only what it must - read, crop,
+decode, resize, flip - in uint8, and draws the image's photometric-distortion factors (four
+floats). :func:`network_input`, called inside the training step on the device and on the whole
+batch, applies the distortion with those factors, scales to [-1, 1] and casts to the compute
+dtype: the per-pixel float arithmetic leaves the host, and the host sends a quarter of float32's
+bytes. Training elements are ``(images uint8 (B, H, W, C), factors float32 (B, 4), labels int32
+(B,))``; evaluation elements, unbatched, ``(image uint8 (H, W, C), label int32)``.
 
 The paper's augmentation (section 4.2, from GoogLeNet): random crops of
 8%-100% of the image area and 3/4-4/3 aspect ratio, resized to the
@@ -40,8 +47,10 @@ class Source:
         image_shape: ``(size, size, channels)`` the network sees.
         train_examples: examples per training epoch.
         eval_examples: examples in the evaluation split.
-        train: ``(batch_size, distortion, seed, input_context) -> tf.data.Dataset``.
-        eval: ``(batch_size, input_context) -> tf.data.Dataset``.
+        train: ``(batch_size, distortion, seed, input_context) -> tf.data.Dataset`` of batched
+            ``(images uint8, factors float32, labels int32)``, repeated.
+        eval: ``(limit, input_context) -> tf.data.Dataset`` of unbatched ``(image uint8, label
+            int32)``: this pipeline's share of the first ``limit`` examples (all when None).
     """
 
     name: str
@@ -70,17 +79,59 @@ def _distortion_ranges(strength: float):
     return 32.0 / 255.0 * strength, (1.0 - 0.5 * strength, 1.0 + 0.5 * strength)
 
 
-def photometric_distortion(image, strength: float):
-    """GoogLeNet-style colour distortion, scaled by ``strength`` (0: none)."""
+# Columns of the per-image factors: brightness delta, saturation factor, hue delta, contrast factor.
+NEUTRAL_FACTORS = (0.0, 1.0, 0.0, 1.0)
+
+
+def distortion_factors(batch_size, strength: float):
+    """``(batch_size, 4)`` per-image factors of GoogLeNet's photometric distortion at ``strength``:
+    brightness delta in +-32/255 s, saturation and contrast factors in [1 - s/2, 1 + s/2], hue
+    delta in +-0.2 s, each uniform and independent (what ``tf.image.random_*`` draw). Neutral at 0."""
     if strength <= 0:
-        return image
-    max_delta, factors = _distortion_ranges(strength)
-    image = tf.image.random_brightness(image, max_delta)
-    if image.shape[-1] == 3:
-        image = tf.image.random_saturation(image, *factors)
-        image = tf.image.random_hue(image, 0.2 * strength)
-    image = tf.image.random_contrast(image, *factors)
-    return tf.clip_by_value(image, 0.0, 1.0)
+        return tf.tile(tf.constant([NEUTRAL_FACTORS], tf.float32), [batch_size, 1])
+    max_delta, (lower, upper) = _distortion_ranges(strength)
+    max_hue = 0.2 * strength
+    low = tf.constant([-max_delta, lower, -max_hue, lower], tf.float32)
+    high = tf.constant([max_delta, upper, max_hue, upper], tf.float32)
+    return low + tf.random.uniform((batch_size, 4)) * (high - low)
+
+
+def with_distortion_factors(dataset, strength: float):
+    """Batched ``(images, labels)`` -> ``(images, factors, labels)``: one random op per batch."""
+    return dataset.map(lambda images, labels: (images, distortion_factors(tf.shape(images)[0], strength), labels),
+                       num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def apply_distortion(images, factors):
+    """Photometric distortion of a float ``(B, H, W, C)`` batch in [0, 1], per image, in batched
+    ops: brightness, then (colour images) saturation and hue, then contrast, clipped to [0, 1] -
+    the order and the arithmetic of ``tf.image.adjust_brightness/saturation/hue/contrast``."""
+    def column(i):
+        return tf.reshape(factors[:, i], [-1, 1, 1])
+
+    images = images + column(0)[..., None]
+    if images.shape[-1] == 3:
+        hue, saturation, value = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
+        saturation = tf.clip_by_value(saturation * column(1), 0.0, 1.0)
+        hue = tf.math.floormod(hue + column(2), 1.0)
+        images = tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1))
+    mean = tf.reduce_mean(images, axis=(1, 2), keepdims=True)
+    images = (images - mean) * column(3)[..., None] + mean
+    return tf.clip_by_value(images, 0.0, 1.0)
+
+
+def network_input(images, factors=None, strength: float = 0.0, dtype=tf.float32):
+    """The device's share of the pipeline: uint8 images (and their distortion factors) to the
+    network's input, in [-1, 1] and ``dtype``. Runs inside the training step, batched."""
+    images = tf.cast(images, tf.float32) / 255.0
+    if factors is not None and strength > 0:
+        images = apply_distortion(images, factors)
+    return tf.cast(to_signed_unit(images), dtype)
+
+
+def resize_to_uint8(images, size: int):
+    """Bilinear resize to ``size x size``, rounded back to uint8."""
+    return tf.saturate_cast(tf.round(tf.image.resize(images, (size, size))), tf.uint8)
 
 
 def random_crops_and_flips(images, pad: int):
@@ -95,17 +146,12 @@ def random_crops_and_flips(images, pad: int):
     return tf.where(flip, tf.reverse(crops, [2]), crops)
 
 
-def grayscale_distortion(images, strength: float):
-    """:func:`photometric_distortion` for a batch of grayscale images, per image: random
-    brightness, then random contrast, clipped to [0, 1]."""
-    if strength <= 0:
-        return images
-    batch = (tf.shape(images)[0], 1, 1, 1)
-    max_delta, factors = _distortion_ranges(strength)
-    images = images + tf.random.uniform(batch, -max_delta, max_delta)
-    factor = tf.random.uniform(batch, *factors)
-    mean = tf.reduce_mean(images, axis=(1, 2), keepdims=True)
-    return tf.clip_by_value((images - mean) * factor + mean, 0.0, 1.0)
+def first_examples(dataset, limit, input_context):
+    """The first ``limit`` examples (all when None), this pipeline's share of them: each of them
+    in exactly one pipeline."""
+    if limit is not None:
+        dataset = dataset.take(limit)
+    return _shard(dataset, input_context)
 
 
 # ImageNet ------------------------------------------------------------------------------------------
@@ -128,6 +174,8 @@ def check_imagenet_dir(data_dir) -> Path:
 
 
 def _inception_crop(image_bytes, size):
+    """The Inception crop (8%-100% of the area, aspect 3/4-4/3), decoded from the JPEG's crop
+    window only, resized to uint8: the host's whole per-image work for training but the flip."""
     shape = tf.image.extract_jpeg_shape(image_bytes)
     begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
         shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=(1, 1, 4)),
@@ -136,12 +184,12 @@ def _inception_crop(image_bytes, size):
     offset_y, offset_x, _ = tf.unstack(begin)
     height, width, _ = tf.unstack(crop_size)
     image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([offset_y, offset_x, height, width]), channels=3)
-    return tf.image.resize(tf.image.convert_image_dtype(image, tf.float32), (size, size))
+    return resize_to_uint8(image, size)
 
 
 def _central_crop(image_bytes, size, fraction=0.875):
-    image = tf.image.convert_image_dtype(tf.io.decode_jpeg(image_bytes, channels=3), tf.float32)
-    return tf.image.resize(tf.image.central_crop(image, fraction), (size, size))
+    image = tf.image.central_crop(tf.io.decode_jpeg(image_bytes, channels=3), fraction)
+    return resize_to_uint8(image, size)
 
 
 def imagenet2012(data_dir, image_size: int = 224, prepared_dir=None) -> Source:
@@ -164,22 +212,21 @@ def imagenet2012(data_dir, image_size: int = 224, prepared_dir=None) -> Source:
         dataset = builder.as_dataset("train", shuffle_files=True, read_config=read, as_supervised=True,
                                      decoders={"image": tfds.decode.SkipDecoding()})
 
-        def augment(image_bytes, label):
-            image = tf.image.random_flip_left_right(_inception_crop(image_bytes, image_size))
-            return to_signed_unit(photometric_distortion(image, distortion)), tf.cast(label, tf.int32)
+        def crop_and_flip(image_bytes, label):
+            return tf.image.random_flip_left_right(_inception_crop(image_bytes, image_size)), tf.cast(label, tf.int32)
 
         # Thorough shuffling (section 4.2.1): shuffled files, interleaved, and a large buffer.
-        return (dataset.shuffle(min(16384, splits["train"].num_examples), seed=seed).repeat()
-                .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-                .batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+        dataset = (dataset.shuffle(min(16384, splits["train"].num_examples), seed=seed).repeat()
+                   .map(crop_and_flip, num_parallel_calls=tf.data.AUTOTUNE)
+                   .batch(batch_size, drop_remainder=True))
+        return with_distortion_factors(dataset, distortion).prefetch(tf.data.AUTOTUNE)
 
-    def evaluate(batch_size, input_context=None):
-        read = tfds.ReadConfig(input_context=input_context)
-        dataset = builder.as_dataset("validation", read_config=read, as_supervised=True,
+    def evaluate(limit=None, input_context=None):
+        dataset = builder.as_dataset("validation", shuffle_files=False, as_supervised=True,
                                      decoders={"image": tfds.decode.SkipDecoding()})
-        return (dataset.map(lambda b, y: (to_signed_unit(_central_crop(b, image_size)), tf.cast(y, tf.int32)),
-                            num_parallel_calls=tf.data.AUTOTUNE)
-                .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+        # Shard the records before decoding: each pipeline decodes only its share.
+        return first_examples(dataset, limit, input_context).map(
+            lambda b, y: (_central_crop(b, image_size), tf.cast(y, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
 
     return Source("imagenet2012", builder.info.features["label"].num_classes, (image_size, image_size, 3),
                   splits["train"].num_examples, splits["validation"].num_examples, train, evaluate)
@@ -193,32 +240,30 @@ def fashion_mnist(data_dir=None, image_size: int = 28) -> Source:
 
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist(data_dir)
 
-    def prepare(images):
-        images = tf.image.convert_image_dtype(images[..., None], tf.float32)
-        if image_size != images.shape[1]:
-            images = tf.image.resize(images, (image_size, image_size))
-        return images
+    def resized(images):
+        images = images[..., None]
+        return images if image_size == images.shape[1] else resize_to_uint8(images, image_size)
 
-    def augment_batch(images, distortion):
+    def crop_and_flip(images, labels):
         # Random crops of a padded image (the 28x28 digits-style frame leaves no room
-        # for the ImageNet crop), random flips, photometric distortion.
-        images = random_crops_and_flips(prepare(images), max(1, image_size // 14))
-        return to_signed_unit(grayscale_distortion(images, distortion))
+        # for the ImageNet crop) and random flips, on uint8, a batch at a time.
+        return random_crops_and_flips(resized(images), max(1, image_size // 14)), labels
 
     def train(batch_size, distortion, seed, input_context=None):
         dataset = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.int32)))
         dataset = _shard(dataset, input_context)
-        # Shuffled as 28x28 bytes and augmented a batch at a time: per-image float copies and
-        # per-image ops took CPU time from the training they feed.
-        return (dataset.shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True).repeat()
-                .batch(batch_size, drop_remainder=True)
-                .map(lambda images, labels: (augment_batch(images, distortion), labels),
-                     num_parallel_calls=tf.data.AUTOTUNE)
-                .prefetch(tf.data.AUTOTUNE))
+        # Shuffled as 28x28 bytes and cropped a batch at a time: per-image copies and per-image
+        # ops took CPU time from the training they feed.
+        dataset = (dataset.shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True).repeat()
+                   .batch(batch_size, drop_remainder=True)
+                   .map(crop_and_flip, num_parallel_calls=tf.data.AUTOTUNE))
+        return with_distortion_factors(dataset, distortion).prefetch(tf.data.AUTOTUNE)
 
-    def evaluate(batch_size, input_context=None):
-        dataset = tf.data.Dataset.from_tensor_slices((to_signed_unit(prepare(x_test)), y_test.astype(np.int32)))
-        return _shard(dataset, input_context).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    test_images = resized(tf.constant(x_test))
+
+    def evaluate(limit=None, input_context=None):
+        dataset = tf.data.Dataset.from_tensor_slices((test_images, y_test.astype(np.int32)))
+        return first_examples(dataset, limit, input_context)
 
     return Source("fashion_mnist", 10, (image_size, image_size, 1), len(x_train), len(x_test), train, evaluate)
 
@@ -236,17 +281,19 @@ def synthetic(image_size: int = 32, num_classes: int = 10, train_examples: int =
     def make(index, seed):
         label = tf.random.stateless_uniform((), (seed, index), 0, num_classes, tf.int32)
         noise = tf.random.stateless_normal((image_size, image_size, 3), (index, seed), stddev=0.2)
-        return to_signed_unit(tf.gather(templates, label) + noise), label
+        image = tf.saturate_cast(tf.round((tf.gather(templates, label) + noise) * 255.0), tf.uint8)
+        return image, label
 
     def train(batch_size, distortion, seed, input_context=None):
-        del distortion
+        del distortion  # the patterns are the signal: no photometric distortion
         dataset = _shard(tf.data.Dataset.range(train_examples), input_context).repeat()
-        return (dataset.map(lambda i: make(i, seed + 1), num_parallel_calls=tf.data.AUTOTUNE)
-                .batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+        dataset = (dataset.map(lambda i: make(i, seed + 1), num_parallel_calls=tf.data.AUTOTUNE)
+                   .batch(batch_size, drop_remainder=True))
+        return with_distortion_factors(dataset, 0.0).prefetch(tf.data.AUTOTUNE)
 
-    def evaluate(batch_size, input_context=None):
-        dataset = _shard(tf.data.Dataset.range(eval_examples), input_context)
-        return dataset.map(lambda i: make(i, 0), num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    def evaluate(limit=None, input_context=None):
+        dataset = first_examples(tf.data.Dataset.range(eval_examples), limit, input_context)
+        return dataset.map(lambda i: make(i, 0), num_parallel_calls=tf.data.AUTOTUNE)
 
     return Source("synthetic", num_classes, (image_size, image_size, 3), train_examples, eval_examples,
                   train, evaluate)

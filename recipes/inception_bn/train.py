@@ -34,7 +34,7 @@ if __name__ == "__main__":
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from recipes.inception_bn.checkpoints import Checkpoints  # noqa: E402
-from recipes.inception_bn.data import DEFAULT_IMAGE_SIZE, SOURCES  # noqa: E402
+from recipes.inception_bn.data import DEFAULT_IMAGE_SIZE, SOURCES, network_input  # noqa: E402
 from recipes.inception_bn.history import DIVERGED  # noqa: E402
 from recipes.inception_bn.run_log import RunLog  # noqa: E402
 from recipes.inception_bn.stopping import make_agreement  # noqa: E402
@@ -190,17 +190,20 @@ def train(args, stop) -> int:
     seed = args.seed + start_step
     train_data = strategy.distribute_datasets_from_function(
         lambda ctx: source.train(ctx.get_per_replica_batch_size(plan.global_batch), variant.distortion, seed, ctx))
-    train_loop = make_train_loop(strategy, model, optimizer, variant.weight_decay, plan, args.jit, stop_flag)
-    evaluate = make_evaluate(model, source, args.eval_examples)
-    # Between evaluation batches: every worker must abandon the same batch, so they vote.
-    evaluation_stopped = agreed_stop if multi_worker else (lambda: stop.requested)
+    # The device's share of the input pipeline runs inside the step (recipes/inception_bn/data.py).
+    def prepare(images, factors):
+        return network_input(images, factors, variant.distortion, model.compute_dtype)
+
+    train_loop = make_train_loop(strategy, model, optimizer, variant.weight_decay, plan, args.jit, stop_flag,
+                                 prepare)
+    evaluate = make_evaluate(strategy, model, source, args.eval_examples, stop_flag)
 
     stop.exit_now_when(None)  # from here a stop saves first
     try:
         step = start_step
         if checkpoints.latest and plan.evaluation_due(start_step) and log.last_step != start_step:
             # Stopped between the checkpoint and its evaluation: evaluate now, so no row is missing.
-            log.record(start_step, float(schedule(start_step)), evaluate_or_stop(evaluate, evaluation_stopped),
+            log.record(start_step, float(schedule(start_step)), evaluate_or_stop(evaluate),
                        train=None)
         iterator, meter = iter(train_data), TrainMeter()
         while step < plan.total_steps:
@@ -216,7 +219,7 @@ def train(args, stop) -> int:
             if plan.evaluation_due(step):
                 trained = meter.take()
                 checkpoints.save(step)  # first: a stop during the evaluation then loses no training
-                log.record(step, learning_rate, evaluate_or_stop(evaluate, evaluation_stopped), train=trained)
+                log.record(step, learning_rate, evaluate_or_stop(evaluate), train=trained)
                 meter.restart_clock()  # images/s counts training time only
     except _EvaluationAbandoned:
         raise Interrupted(checkpoints.save_for_stop(step)) from None
@@ -232,8 +235,8 @@ class _EvaluationAbandoned(Exception):
     """A stop was requested during an evaluation (its checkpoint is saved; the rerun evaluates it)."""
 
 
-def evaluate_or_stop(evaluate, stopped):
-    result = evaluate(stopped)
+def evaluate_or_stop(evaluate):
+    result = evaluate(stoppable=True)
     if result is None:
         raise _EvaluationAbandoned
     return result
@@ -347,8 +350,11 @@ def train_replica(model, optimizer, loss_fn, weight_decay, global_batch, replica
     return tf.reduce_sum(per_example), correct
 
 
-def make_train_loop(strategy, model, optimizer, weight_decay, plan, jit, stop_flag=None):
+def make_train_loop(strategy, model, optimizer, weight_decay, plan, jit, stop_flag=None, prepare=None):
     """``loop(iterator, n)``: up to n training steps in one tf.function call.
+
+    The iterator yields ``(images, labels)``, or ``(images, factors, labels)`` that
+    ``prepare(images, factors)`` turns into the network's input inside the step.
 
     Returns the steps run, the summed loss and correct count, and the stop votes: the loop
     ends early, after the same step on every worker, once any worker's ``stop_flag`` is set
@@ -361,7 +367,8 @@ def make_train_loop(strategy, model, optimizer, weight_decay, plan, jit, stop_fl
     if stop_flag is None:
         stop_flag = tf.Variable(0, trainable=False)
 
-    def step(images, labels):
+    def step(*batch):
+        images, labels = (prepare(*batch[:-1]) if prepare else batch[0]), batch[-1]
         loss, correct = train_replica(model, optimizer, loss_fn, weight_decay, plan.global_batch, plan.replicas,
                                       images, labels)
         return tf.stack([loss, correct, tf.cast(stop_flag.read_value(), tf.float32)])
@@ -383,36 +390,55 @@ def make_train_loop(strategy, model, optimizer, weight_decay, plan, jit, stop_fl
     return loop
 
 
-def make_evaluate(model, source, eval_examples):
-    """``evaluate()``: loss, top-1 and top-5 accuracy on the evaluation set.
+def make_evaluate(strategy, model, source, eval_examples, stop_flag, batch_size=256):
+    """``evaluate(stoppable=False)``: loss, top-1 and top-5 accuracy on the evaluation set.
 
-    On each worker's own copy of the weights, outside the strategy: with several replicas a
-    last partial batch would leave some replicas empty batches.
+    Every replica of every worker evaluates its share of the first ``eval_examples`` examples
+    (all when None), ``batch_size`` at a time, and the sums (loss, top-1, top-5, count) are
+    all-reduced: each example is counted exactly once, the last partial batch and replicas left
+    without examples included. Each pipeline's share is followed by weight-0 padding, so every
+    replica always has a full batch (one shape: one trace), and the evaluation ends at the first
+    step where no replica had a real example. The step's all-reduce also carries the stop votes:
+    with ``stoppable``, a stop request abandons the evaluation (returns None) on every worker at the
+    same batch.
     """
     import keras
+    import numpy as np
     import tensorflow as tf
 
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
-    data = source.eval(256)
-    if eval_examples is not None:
-        data = data.unbatch().take(min(eval_examples, source.eval_examples)).batch(256)
     k = min(5, source.num_classes)
+    limit = None if eval_examples is None else min(eval_examples, source.eval_examples)
+    padding = tf.data.Dataset.from_tensors((tf.zeros(source.image_shape, tf.uint8), tf.constant(0), 0.0)).repeat()
 
-    # One trace for every batch size (the last batch is smaller).
-    @tf.function(input_signature=data.element_spec)
-    def eval_step(images, labels):
-        logits = tf.cast(model(images, training=False), tf.float32)
-        top5 = tf.reduce_sum(tf.cast(tf.nn.in_top_k(labels, logits, k), tf.float32))
-        top1 = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
-        return tf.reduce_sum(loss_fn(labels, logits)), top1, top5, tf.cast(tf.size(labels), tf.float32)
+    def dataset_fn(input_context):
+        examples = source.eval(limit, input_context).map(lambda image, label: (image, label, 1.0))
+        per_replica = input_context.get_per_replica_batch_size(batch_size * input_context.num_replicas_in_sync)
+        return examples.concatenate(padding).batch(per_replica, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
-    def evaluate(stopped=lambda: False):
-        """``(loss, top-1, top-5)``; None when ``stopped()`` turns true between batches."""
-        totals = [0.0, 0.0, 0.0, 0.0]
-        for images, labels in data:
-            if stopped():
+    data = strategy.distribute_datasets_from_function(dataset_fn)
+
+    def replica_sums(images, labels, weights):
+        logits = tf.cast(model(network_input(images, dtype=model.compute_dtype), training=False), tf.float32)
+        top5 = tf.cast(tf.nn.in_top_k(labels, logits, k), tf.float32)
+        top1 = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
+        sums = [tf.reduce_sum(weights * t) for t in (loss_fn(labels, logits), top1, top5, weights)]
+        return tf.stack([*sums, tf.cast(stop_flag.read_value(), tf.float32)])
+
+    @tf.function(autograph=False)
+    def eval_step(iterator):
+        return strategy.reduce("SUM", strategy.run(replica_sums, args=next(iterator)), axis=None)
+
+    def evaluate(stoppable=False):
+        totals = np.zeros(4)
+        iterator = iter(data)
+        while True:
+            *sums, stop_votes = eval_step(iterator).numpy()
+            if stoppable and stop_votes > 0:
                 return None
-            totals = [t + float(v) for t, v in zip(totals, eval_step(images, labels))]
+            if sums[3] == 0:  # only padding left, on every replica
+                break
+            totals += sums
         loss, top1, top5, count = totals
         return loss / max(count, 1), top1 / max(count, 1), top5 / max(count, 1)
 
@@ -473,8 +499,9 @@ def finish(args, variant, source, plan, model, strategy, evaluate, log, run_dir,
         before = evaluate()[1]
         with strategy.scope():
             # Batched globally, as tf.distribute expects: every replica sees --batch-size images, as in training.
-            kerasbn.recalibrate_statistics(model, source.train(plan.global_batch, variant.distortion, seed + 1),
-                                           steps=args.recalibrate_steps, verbose=0)
+            batches = source.train(plan.global_batch, variant.distortion, seed + 1).map(
+                lambda images, factors, labels: (network_input(images, factors, variant.distortion), labels))
+            kerasbn.recalibrate_statistics(model, batches, steps=args.recalibrate_steps, verbose=0)
         after = evaluate()[1]
         log.say(f"Population statistics from {args.recalibrate_steps} training batches (Algorithm 2): "
                 f"eval accuracy {after:.4f} (moving averages: {before:.4f})")

@@ -1,0 +1,65 @@
+"""The recipe's distributed evaluation against a single-device evaluation of the same weights.
+
+Usage (MirroredStrategy over N logical CPUs; devices are fixed when TensorFlow starts):
+    python tests/eval_worker.py --replicas 3 --examples 997 --batch 16 --out result.npz
+
+Builds a small BN-Inception under the strategy (seeded weights, BN statistics moved off their
+initial values), runs ``make_evaluate`` over the first ``--examples`` synthetic evaluation images,
+then evaluates the same images on one device in float64 numpy from the same logits' weights, and
+saves both.
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--examples", type=int, required=True)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    from tests.distributed import make_strategy
+
+    strategy, _ = make_strategy(args.replicas)
+    import keras
+    import tensorflow as tf
+
+    from recipes.inception_bn.data import load_source, network_input
+    from recipes.inception_bn.train import make_evaluate
+    from recipes.inception_bn.variants import VARIANTS
+
+    keras.utils.set_random_seed(0)
+    source = load_source("synthetic", image_size=32)
+    with strategy.scope():
+        model = VARIANTS["bn-x5"].build_model(10, (32, 32, 3), width_multiplier=0.125)
+        stop_flag = tf.Variable(0)
+    rng = np.random.RandomState(0)
+    for w in model.weights:  # statistics away from 0 and 1, so inference uses them
+        if "moving_variance" in w.name:
+            w.assign(rng.uniform(0.5, 2.0, w.shape).astype("float32"))
+        elif "moving_mean" in w.name:
+            w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    evaluate = make_evaluate(strategy, model, source, args.examples, stop_flag, batch_size=args.batch)
+    distributed = np.array(evaluate())
+
+    images, labels = next(iter(source.eval(args.examples).batch(100000)))
+    logits = model(network_input(images), training=False).numpy().astype(np.float64)
+    labels = labels.numpy()
+    log_probs = logits - logits.max(1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+    ranks = (logits > logits[np.arange(len(labels)), labels][:, None]).sum(1)
+    single = np.array([-log_probs[np.arange(len(labels)), labels].mean(), (ranks == 0).mean(), (ranks < 5).mean()])
+    np.savez(args.out, distributed=distributed, single=single, count=len(labels))
+
+
+if __name__ == "__main__":
+    main()
