@@ -9,7 +9,12 @@ import pytest
 import tensorflow as tf
 
 from recipes.fashion_mnist import find_data_dir
-from recipes.inception_bn.data import DataNotFoundError, check_imagenet_dir, load_source, network_input
+from recipes.inception_bn.data import (
+    DataNotFoundError,
+    check_imagenet_dir,
+    load_source,
+    network_input,
+)
 
 SYNSETS = ["n01440764", "n01443537"]  # the first two of tfds' labels.txt: labels 0 and 1
 
