@@ -446,3 +446,49 @@ def test_evaluation_on_three_replicas_counts_every_example_once(examples, tmp_pa
     loss, top1, top5 = result["distributed"]
     np.testing.assert_allclose(result["distributed"], result["single"], rtol=1e-5, atol=1e-6)
     assert 0 < top1 < top5 <= 1 or examples == 5  # a real evaluation, not a constant
+
+
+def _start_service_process(*args):
+    """A data-service process (dispatcher or worker); returns it once it says it is serving."""
+    proc = subprocess.Popen([sys.executable, "-m", "recipes.inception_bn.data_service", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=_env(), cwd=ROOT)
+    line = proc.stdout.readline()
+    assert "serving" in line, f"data service {args[0]} did not start: {line!r}"
+    return proc
+
+
+@pytest.mark.slow
+def test_training_through_a_data_service_survives_a_lost_worker_and_resumes(tmp_path):
+    (port,) = free_ports(1)
+    service = [_start_service_process("dispatcher", "--port", str(port))]
+    try:
+        service += [_start_service_process("worker", "--dispatcher", f"127.0.0.1:{port}") for _ in range(2)]
+        run_dir = tmp_path / "run"
+        args = ["--variant", "bn-x5", *SMALL, "--eval-every", "20", "--steps-per-loop", "20", "--eval-examples", "16",
+                "--quiet", "--no-export", "--data-service", f"grpc://127.0.0.1:{port}"]
+        proc = _start(run_dir, *args, "--steps", "100000")
+        _wait_for([proc], lambda: max(_checkpoint_steps(run_dir), default=0) >= 20, "checkpoint")
+        # One service worker dies (SIGKILL: no goodbye to the dispatcher); training goes on with the other.
+        service[1].kill()
+        service[1].wait()
+        lost_at = max(_checkpoint_steps(run_dir))
+        _wait_for([proc], lambda: max(_checkpoint_steps(run_dir)) >= lost_at + 40, "checkpoint after the loss")
+        proc.send_signal(signal.SIGTERM)
+        stopped, _ = _stopped_at(proc, run_dir)
+        # The rerun resumes through the service (a new job) and finishes.
+        result = _train(run_dir, *args, "--steps", str(stopped + 20))
+        assert f"Resuming {run_dir} from step {stopped} of {stopped + 20}" in result.stdout
+        assert _checkpoint_steps(run_dir)[-1] == stopped + 20
+        assert all(np.isfinite(float(row["train_loss"])) for row in _history(run_dir) if row["train_loss"])
+    finally:
+        for p in service:
+            p.kill()
+
+
+def test_bad_data_service_flags_are_one_line(tmp_path, capsys):
+    status, stderr = _main_in_process(["--variant", "bn-x5", "--run-dir", str(tmp_path), "--dataset", "synthetic",
+                                       "--data-service", "localhost:5050"], capsys)
+    assert status == 2 and "--data-service must be grpc://HOST:PORT" in stderr
+    status, stderr = _main_in_process(["--variant", "bn-x5", "--run-dir", str(tmp_path), "--dataset", "fashion_mnist",
+                                       "--data-service", "grpc://localhost:5050"], capsys)
+    assert status == 2 and "nothing to offload" in stderr

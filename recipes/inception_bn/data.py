@@ -205,18 +205,28 @@ def imagenet2012(data_dir, image_size: int = 224, prepared_dir=None) -> Source:
         manual_dir = check_imagenet_dir(data_dir)
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
     splits = builder.info.splits
+    # The training TFRecords read directly (tfds' own reader asserts each file's count, which a
+    # tf.data service's dynamic sharding breaks): files are the unit of sharding and of splits.
+    train_files = sorted(tf.io.gfile.glob(os.path.join(builder.data_dir, f"{builder.name}-train.tfrecord-*")))
+    features = builder.info.features
+
+    def parse(record):
+        example = features.deserialize_example(record, decoders={"image": tfds.decode.SkipDecoding()})
+        return example["image"], example["label"]
 
     def train(batch_size, distortion, seed, input_context=None):
-        read = tfds.ReadConfig(input_context=input_context, shuffle_seed=seed,
-                               interleave_cycle_length=tf.data.AUTOTUNE)
-        dataset = builder.as_dataset("train", shuffle_files=True, read_config=read, as_supervised=True,
-                                     decoders={"image": tfds.decode.SkipDecoding()})
+        files = _shard(tf.data.Dataset.from_tensor_slices(train_files), input_context)
+        records = (files.shuffle(len(train_files), seed=seed, reshuffle_each_iteration=True).repeat()
+                   .interleave(tf.data.TFRecordDataset, cycle_length=min(16, len(train_files)),
+                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=False))
 
-        def crop_and_flip(image_bytes, label):
+        def crop_and_flip(record):
+            image_bytes, label = parse(record)
             return tf.image.random_flip_left_right(_inception_crop(image_bytes, image_size)), tf.cast(label, tf.int32)
 
-        # Thorough shuffling (section 4.2.1): shuffled files, interleaved, and a large buffer.
-        dataset = (dataset.shuffle(min(16384, splits["train"].num_examples), seed=seed).repeat()
+        # Thorough shuffling (section 4.2.1): shuffled files, interleaved, and a large buffer of the
+        # encoded records (decoded images would take 8x the memory).
+        dataset = (records.shuffle(min(16384, splits["train"].num_examples), seed=seed)
                    .map(crop_and_flip, num_parallel_calls=tf.data.AUTOTUNE)
                    .batch(batch_size, drop_remainder=True))
         return with_distortion_factors(dataset, distortion).prefetch(tf.data.AUTOTUNE)

@@ -84,6 +84,9 @@ def parse_args(argv=None):
     parser.add_argument("--cpu-replicas", type=int, default=1,
                         help="split the CPU into N logical devices, one replica each (no GPUs needed)")
     parser.add_argument("--jit", action="store_true", help="XLA-compile the training step")
+    parser.add_argument("--data-service", metavar="grpc://HOST:PORT",
+                        help="run the training input's host part on a tf.data service (its dispatcher's "
+                        "address; start one with python -m recipes.inception_bn.data_service)")
     parser.add_argument("--recalibrate-steps", type=int, default=0,
                         help="after training, set BN's population statistics exactly from N training batches "
                         "(the paper's Algorithm 2; kerasbn.recalibrate_statistics) before the last evaluation "
@@ -103,6 +106,16 @@ def parse_args(argv=None):
         parser.error("--bn-momentum must be in [0, 1)")
     if args.width_multiplier <= 0:
         parser.error("--width-multiplier must be positive")
+    if args.data_service is not None:
+        from recipes.inception_bn.data_service import SERVICE_SOURCES, check_address
+
+        try:
+            check_address(args.data_service)
+        except ValueError as error:
+            parser.error(str(error))
+        if args.dataset not in SERVICE_SOURCES:
+            parser.error(f"--data-service serves {' and '.join(SERVICE_SOURCES)}; {args.dataset} is held in "
+                         "every trainer's memory, there is nothing to offload")
     return args
 
 
@@ -189,7 +202,7 @@ def train(args, stop) -> int:
     # Distinct shuffling after a resume, so a resumed run does not replay the same batches.
     seed = args.seed + start_step
     train_data = strategy.distribute_datasets_from_function(
-        lambda ctx: source.train(ctx.get_per_replica_batch_size(plan.global_batch), variant.distortion, seed, ctx))
+        lambda ctx: training_input(source, args, variant, plan, seed, ctx, run_dir, start_step))
     # The device's share of the input pipeline runs inside the step (recipes/inception_bn/data.py).
     def prepare(images, factors):
         return network_input(images, factors, variant.distortion, model.compute_dtype)
@@ -229,6 +242,17 @@ def train(args, stop) -> int:
         stop.exit_now_when(lambda: f"interrupted after training, at step {step}; {resume_message(run_dir)}")
     finish(args, variant, source, plan, model, strategy, evaluate, log, run_dir, seed, step)
     return 0
+
+
+def training_input(source, args, variant, plan, seed, input_context, run_dir, start_step):
+    """This input pipeline's training batches: local, or from the tf.data service (which shards)."""
+    batch = input_context.get_per_replica_batch_size(plan.global_batch)
+    if args.data_service is None:
+        return source.train(batch, variant.distortion, seed, input_context)
+    from recipes.inception_bn import data_service
+
+    dataset = source.train(batch, variant.distortion, seed, None)
+    return data_service.distribute(dataset, args.data_service, data_service.job_name(run_dir, start_step))
 
 
 class _EvaluationAbandoned(Exception):
