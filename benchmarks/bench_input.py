@@ -147,7 +147,7 @@ def main(argv=None):
         "float (before)": iter(float_pipeline(builder, args.size, args.batch, args.distortion)),
     }
     rates = {name: [] for name in candidates}
-    for name, iterator in candidates.items():  # warm up: shuffle buffers, autotuning
+    for iterator in candidates.values():  # warm up: shuffle buffers, autotuning
         images_per_second(iterator, 4, args.batch)
     for _ in range(args.rounds):
         for name, iterator in candidates.items():
