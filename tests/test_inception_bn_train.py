@@ -189,12 +189,34 @@ def test_stops_are_prompt_inside_long_loops_and_evaluations_and_say_what_was_sav
     assert not abandoned or again == 800  # an abandoned evaluation: its checkpoint is what was saved
     print(f"two signals as ckpt-800 appeared: saved step {again}, evaluation abandoned: {abandoned}")
 
-    # The rerun resumes there (evaluating 800 first if that evaluation was abandoned): every
-    # evaluation exactly once.
-    total = again + 4
+    # Three signals at once as ckpt-1200 appears: the third forces an exit, saving nothing more, and
+    # still says truly what the rerun resumes from (unless the save was done before it arrived).
+    proc = _start(run_dir, *args, "--steps", "100000")
+    _wait_for([proc], lambda: max(_checkpoint_steps(run_dir)) >= 1200, "checkpoint")
+    seen = []
+    for signum, answer in ((signal.SIGTERM, "stopping at the next safe point"), (signal.SIGINT, "already stopping")):
+        proc.send_signal(signum)  # each once the run has answered the one before (no merged signals)
+        while answer not in (line := proc.stderr.readline()):
+            assert line, f"no {answer!r} line:\n{''.join(seen)[-3000:]}"
+            seen.append(line)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    resumes_from = _named_checkpoint(run_dir)
+    forced = [line for line in stderr.splitlines() if line.startswith("forced exit")]
+    if forced:
+        assert forced == [f"forced exit without saving; the rerun resumes from "
+                          f"{run_dir / 'checkpoints' / f'ckpt-{resumes_from}'}"]
+    else:
+        assert f"interrupted at step {resumes_from}; saved" in stderr
+    print(f"three signals as ckpt-1200 appeared: forced exit {bool(forced)}, resumes from {resumes_from}")
+
+    # The rerun resumes there (evaluating 800 or 1200 first if that evaluation was abandoned):
+    # every evaluation exactly once.
+    total = max(resumes_from, 1200) + 4
     result = _train(run_dir, *args, "--steps", str(total), "--no-export")
-    assert f"Resuming {run_dir} from step {again} of {total}" in result.stdout
-    assert [int(row["step"]) for row in _history(run_dir)] == [400, 800, total]
+    assert f"Resuming {run_dir} from step {resumes_from} of {total}" in result.stdout
+    assert [int(row["step"]) for row in _history(run_dir)] == [400, 800, 1200, total]
 
 
 @pytest.mark.slow
