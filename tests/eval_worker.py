@@ -1,7 +1,7 @@
 """The recipe's distributed evaluation against a single-device evaluation of the same weights.
 
 Usage (MirroredStrategy over N logical CPUs; devices are fixed when TensorFlow starts):
-    python tests/eval_worker.py --replicas 3 --examples 997 --batch 16 --out result.npz
+    python tests/eval_worker.py --replicas 3 --examples 997,5 --batch 16 --out result.npz
 
 Builds a small BN-Inception under the strategy (seeded weights, BN statistics moved off their
 initial values), runs ``make_evaluate`` over the first ``--examples`` synthetic evaluation images,
@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--examples", type=int, required=True)
+    parser.add_argument("--examples", required=True, help="comma-separated counts, one evaluation each")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -48,17 +48,20 @@ def main():
             w.assign(rng.uniform(0.5, 2.0, w.shape).astype("float32"))
         elif "moving_mean" in w.name:
             w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
-    evaluate = make_evaluate(strategy, model, source, args.examples, stop_flag, batch_size=args.batch)
-    distributed = np.array(evaluate())
-
-    images, labels = next(iter(source.eval(args.examples).batch(100000)))
-    logits = model(network_input(images), training=False).numpy().astype(np.float64)
-    labels = labels.numpy()
-    log_probs = logits - logits.max(1, keepdims=True)
-    log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
-    ranks = (logits > logits[np.arange(len(labels)), labels][:, None]).sum(1)
-    single = np.array([-log_probs[np.arange(len(labels)), labels].mean(), (ranks == 0).mean(), (ranks < 5).mean()])
-    np.savez(args.out, distributed=distributed, single=single, count=len(labels))
+    results = {"distributed": [], "single": [], "count": []}
+    for examples in (int(n) for n in args.examples.split(",")):
+        evaluate = make_evaluate(strategy, model, source, examples, stop_flag, batch_size=args.batch)
+        results["distributed"].append(evaluate())
+        images, labels = next(iter(source.eval(examples).batch(100000)))
+        logits = model(network_input(images), training=False).numpy().astype(np.float64)
+        labels = labels.numpy()
+        log_probs = logits - logits.max(1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+        ranks = (logits > logits[np.arange(len(labels)), labels][:, None]).sum(1)
+        results["single"].append([-log_probs[np.arange(len(labels)), labels].mean(), (ranks == 0).mean(),
+                                  (ranks < 5).mean()])
+        results["count"].append(len(labels))
+    np.savez(args.out, **{k: np.array(v) for k, v in results.items()})
 
 
 if __name__ == "__main__":
