@@ -186,20 +186,39 @@ def test_bad_source_arguments(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_on_fake_imagenet_end_to_end(fake_imagenet, tmp_path):
-    """The user's command on ImageNet's layout: tfds prepares, train.py trains, evaluates, exports."""
+def test_train_on_fake_imagenet_end_to_end_on_two_replicas_in_mixed_precision(fake_imagenet, tmp_path):
+    """The user's command on ImageNet's layout: tfds prepares, train.py trains on two replicas with
+    synchronized BN in mixed precision, evaluates on both, exports a float32 serving model."""
+    import json
     import subprocess
     import sys
 
     from tests.distributed import ROOT, TIMEOUT, _env
 
+    run_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "recipes.inception_bn.train", "--variant", "bn-x30", "--dataset", "imagenet2012",
          "--data-dir", str(fake_imagenet), "--prepared-dir", str(tmp_path / "prepared"), "--run-dir",
-         str(tmp_path / "run"), "--image-size", "32", "--width-multiplier", "0.125", "--batch-size", "2",
-         "--steps", "2", "--eval-every", "2"], capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=ROOT)
+         str(run_dir), "--image-size", "32", "--width-multiplier", "0.125", "--batch-size", "2",
+         "--cpu-replicas", "2", "--mixed-precision",  # mixed_bfloat16 on CPUs
+         "--steps", "4", "--eval-every", "2"], capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "imagenet2012 (32, 32, 3), 1000 classes" in result.stdout
-    history = (tmp_path / "run" / "history.csv").read_text().splitlines()
-    assert len(history) == 2 and history[1].startswith("2,")
-    assert (tmp_path / "run" / "export" / "saved_model.pb").exists()
+    assert "2 replica(s) x batch 2 = 4, synchronized BN" in result.stdout
+    import csv
+
+    with open(run_dir / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert all(np.isfinite(float(r["train_loss"])) and 0 <= float(r["eval_top5"]) <= 1 for r in rows)
+    # Learning rate scaled for the global batch of 4 (linear rule): 0.045 * 4 / 32, decayed x0.96 once
+    # by step 2 (every 1.33 epochs of 1.5 steps: 6 examples, batch 4).
+    assert float(rows[0]["learning_rate"]) == pytest.approx(0.005625 * 0.96, rel=1e-3)
+    settings = json.loads((run_dir / "run.json").read_text())
+    assert settings["initial_learning_rate"] == pytest.approx(0.005625) and settings["global_batch"] == 4
+    assert settings["replicas"] == 2 and settings["synchronized_bn"] and settings["steps"] == 4
+    assert settings["num_classes"] == 1000
+    # The serving model is float32 whatever the training precision.
+    loaded = tf.saved_model.load(str(run_dir / "export"))
+    out = loaded.serve(tf.zeros((2, 32, 32, 3))).numpy()
+    assert out.shape == (2, 1000) and out.dtype == np.float32 and np.all(np.isfinite(out))

@@ -200,28 +200,6 @@ def test_stops_and_kills_at_any_instant_resume_losing_nothing_and_export_a_servi
 
 
 @pytest.mark.slow
-def test_two_replicas_train_with_synchronized_bn_and_mixed_precision(tmp_path):
-    result = _train(tmp_path, "--variant", "bn-x30", *SMALL, "--cpu-replicas", "2", "--steps", "6",
-                    "--eval-every", "3", "--eval-examples", "32", "--mixed-precision")  # mixed_bfloat16 on CPUs
-    assert "2 replica(s) x batch 8 = 16, synchronized BN" in result.stdout
-    rows = _history(tmp_path)
-    assert [int(r["step"]) for r in rows] == [3, 6]
-    assert all(np.isfinite(float(r["train_loss"])) for r in rows)
-    # Learning rate scaled for the global batch of 16 (linear rule): 0.045 * 16 / 32.
-    assert float(rows[0]["learning_rate"]) == pytest.approx(0.0225, rel=1e-3)
-    settings = json.loads((tmp_path / "run.json").read_text())
-    assert settings["initial_learning_rate"] == pytest.approx(0.0225) and settings["global_batch"] == 16
-    assert settings["replicas"] == 2 and settings["synchronized_bn"] and settings["steps"] == 6
-    assert settings["num_classes"] == 10
-    # The serving model is float32 whatever the training precision.
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(str(tmp_path / "export"))
-    out = loaded.serve(tf.zeros((2, 32, 32, 3))).numpy()
-    assert out.shape == (2, 10) and out.dtype == np.float32 and np.all(np.isfinite(out))
-
-
-@pytest.mark.slow
 def test_two_workers_stopped_inside_a_long_loop_save_the_same_step_and_the_rerun_resumes(tmp_path):
     # A scheduler preempting one machine of a multi-worker run (SIGTERM to the non-chief) in the
     # middle of a 1000-step loop: every worker ends its loop after the same step and saves it;
