@@ -87,8 +87,8 @@ def _fold_target(bn):
 
 def unfoldable(model) -> list[str]:
     """``"name (why)"`` for every BN layer of a functional or Sequential ``model`` that cannot fold."""
-    return [f"{bn.name} ({_fold_target(bn)[1]})" for bn in model_walk.batch_norm_layers(model)
-            if _fold_target(bn)[0] is None]
+    reasons = ((bn, _fold_target(bn)[1]) for bn in model_walk.batch_norm_layers(model))
+    return [f"{bn.name} ({why})" for bn, why in reasons if why is not None]
 
 
 def _folded_weights(producer, bn) -> list[np.ndarray]:

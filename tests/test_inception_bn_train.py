@@ -59,23 +59,6 @@ def _checkpoint_steps(run_dir):
     return sorted(int(p.name[len("ckpt-"):-len(".index")]) for p in (run_dir / "checkpoints").glob("ckpt-*.index"))
 
 
-def _wait_for_checkpoint_past(procs, run_dir, step):
-    """Until a checkpoint after ``step`` exists: synchronized on what the run writes, not on the
-    clock (the timeout is a safety net only)."""
-    deadline = time.time() + TIMEOUT
-    while max(_checkpoint_steps(run_dir), default=0) <= step:
-        for proc in procs:
-            assert proc.poll() is None, f"training ended early:\n{proc.communicate()[1][-3000:]}"
-        assert time.time() < deadline, "no checkpoint in time"
-        time.sleep(0.02)
-
-
-def _named_checkpoint(run_dir):
-    """The step of the checkpoint the state file names (a kill during a save leaves the previous one)."""
-    state = (run_dir / "checkpoints" / "checkpoint").read_text()
-    return int(state.split('"')[1].rsplit("-", 1)[1])
-
-
 def _wait_for(procs, condition, what):
     """Until ``condition()``: synchronized on what the run writes (the timeout is a safety net only)."""
     deadline = time.time() + TIMEOUT
@@ -84,6 +67,16 @@ def _wait_for(procs, condition, what):
             assert proc.poll() is None, f"training ended early:\n{proc.communicate()[1][-3000:]}"
         assert time.time() < deadline, f"no {what} in time"
         time.sleep(0.005)
+
+
+def _wait_for_checkpoint_past(procs, run_dir, step):
+    _wait_for(procs, lambda: max(_checkpoint_steps(run_dir), default=0) > step, "checkpoint")
+
+
+def _named_checkpoint(run_dir):
+    """The step of the checkpoint the state file names (a kill during a save leaves the previous one)."""
+    state = (run_dir / "checkpoints" / "checkpoint").read_text()
+    return int(state.split('"')[1].rsplit("-", 1)[1])
 
 
 def _stopped_at(proc, run_dir):

@@ -40,8 +40,7 @@ class Checkpoints:
         return tf.train.latest_checkpoint(str(self.directory))
 
     def resume_message(self) -> str:
-        latest = self.on_disk()
-        return f"the rerun resumes from {latest}" if latest else "nothing saved yet: the rerun starts afresh"
+        return resume_message(self.directory)
 
     def save_for_stop(self, step: int) -> str:
         """Saves ``step`` unless it is saved already; says what the state file on disk names."""
@@ -59,6 +58,14 @@ class Checkpoints:
 
         if not self._is_chief:
             tf.io.gfile.rmtree(str(self._write_dir))
+
+
+def resume_message(directory) -> str:
+    """What a rerun resumes from: the checkpoint the state file in ``directory`` names, if any."""
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(str(directory))
+    return f"the rerun resumes from {latest}" if latest else "nothing saved yet: the rerun starts afresh"
 
 
 def _step_of(path: str | None) -> int | None:

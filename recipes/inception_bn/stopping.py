@@ -152,8 +152,9 @@ def _say(line: str) -> None:
 def make_agreement(strategy, flag):
     """``agreed()``: whether any replica of any worker has a stop request, the same answer on all.
 
-    One all-reduce of a scalar: for the points between training loops (an evaluation's
-    batches) where every worker runs the same sequence of collectives.
+    One all-reduce of a scalar, outside the training and evaluation steps (which carry the
+    votes in their own all-reduce): every worker must call it at the same point, which makes it
+    the barrier after a stop's save.
     """
     import tensorflow as tf
 

@@ -33,7 +33,7 @@ if __name__ == "__main__":
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from recipes.inception_bn.checkpoints import Checkpoints  # noqa: E402
+from recipes.inception_bn.checkpoints import Checkpoints, resume_message  # noqa: E402
 from recipes.inception_bn.data import DEFAULT_IMAGE_SIZE, SOURCES, network_input  # noqa: E402
 from recipes.inception_bn.history import DIVERGED  # noqa: E402
 from recipes.inception_bn.run_log import RunLog  # noqa: E402
@@ -177,9 +177,10 @@ def train(args, stop) -> int:
     stop_flag = tf.Variable(0, trainable=False, name="stop_requested")  # this worker's, not mirrored
     stop.bind(stop_flag)
     agreed_stop = make_agreement(strategy, stop_flag)
-    stop.resume_message(lambda: resume_message(run_dir))
+    checkpoint_dir = run_dir / "checkpoints"
+    stop.resume_message(lambda: resume_message(checkpoint_dir))
     if not multi_worker:  # one process: nothing trained yet, nothing to save
-        stop.exit_now_when(lambda: f"interrupted before training started; {resume_message(run_dir)}")
+        stop.exit_now_when(lambda: f"interrupted before training started; {resume_message(checkpoint_dir)}")
     if args.mixed_precision:
         on_gpu = bool(tf.config.list_physical_devices("GPU"))
         keras.mixed_precision.set_global_policy("mixed_float16" if on_gpu else "mixed_bfloat16")
@@ -239,7 +240,7 @@ def train(args, stop) -> int:
     finally:
         checkpoints.close()
     if not multi_worker:
-        stop.exit_now_when(lambda: f"interrupted after training, at step {step}; {resume_message(run_dir)}")
+        stop.exit_now_when(lambda: f"interrupted after training, at step {step}; {resume_message(checkpoint_dir)}")
     finish(args, variant, source, plan, model, strategy, evaluate, log, run_dir, seed, step)
     return 0
 
@@ -264,13 +265,6 @@ def evaluate_or_stop(evaluate):
     if result is None:
         raise _EvaluationAbandoned
     return result
-
-
-def resume_message(run_dir) -> str:
-    import tensorflow as tf
-
-    latest = tf.train.latest_checkpoint(str(Path(run_dir) / "checkpoints"))
-    return f"the rerun resumes from {latest}" if latest else "nothing saved: the rerun starts afresh"
 
 
 # Set-up -----------------------------------------------------------------------------------------
