@@ -31,6 +31,7 @@ Numerical care taken here, one line each:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -185,6 +186,18 @@ def batch_statistics(
     return BatchStatistics(count, mean, m2)
 
 
+# A shift is needed before TensorFlow's CPU kernel (oneDNN) when a channel's
+# values-per-channel n times |mean| / spread exceeds this: measured on
+# (256, 64) to (256, 56, 56, 4), the kernel's variance error stays at its
+# centred level up to n * |mean| / spread = 1e7 on every shape but the smallest
+# and reaches 1e-3 to 5e-2 at 1e8 (docs/design.md, "Precision"): a 10x margin.
+UNSHIFTED_LIMIT = 1e6
+# The shift and the spread that decides it come from the first examples, at
+# least this many values per channel (one example of a feature map; 16 rows of
+# an (N, C) input).
+SAMPLE_VALUES = 16
+
+
 def _shifted_fused_statistics(x: tf.Tensor, channel_axis: int, affine: tuple | None = None):
     """``BatchStatistics`` from the fused kernel on shifted data; with ``affine``,
     from the one-pass kernel, with the normalized output.
@@ -193,36 +206,94 @@ def _shifted_fused_statistics(x: tf.Tensor, channel_axis: int, affine: tuple | N
     mean is large against its spread (oneDNN's float32 accumulation; XLA
     expands the kernel into ``E[x^2] - E[x]^2``; docs/design.md, "Precision").
     Statistics and normalization are shift-invariant, so the kernel sees
-    ``x - shift`` with ``shift`` the first example's per-channel mean: a value
+    ``x - shift`` with ``shift`` the first examples' per-channel mean: a value
     of the channel's own distribution, which leaves a shifted mean of the
     order of the spread. The shift is a constant to the gradient (its exact
-    derivative through a normalization is zero). No branch, on every backend.
+    derivative through a normalization is zero).
+
+    The subtraction is a pass over the input. Under XLA it fuses into the
+    kernel's reductions, and the GPU kernel's precision is not measured here,
+    so there it is always made; on CPU it is made only when the first examples
+    show a channel whose ``n * |mean| / spread`` exceeds :data:`UNSHIFTED_LIMIT`
+    (a ``tf.cond``, so the pass itself is skipped otherwise).
     """
     rank = x.shape.rank
     channels = x.shape[channel_axis]
     count = tf.cast(tf.size(x, out_type=tf.int64) // channels, tf.float32)
-    spatial_axes = [a for a in range(1, rank) if a != channel_axis]
-    first = tf.stop_gradient(x[:1])  # empty for an empty batch: the shift is then 0
-    first_count = tf.cast(tf.size(first, out_type=tf.int64) // channels, tf.float32)
-    shift = tf.reduce_sum(tf.cast(first, tf.float32), [0] + spatial_axes, keepdims=True)
-    shift = shift / tf.maximum(first_count, 1.0)
-    if affine is None:
-        normalized = None
-        # In float32: half-precision differences would round the statistics' input.
-        shifted_mean, unbiased = fused.moments(tf.cast(x, tf.float32) - shift, channel_axis)
-    else:
+    shift, spread = _first_examples_moments(tf.stop_gradient(x), channel_axis)
+    if affine is not None:
         # In x's dtype, so the kernel reads and writes half precision under mixed
         # precision. The shift is rounded to that dtype first: then x - shift is
         # exact wherever x is within a factor 2 of it (Sterbenz), which is where
         # precision is at stake, and the same rounded shift is added back below.
         shift = tf.cast(tf.cast(shift, x.dtype), tf.float32)
+
+        def kernel_input(shift):
+            return x - tf.cast(shift, x.dtype)
+    else:
+        # In float32: half-precision differences would round the statistics' input.
+        def kernel_input(shift):
+            return tf.cast(x, tf.float32) - shift
+
+    if _cpu_kernel_without_xla():
+        needed = shift_needed(shift, spread, count)
+        shift = tf.where(needed, shift, 0.0)
+        shifted = tf.cond(needed, lambda: kernel_input(shift), lambda: kernel_input(0.0))
+    else:
+        shifted = kernel_input(shift)
+    if affine is None:
+        normalized = None
+        shifted_mean, unbiased = fused.moments(shifted, channel_axis)
+    else:
         gamma, beta, epsilon = affine
         normalized, shifted_mean, unbiased = fused.normalize_batch(
-            x - tf.cast(shift, x.dtype), channel_axis, gamma, beta, epsilon)
+            shifted, channel_axis, gamma, beta, epsilon)
     # NaN for an empty batch: back to zeros there.
     mean = tf.where(count > 0.0, shifted_mean + tf.reshape(shift, [channels]), 0.0)
     m2 = tf.where(count > 1.0, unbiased * (count - 1.0), 0.0)
     return BatchStatistics(tf.fill([channels], count), mean, m2, normalized)
+
+
+def shift_needed(mean: tf.Tensor, spread: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+    """Whether any channel's ``count * |mean| / spread`` exceeds :data:`UNSHIFTED_LIMIT`
+    (a zero spread with a nonzero mean does): the CPU kernel needs shifted data."""
+    return tf.reduce_any(tf.abs(mean) * count > UNSHIFTED_LIMIT * spread)
+
+
+def _first_examples_moments(x: tf.Tensor, channel_axis: int):
+    """Per-channel mean and standard deviation of the first examples (at least
+    :data:`SAMPLE_VALUES` values per channel where the shape says so), float32,
+    shaped to broadcast against ``x``; 0 and 0 for an empty batch."""
+    rank = x.shape.rank
+    per_example = x.shape[1:].num_elements()
+    examples = 1
+    if per_example:
+        examples = max(1, -(-SAMPLE_VALUES * x.shape[channel_axis] // per_example))
+    sample = tf.cast(x[:examples], tf.float32)
+    axes = [a for a in range(rank) if a != channel_axis]
+    sample_count = tf.cast(tf.size(sample, out_type=tf.int64) // x.shape[channel_axis], tf.float32)
+    inverse_count = 1.0 / tf.maximum(sample_count, 1.0)
+    mean = tf.reduce_sum(sample, axes, keepdims=True) * inverse_count
+    variance = tf.reduce_sum(tf.math.squared_difference(sample, mean), axes,
+                             keepdims=True) * inverse_count
+    return mean, tf.sqrt(variance)
+
+
+def _cpu_kernel_without_xla() -> bool:
+    """Whether the kernel is TensorFlow's CPU kernel outside XLA: no GPU is
+    visible, the graph being traced is not compiled by XLA, and XLA's
+    auto-clustering is off. Decided while tracing."""
+    if tf.config.list_logical_devices("GPU") or tf.config.optimizer.get_jit():
+        return False
+    if "auto_jit" in os.environ.get("TF_XLA_FLAGS", ""):
+        return False
+    if tf.executing_eagerly():
+        return True
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # private module moved: assume XLA may compile the graph
+        return False
+    return not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def split_ghost_batches(x: tf.Tensor, mask: tf.Tensor | None, virtual_batch_size: int):

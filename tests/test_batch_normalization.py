@@ -481,11 +481,61 @@ def test_large_channel_mean_against_small_spread(fused):
     np.testing.assert_allclose(reference.channels_last(y, -1).std(0), 1.0, rtol=1e-3)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one_pass", "split"])
+@pytest.mark.parametrize("shape,ratio_times_count", [
+    ((64, 56, 56, 4), 9e5), ((64, 56, 56, 4), 1e8), ((256, 64), 9e5), ((256, 64), 1e9),
+    ((16, 16, 16, 8), 1e9),
+])
+def test_statistics_keep_precision_either_side_of_the_cpu_shift_threshold(
+        shape, ratio_times_count, split):
+    """On CPU the kernel reads unshifted data while count * |mean| / spread <= 1e6
+    (kerasbn.moments.UNSHIFTED_LIMIT); beyond that it would lose the variance
+    (1e-3 to 5e-2 at 1e8), so the shift must be made. Std 1, mean from the ratio."""
+    count = np.prod(shape[:-1])
+    x = (np.random.RandomState(0).normal(0, 1, shape) + ratio_times_count / count).astype("float32")
+    # renorm takes the split path: the statistics kernel, then normalization.
+    layer = kerasbn.BatchNormalization(fused=True, momentum=0.0, renorm=split)
+    y = layer(x, training=True).numpy()
+    flat = reference.channels_last(x.astype(np.float64), -1)
+    # The mean to 1e-4 of the spread, or to the float32 spacing at that mean.
+    spacing = np.spacing(flat.mean(0).astype(np.float32)).max()
+    np.testing.assert_allclose(layer.moving_mean, flat.mean(0), rtol=0, atol=1e-4 + spacing)
+    np.testing.assert_allclose(layer.moving_variance, flat.var(0, ddof=1), rtol=1e-4)
+    if not split:
+        np.testing.assert_allclose(reference.channels_last(y, -1).std(0), 1.0, rtol=1e-3)
+
+
+def test_the_shift_pass_is_skipped_on_cpu_only_for_data_that_does_not_need_it():
+    from kerasbn import moments
+
+    def needed(mean, spread, count):
+        return bool(moments.shift_needed(tf.constant(mean), tf.constant(spread), count))
+
+    assert not needed([0.5, -2.0], [2.0, 1.0], 50176.0)  # centred: no pass
+    assert needed([0.5, 40.0], [2.0, 1.0], 50176.0)  # one channel at 2e6
+    assert needed([0.0, 3.0], [0.0, 0.0], 10.0)  # no spread in the sample
+    assert not needed([0.0], [0.0], 0.0)  # empty batch
+
+    def graph_ops(jit_compile):
+        layer = kerasbn.BatchNormalization(fused=True)
+        step = tf.function(lambda x: layer(x, training=True), jit_compile=jit_compile)
+        graph = step.get_concrete_function(tf.TensorSpec((4, 5, 5, 6))).graph
+        return {op.type for op in graph.get_operations()}
+
+    # On CPU a cond decides; under XLA the subtraction is made (it fuses into the
+    # kernel's reductions there, and XLA's E[x^2] - E[x]^2 needs it at any mean).
+    assert graph_ops(False) & {"If", "StatelessIf"}
+    ops_under_xla = graph_ops(True)
+    assert not ops_under_xla & {"If", "StatelessIf"} and "Sub" in ops_under_xla
+
+
 @pytest.mark.parametrize("fused", [True, False])
-def test_xla_keeps_precision_at_large_channel_mean(fused):
+@pytest.mark.parametrize("mean", [10.0, 1e4])
+def test_xla_keeps_precision_at_large_channel_mean(fused, mean):
     """XLA expands fused batch norm into E[x^2] - E[x]^2 (tensorflow/tensorflow#118701):
-    at mean 1e4, std 1 that alone gives negative variances."""
-    x = tf.constant((np.random.RandomState(0).normal(0, 1, (32, 16, 16, 4)) + 1e4).astype("float32"))
+    at mean 1e4, std 1 that alone gives negative variances, and at mean 10 it is
+    already off 1e-3 (a mean the CPU kernel takes unshifted)."""
+    x = tf.constant((np.random.RandomState(0).normal(0, 1, (32, 16, 16, 4)) + mean).astype("float32"))
     layers = {jit: kerasbn.BatchNormalization(fused=fused, momentum=0.0) for jit in (False, True)}
 
     def step(layer, x):
