@@ -263,19 +263,16 @@ def shift_needed(mean: tf.Tensor, spread: tf.Tensor, count: tf.Tensor) -> tf.Ten
 def _first_examples_moments(x: tf.Tensor, channel_axis: int):
     """Per-channel mean and standard deviation of the first examples (at least
     :data:`SAMPLE_VALUES` values per channel where the shape says so), float32,
-    shaped to broadcast against ``x``; 0 and 0 for an empty batch."""
-    rank = x.shape.rank
+    shaped to broadcast against ``x``. NaN for an empty batch: then they only
+    meet empty tensors, and the decision (a comparison) is False."""
     per_example = x.shape[1:].num_elements()
     examples = 1
     if per_example:
         examples = max(1, -(-SAMPLE_VALUES * x.shape[channel_axis] // per_example))
     sample = tf.cast(x[:examples], tf.float32)
-    axes = [a for a in range(rank) if a != channel_axis]
-    sample_count = tf.cast(tf.size(sample, out_type=tf.int64) // x.shape[channel_axis], tf.float32)
-    inverse_count = 1.0 / tf.maximum(sample_count, 1.0)
-    mean = tf.reduce_sum(sample, axes, keepdims=True) * inverse_count
-    variance = tf.reduce_sum(tf.math.squared_difference(sample, mean), axes,
-                             keepdims=True) * inverse_count
+    axes = [a for a in range(x.shape.rank) if a != channel_axis]
+    mean = tf.reduce_mean(sample, axes, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(sample, mean), axes, keepdims=True)
     return mean, tf.sqrt(variance)
 
 
