@@ -394,7 +394,8 @@ class BatchNormalization(keras.layers.Layer):
     def _broadcast_mask(self, inputs, mask):
         """Keras' convention: the mask has the inputs' shape without the last
         axis (what ``Masking`` and ``Embedding(mask_zero=True)`` propagate),
-        whatever ``axis`` is; it is broadcast over that last axis."""
+        whatever ``axis`` is. Returned with that axis as size 1: it broadcasts
+        where it is used, never materialized at the inputs' size."""
         if mask is None:
             return None
         mask = tf.convert_to_tensor(mask)
@@ -413,7 +414,7 @@ class BatchNormalization(keras.layers.Layer):
                 f"`mask` must have {expected}, or broadcast to it; received mask "
                 f"shape {mask.shape[:-1]} for inputs shape {inputs.shape}."
             ) from None
-        return tf.broadcast_to(mask, tf.shape(inputs))
+        return mask
 
     def _affine_parameters(self):
         gamma = tf.cast(self.gamma, tf.float32) if self.scale else None

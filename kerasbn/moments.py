@@ -49,8 +49,8 @@ def local_moments(
         x: input tensor of any float dtype.
         axes: the axes to reduce (every axis but the channel axis, and for
             ghost batches every axis but the group and channel axes).
-        mask: optional boolean tensor broadcastable to ``x``; positions where
-            it is False are left out of all three statistics.
+        mask: optional boolean tensor of ``x``'s rank, broadcastable to it;
+            positions where it is False are left out of all three statistics.
 
     Returns:
         Three float32 tensors of the same shape, ``x``'s shape with the
@@ -77,19 +77,26 @@ def local_moments(
         count = tf.fill(tf.shape(mean), tf.cast(count, tf.float32))
         return count, mean, m2
 
-    mask = tf.broadcast_to(tf.cast(mask, tf.bool), tf.shape(x))
-    # tf.where, not x * mask: padded positions may hold inf or NaN.
-    zeros = tf.zeros_like(x)
-    weights = tf.cast(mask, tf.float32)
-    count = tf.reduce_sum(weights, axes, keepdims=True)
+    # The mask keeps its size-1 axes (a sequence mask has none for channels): it
+    # broadcasts inside tf.where, and its count is scaled by what it broadcasts over.
+    mask = tf.cast(mask, tf.bool)
+    x_shape, mask_shape = tf.shape(x), tf.shape(mask)
+    broadcast_factor = tf.cast(tf.reduce_prod(
+        [x_shape[a] // tf.maximum(mask_shape[a], 1) for a in axes]), tf.float32)
+    count = tf.reduce_sum(tf.cast(mask, tf.float32), axes, keepdims=True) * broadcast_factor
     safe_count = tf.maximum(count, 1.0)
-    first = tf.reduce_sum(tf.where(mask, x, zeros), axes, keepdims=True) / safe_count
-    centred = tf.where(mask, x - first, zeros)
+    # tf.where, not x * mask: padded positions may hold inf or NaN.
+    zero = tf.zeros([], tf.float32)
+    first = tf.reduce_sum(tf.where(mask, x, zero), axes, keepdims=True) / safe_count
+    centred = tf.where(mask, x - first, zero)
     correction = tf.reduce_sum(centred, axes, keepdims=True) / safe_count
     mean = first + tf.stop_gradient(correction)
-    centred = tf.where(mask, x - mean, zeros)
+    # sum((x - mean)^2) over the kept positions, from the deviations from `first`
+    # (off-centre only by the rounding error `correction`, so nothing cancels):
+    # one pass fewer than centring again.
     m2 = tf.reduce_sum(tf.square(centred), axes, keepdims=True)
-    return count, mean, m2
+    m2 = tf.maximum(m2 - count * tf.square(tf.stop_gradient(correction)), 0.0)
+    return tf.broadcast_to(count, tf.shape(mean)), mean, m2
 
 
 def merge_moments(
@@ -314,7 +321,7 @@ def split_ghost_batches(x: tf.Tensor, mask: tf.Tensor | None, virtual_batch_size
         with tf.control_dependencies([check]):
             x = tf.identity(x)
     ghost_shape = tf.concat([[dynamic_batch // k, k], tf.shape(x)[1:]], 0)
-    x = tf.reshape(x, ghost_shape)
     if mask is not None:
-        mask = tf.reshape(mask, ghost_shape)
+        mask = tf.reshape(tf.broadcast_to(mask, tf.shape(x)), ghost_shape)
+    x = tf.reshape(x, ghost_shape)
     return x, mask

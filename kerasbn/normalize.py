@@ -112,7 +112,7 @@ def _fused_normalize(x, axis, count, mean, variance, gamma, beta, epsilon, mask,
             correction = fused.normalize(x, axis, mean, variance, scale * sum_dy_x_hat,
                                          scale * sum_dy, epsilon)
             if mask is not None:
-                correction = tf.where(mask, correction, tf.zeros_like(correction))
+                correction = tf.where(mask, correction, tf.zeros([], correction.dtype))
             return dy_scaled + correction, dgamma, dbeta
 
         return y, grad
@@ -173,7 +173,7 @@ def _elementwise_normalize(x, axis, count, mean, variance, gamma, beta, epsilon,
             offset = -scale * sum_dy * inverse_count
             correction = centred * slope + offset
             if mask is not None:
-                correction = tf.where(mask, correction, tf.zeros_like(correction))
+                correction = tf.where(mask, correction, tf.zeros([], correction.dtype))
             return dy * scale + correction, dgamma, dbeta
 
         return y, grad

@@ -257,13 +257,23 @@ def test_renorm_corrections_are_clipped_against_reference():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_mask_leaves_positions_out_of_the_statistics(fused):
+@pytest.mark.parametrize("mask_shape,kwargs", [
+    ((4, 7), {}),
+    ((4, 1), {}),  # broadcast over time steps as well as channels
+    ((4, 7), {"virtual_batch_size": 4}),
+], ids=["sequence", "broadcast", "ghost"])
+def test_mask_leaves_positions_out_of_the_statistics(fused, mask_shape, kwargs):
+    if kwargs and fused:
+        pytest.skip("ghost batches take the element-wise path")
     x = _data((4, 7, 3))
-    mask = np.random.RandomState(5).rand(4, 7) > 0.4
+    mask = np.random.RandomState(5).rand(*mask_shape) > 0.4
+    mask[0] = True
+    full_mask = np.broadcast_to(mask, (4, 7))
     x_poisoned = x.copy()
-    x_poisoned[~mask] = np.nan  # masked positions must not leak into anything
-    layer = _layer(-1, fused, momentum=0.0)
+    x_poisoned[~full_mask] = np.nan  # masked positions must not leak into anything
+    layer = _layer(-1, fused, momentum=0.0, **kwargs)
     y = layer(x_poisoned, training=True, mask=mask).numpy()
+    mask = full_mask
     kept = x[mask]  # (n, 3)
     y_ref, mu, var = reference.bn_forward(kept, -1, layer.gamma.numpy(), layer.beta.numpy(), EPS)
     np.testing.assert_allclose(y[mask], y_ref, rtol=1e-4, atol=1e-4)
