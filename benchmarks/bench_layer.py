@@ -17,7 +17,12 @@ the step's time; "of copy" divides it by the rate of a plain memory copy
 written), measured in the same rounds: the fraction of the machine's
 streaming bandwidth, at the step's working-set size, that the step reaches.
 
-    .venv/bin/python benchmarks/bench_layer.py [--repeats 30] [--shapes small] [--variants]
+Precision (``--precision``): the bare kernel's relative variance error against
+float64 as a channel's ``n * |mean| / spread`` grows (std 1), next to kerasbn's
+on the same data: the evidence for ``kerasbn.moments.UNSHIFTED_LIMIT``, the
+point past which kerasbn shifts the input before the CPU kernel reads it.
+
+    .venv/bin/python benchmarks/bench_layer.py [--repeats 30] [--shapes small] [--variants] [--precision]
 """
 
 import argparse
@@ -170,6 +175,38 @@ def variant_rows(repeats):
             for name, _, kernel in VARIANTS]
 
 
+PRECISION_SHAPES = [(256, 64), (4096, 64), (64, 28, 28, 16), (256, 28, 28, 8), (256, 56, 56, 4)]
+PRECISION_RATIOS = [0, 1e6, 1e7, 1e8]
+
+
+def kernel_variance(x):
+    channels = x.shape[-1]
+    x4 = x if x.ndim == 4 else x.reshape(x.shape[0], 1, 1, channels)
+    _, _, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=tf.constant(x4), scale=tf.ones([channels]), offset=tf.zeros([channels]),
+        mean=tf.zeros([0]), variance=tf.zeros([0]), epsilon=1e-3, is_training=True)
+    return variance.numpy()
+
+
+def precision_rows():
+    rng = np.random.RandomState(0)
+    rows = []
+    for shape in PRECISION_SHAPES:
+        count = int(np.prod(shape[:-1]))
+        base = rng.normal(0, 1, shape)
+        row = [shape, count]
+        for ratio_times_count in PRECISION_RATIOS:
+            x = (base + ratio_times_count / count).astype(np.float32)
+            reference = x.astype(np.float64).reshape(-1, shape[-1]).var(0, ddof=1)
+            layer = kerasbn.BatchNormalization(momentum=0.0, fused=True)
+            layer(x, training=True)
+            errors = [np.max(np.abs(v - reference) / reference)
+                      for v in (kernel_variance(x), layer.moving_variance.numpy())]
+            row.append("{:.1e} / {:.1e}".format(*errors))
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
@@ -178,6 +215,8 @@ def main(argv=None):
                              "the fused=None threshold, or both")
     parser.add_argument("--variants", action="store_true",
                         help="also time each layer option's training step on the first shape")
+    parser.add_argument("--precision", action="store_true",
+                        help="also print the kernel's and kerasbn's variance error by n*|mean|/spread")
     args = parser.parse_args(argv)
     shapes = {"default": TRAIN_SHAPES, "small": SMALL_TRAIN_SHAPES,
               "all": TRAIN_SHAPES + SMALL_TRAIN_SHAPES}[args.shapes]
@@ -205,6 +244,11 @@ def main(argv=None):
         print(f"\nTraining step by layer option, {TRAIN_SHAPES[0]}, against Keras' float32 step:")
         print(markdown_table(["kerasbn option", "kernels", "kerasbn ms", "vs Keras"],
                              variant_rows(args.repeats)))
+    if args.precision:
+        print("\nRelative variance error against float64, std 1, mean = ratio / n: bare kernel / kerasbn")
+        print(markdown_table(["shape", "n per channel"] + [f"n*|mean|/spread = {r:.0e}"
+                                                            for r in PRECISION_RATIOS],
+                             precision_rows()))
 
 
 if __name__ == "__main__":

@@ -153,9 +153,10 @@ class BatchNormalization(keras.layers.Layer):
             element-wise path is faster); False never uses them; True
             requires them. Local training (no synchronization, mask or renorm)
             is one kernel call forward (statistics and output) and one
-            gradient call backward, as tf.keras 2's ``fused=True``, on input
-            shifted by a per-channel sample so the statistics keep their
-            precision. Masks, renorm and synchronization need the statistics
+            gradient call backward, as tf.keras 2's ``fused=True``; the input
+            is shifted by a per-channel sample first where the kernel would
+            lose precision (a channel's mean large against its spread; always
+            under XLA and on GPU: docs/design.md, "Precision"). Masks, renorm and synchronization need the statistics
             before normalizing: they run the kernels split (statistics, then
             normalization with the merged statistics, whose gradient call
             yields the per-channel sums for the backward pass).
