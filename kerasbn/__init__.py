@@ -21,4 +21,4 @@ __all__ = [
     "fold_batch_norm",
     "recalibrate_statistics",
 ]
-__version__ = "0.3.0"
+__version__ = "0.3.1"

@@ -94,11 +94,11 @@ def _stopped_at(proc, run_dir):
 def test_stops_and_kills_at_any_instant_resume_losing_nothing_and_export_a_serving_model(tmp_path, capsys):
     """One run, stopped five ways, each checked against the checkpoint state file on disk."""
     run_dir = tmp_path / "run"
-    # Loops of 200 steps (seconds here), evaluations of 1000 examples.
-    args = ["--variant", "bn-x5", *SMALL, "--eval-every", "200", "--steps-per-loop", "200", "--quiet"]
+    # Loops of 100 steps (over a second here), evaluations of 1000 examples.
+    args = ["--variant", "bn-x5", *SMALL, "--eval-every", "100", "--steps-per-loop", "100", "--quiet"]
 
     # 1. Two signals at once (Ctrl-C twice; a scheduler signalling the process and its group) as the
-    # second 200-step loop starts: the loop ends after the step in progress, one message, status 130.
+    # second 100-step loop starts: the loop ends after the step in progress, one message, status 130.
     proc = _start(run_dir, *args, "--steps", "100000")
     _wait_for([proc], lambda: (run_dir / "history.csv").exists() and _history(run_dir), "evaluation")
     signalled = time.perf_counter()
@@ -106,21 +106,21 @@ def test_stops_and_kills_at_any_instant_resume_losing_nothing_and_export_a_servi
     proc.send_signal(signal.SIGINT)
     stopped, stderr = _stopped_at(proc, run_dir)
     print(f"SIGTERM+SIGINT to exit: {time.perf_counter() - signalled:.2f} s; saved step {stopped}, "
-          f"{stopped - 200} steps into the loop")
-    assert 200 < stopped < 400, "the loop ran to its end"
+          f"{stopped - 100} steps into the loop")
+    assert 100 < stopped < 200, "the loop ran to its end"
     assert "forced exit" not in stderr
 
     # 2. SIGTERM the instant the next checkpoint's files appear: the save, or the evaluation that
     # follows it, is in progress; the save is not interrupted and the evaluation is abandoned.
     with open(tmp_path / "resumed.out", "w") as out:
         proc = _start(run_dir, *args, "--steps", "100000", stdout=out)
-        _wait_for([proc], lambda: max(_checkpoint_steps(run_dir)) >= 400, "checkpoint")
+        _wait_for([proc], lambda: max(_checkpoint_steps(run_dir)) >= 200, "checkpoint")
         proc.send_signal(signal.SIGTERM)
         again, _ = _stopped_at(proc, run_dir)
     assert f"Resuming {run_dir} from step {stopped} of 100000" in (tmp_path / "resumed.out").read_text()
-    abandoned = [int(r["step"]) for r in _history(run_dir)][-1] != 400
-    assert again >= 400 and (not abandoned or again == 400)  # abandoned: its checkpoint is what was saved
-    print(f"SIGTERM as ckpt-400 appeared: saved step {again}, evaluation abandoned: {abandoned}")
+    abandoned = [int(r["step"]) for r in _history(run_dir)][-1] != 200
+    assert again >= 200 and (not abandoned or again == 200)  # abandoned: its checkpoint is what was saved
+    print(f"SIGTERM as ckpt-200 appeared: saved step {again}, evaluation abandoned: {abandoned}")
 
     # 3. SIGKILL (no chance to clean up) after the next checkpoint keeps the last complete one.
     proc = _start(run_dir, *args, "--steps", "100000")
@@ -161,7 +161,7 @@ def test_stops_and_kills_at_any_instant_resume_losing_nothing_and_export_a_servi
     total = resumes_from + 4
     result = _train(run_dir, *args, "--steps", str(total))
     assert f"Resuming {run_dir} from step {resumes_from} of {total}" in result.stdout
-    assert [int(row["step"]) for row in _history(run_dir)] == sorted({*range(200, total + 1, 200), total})
+    assert [int(row["step"]) for row in _history(run_dir)] == sorted({*range(100, total + 1, 100), total})
     assert _checkpoint_steps(run_dir)[-1] == total
 
     # The SavedModel (BN folded) serves the trained network: same outputs as the checkpoint's
