@@ -156,10 +156,11 @@ class BatchNormalization(keras.layers.Layer):
             gradient call backward, as tf.keras 2's ``fused=True``; the input
             is shifted by a per-channel sample first where the kernel would
             lose precision (a channel's mean large against its spread; always
-            under XLA and on GPU: docs/design.md, "Precision"). Masks, renorm and synchronization need the statistics
-            before normalizing: they run the kernels split (statistics, then
-            normalization with the merged statistics, whose gradient call
-            yields the per-channel sums for the backward pass).
+            under XLA and on GPU: docs/design.md, "Precision"). Masks, renorm
+            and synchronization need the statistics before normalizing: they
+            run the kernels split (statistics, then normalization with the
+            merged statistics, whose gradient call yields the per-channel sums
+            for the backward pass).
         **kwargs: base layer arguments (``name``, ``dtype``, ``trainable``).
 
     Call arguments:

@@ -21,8 +21,8 @@ Numerical care taken here, one line each:
 - TensorFlow's fused kernel (oneDNN on CPU) is used for speed where it
   applies, but it loses the variance when a channel's mean is large against
   its spread (oneDNN, and XLA's expansion into ``E[x^2] - E[x]^2``); it is
-  fed data shifted by a sample of each channel (:func:`_shifted_fused_statistics`,
-  the one place that guard lives).
+  fed data shifted by a sample of each channel wherever that can happen
+  (:func:`_shifted_fused_statistics`, the one place that guard lives).
 - The merge computes deviations from the merged mean directly (within-part
   M2 plus count-weighted between-part squares), so it stays stable for any
   number of parts, empty parts included.
@@ -224,7 +224,6 @@ def _shifted_fused_statistics(x: tf.Tensor, channel_axis: int, affine: tuple | N
     show a channel whose ``n * |mean| / spread`` exceeds :data:`UNSHIFTED_LIMIT`
     (a ``tf.cond``, so the pass itself is skipped otherwise).
     """
-    rank = x.shape.rank
     channels = x.shape[channel_axis]
     count = tf.cast(tf.size(x, out_type=tf.int64) // channels, tf.float32)
     shift, spread = _first_examples_moments(tf.stop_gradient(x), channel_axis)
