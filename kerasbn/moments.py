@@ -233,20 +233,20 @@ def _shifted_fused_statistics(x: tf.Tensor, channel_axis: int, affine: tuple | N
         # exact wherever x is within a factor 2 of it (Sterbenz), which is where
         # precision is at stake, and the same rounded shift is added back below.
         shift = tf.cast(tf.cast(shift, x.dtype), tf.float32)
-
-        def kernel_input(shift):
-            return x - tf.cast(shift, x.dtype)
+        unshifted = x
     else:
         # In float32: half-precision differences would round the statistics' input.
-        def kernel_input(shift):
-            return tf.cast(x, tf.float32) - shift
+        unshifted = tf.cast(x, tf.float32)
+
+    def subtract_shift():
+        return unshifted - tf.cast(shift, unshifted.dtype)
 
     if _cpu_kernel_without_xla():
         needed = shift_needed(shift, spread, count)
-        shift = tf.where(needed, shift, 0.0)
-        shifted = tf.cond(needed, lambda: kernel_input(shift), lambda: kernel_input(0.0))
+        shifted = tf.cond(needed, subtract_shift, lambda: unshifted)
+        applied_shift = tf.where(needed, shift, 0.0)
     else:
-        shifted = kernel_input(shift)
+        shifted, applied_shift = subtract_shift(), shift
     if affine is None:
         normalized = None
         shifted_mean, unbiased = fused.moments(shifted, channel_axis)
@@ -255,7 +255,7 @@ def _shifted_fused_statistics(x: tf.Tensor, channel_axis: int, affine: tuple | N
         normalized, shifted_mean, unbiased = fused.normalize_batch(
             shifted, channel_axis, gamma, beta, epsilon)
     # NaN for an empty batch: back to zeros there.
-    mean = tf.where(count > 0.0, shifted_mean + tf.reshape(shift, [channels]), 0.0)
+    mean = tf.where(count > 0.0, shifted_mean + tf.reshape(applied_shift, [channels]), 0.0)
     m2 = tf.where(count > 1.0, unbiased * (count - 1.0), 0.0)
     return BatchStatistics(tf.fill([channels], count), mean, m2, normalized)
 
