@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -41,15 +40,6 @@ def start(*args):
     return proc
 
 
-def rate(iterator, batches, batch):
-    next(iterator)
-    begin = time.perf_counter()
-    for _ in range(batches):
-        element = next(iterator)
-    element[0].numpy()
-    return batches * batch / (time.perf_counter() - begin)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", help="bench_input.py's work dir (made here when missing)")
@@ -57,7 +47,7 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    from bench_input import fake_imagenet
+    from bench_input import fake_imagenet, images_per_second
 
     from recipes.inception_bn import data_service
     from recipes.inception_bn.data import load_source
@@ -69,7 +59,7 @@ def main(argv=None):
     source = load_source("imagenet2012", work / "download", 224, prepared_dir=work / "prepared")
     rows = []
     local = iter(source.train(args.batch, 1.0, seed=0))
-    rows.append(["local (this process)", np.median([rate(local, args.batches, args.batch)
+    rows.append(["local (this process)", np.median([images_per_second(local, args.batches, args.batch)
                                                     for _ in range(args.rounds)])])
     del local
     for workers in (1, 2):
@@ -81,7 +71,7 @@ def main(argv=None):
                                               f"bench-{workers}")
             served = iter(dataset)
             rows.append([f"tf.data service, {workers} worker(s)",
-                         np.median([rate(served, args.batches, args.batch) for _ in range(args.rounds)])])
+                         np.median([images_per_second(served, args.batches, args.batch) for _ in range(args.rounds)])])
             del served
         finally:
             for p in procs:
