@@ -157,6 +157,6 @@ def fold_batch_norm(model):
         if id(source) in folds:
             target.set_weights(_folded_weights(source, folds[id(source)]))
         elif id(source) not in folded_bns:
-            target.set_weights(source.get_weights())
+            model_walk.copy_weights(source, target)
 
     return model_walk.clone_model(model, make_layer, set_weights)

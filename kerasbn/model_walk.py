@@ -24,9 +24,30 @@ def check_model(model, tool: str) -> None:
 
 
 def batch_norm_layers(model) -> list:
-    """Every BN layer in ``model``, nested models included, in model order."""
+    """Every BN layer ``model`` tracks, in model order.
+
+    Graph nodes, nested models, and BN inside custom layers (held in
+    attributes, lists or dicts): whatever Keras tracks for the layer's
+    weights. This walk decides what every tool covers.
+    """
     return [layer for layer in model._flatten_layers(include_self=False)
             if is_batch_normalization(layer)]
+
+
+def batch_norm_paths(model) -> list:
+    """``(path, bn)`` for every BN of :func:`batch_norm_layers`; path names its owners, e.g.
+    ``"block_3/bn"``."""
+    found = []
+
+    def walk(layer, prefix):
+        for sub in layer._flatten_layers(include_self=False, recursive=False):
+            path = f"{prefix}{sub.name}"
+            if is_batch_normalization(sub):
+                found.append((path, sub))
+            walk(sub, path + "/")
+
+    walk(model, "")
+    return found
 
 
 def warn_no_batch_norm(model, tool: str):
@@ -48,19 +69,54 @@ def require_graph_model(model, tool: str, hint: str = "") -> None:
                          f"{type(model).__name__} is a subclassed model{hint}.")
 
 
-def copy_weights(source, target) -> None:
-    """``source``'s weights into ``target``, matched by name for BN layers.
+def sublayers(layer) -> list:
+    """``layer`` and every layer it tracks (attributes, lists, dicts, nested models), in order."""
+    return list(layer._flatten_layers(include_self=True, recursive=True))
 
-    A BN target may have weights its source lacks (kerasbn's ``num_batches``);
-    they keep their initial value.
-    """
-    if not is_batch_normalization(source):
-        target.set_weights(source.get_weights())
-        return
+
+def _own_weights(layer) -> list:
+    """The weights ``layer`` created itself, not its sublayers'."""
+    inner = {id(w) for sub in layer._flatten_layers(include_self=False, recursive=True)
+             for w in sub.weights}
+    return [w for w in layer.weights if id(w) not in inner]
+
+
+def _copy_batch_norm_weights(source, target) -> None:
+    """By name: a kerasbn target may have weights its source lacks (``num_batches``)."""
     by_name = {w.name: w for w in source.weights}
     for weight in target.weights:
         if weight.name in by_name:
             weight.assign(by_name[weight.name])
+
+
+def copy_weights(source, target) -> None:
+    """``source``'s weights into its rebuilt ``target``, sublayer by sublayer.
+
+    Graph operations that are not layers (``keras.ops.pad`` and the like)
+    hold no weights. A custom layer is matched with its rebuild sublayer by
+    sublayer, in tracking order, so that BN layers inside it that became
+    kerasbn's take their weights by name.
+    """
+    if not isinstance(source, keras.layers.Layer):
+        return
+    pairs = list(zip(sublayers(source), sublayers(target)))
+    if len(sublayers(source)) != len(sublayers(target)) or any(
+            type(s) is not type(t) and not (is_batch_normalization(s) and is_batch_normalization(t))
+            for s, t in pairs):
+        raise ValueError(
+            f"Layer {source.name!r} ({type(source).__name__}) rebuilt from its config tracks other "
+            f"sublayers than the original ({[type(s).__name__ for s in sublayers(source)]} vs "
+            f"{[type(t).__name__ for t in sublayers(target)]}); its weights cannot be matched.")
+    for s, t in pairs:
+        if is_batch_normalization(s):
+            _copy_batch_norm_weights(s, t)
+            continue
+        own_source, own_target = _own_weights(s), _own_weights(t)
+        if [w.shape for w in own_source] != [w.shape for w in own_target]:
+            raise ValueError(f"Layer {s.name!r} rebuilt from its config has other weights than "
+                             "the original; they cannot be copied.")
+        for w, v in zip(own_target, own_source):
+            w.assign(v)
 
 
 def clone_model(model, make_layer, set_weights=copy_weights):
