@@ -7,6 +7,7 @@ statistics, and the tools around it. Work-arounds for Keras itself live in
 
 from kerasbn.backend import BackendError
 from kerasbn.batch_normalization import BatchNormalization, SyncBatchNormalization
+from kerasbn.construction import batch_norm_scope
 from kerasbn.convert import convert_sync_batchnorm
 from kerasbn.folding import fold_batch_norm
 from kerasbn.population import recalibrate_statistics
@@ -16,9 +17,10 @@ __all__ = [
     "BackendError",
     "BatchNormalization",
     "SyncBatchNormalization",
+    "batch_norm_scope",
     "convert_sync_batchnorm",
     "export_for_serving",
     "fold_batch_norm",
     "recalibrate_statistics",
 ]
-__version__ = "0.3.1"
+__version__ = "0.4.0"

@@ -4,32 +4,10 @@ from __future__ import annotations
 
 from kerasbn import model_walk
 from kerasbn.backend import require_tensorflow_backend
-from kerasbn.batch_normalization import BatchNormalization, SyncBatchNormalization
+from kerasbn.batch_normalization import BatchNormalization
+from kerasbn.construction import batch_norm_scope, kerasbn_config, replacement
 
-# Arguments both layers share; everything else in Keras' config is base-layer state.
-_SHARED_ARGUMENTS = (
-    "axis", "momentum", "epsilon", "center", "scale", "beta_initializer",
-    "gamma_initializer", "moving_mean_initializer", "moving_variance_initializer",
-    "beta_regularizer", "gamma_regularizer", "beta_constraint", "gamma_constraint",
-    "renorm", "renorm_clipping", "renorm_momentum", "synchronized", "name", "trainable",
-    "dtype",
-)
-
-
-def kerasbn_config(layer, **overrides) -> dict:
-    """The :class:`kerasbn.BatchNormalization` config equivalent to ``layer``'s.
-
-    From Keras' own layer, it keeps Keras' biased moving variance
-    (``unbiased_variance=False``); ``overrides`` are applied last.
-    """
-    config = dict(layer.get_config())
-    if not isinstance(layer, BatchNormalization):
-        config = {k: config[k] for k in _SHARED_ARGUMENTS if k in config}
-        if not config.get("renorm"):
-            config.pop("renorm_clipping", None)
-        config["unbiased_variance"] = False
-    config.update(overrides)
-    return config
+__all__ = ["convert_sync_batchnorm", "kerasbn_config"]
 
 
 def convert_sync_batchnorm(model, sync_group_size: int | None = None, **overrides):
@@ -39,9 +17,22 @@ def convert_sync_batchnorm(model, sync_group_size: int | None = None, **override
     in ``model`` -- Sequential or functional, nested models included -- is
     replaced by a :class:`kerasbn.SyncBatchNormalization` with the same
     arguments, weights and moving statistics; every other layer is cloned
-    with its weights. The original model is not modified. Layers converted
-    from Keras' own keep Keras' biased moving variance
-    (``unbiased_variance=False``) unless overridden.
+    with its weights. BN layers inside custom layers (in attributes, lists
+    or dicts of layers) are converted too: each custom layer is rebuilt from
+    its config inside :func:`kerasbn.batch_norm_scope`, so the BN layers its
+    code constructs are kerasbn's synchronized ones. Graph operations that
+    are not layers (``keras.ops.pad``, ``split``, ``+``) are kept as they are.
+    The original model is not modified. Layers converted from Keras' own keep
+    Keras' biased moving variance (``unbiased_variance=False``) unless
+    overridden.
+
+    Conversion is complete or refused: if any BN layer the copy holds is not
+    synchronized (a subclass of Keras' BN inside a custom layer, say), it
+    raises naming each one and why.
+
+    A ``.keras`` file of a converted model whose custom layers hold BN loads
+    back converted only inside ``kerasbn.batch_norm_scope(synchronized=True)``:
+    the loader rebuilds those layers from their code, which builds Keras' BN.
 
     Build the copy under the strategy that will train it:
 
@@ -61,19 +52,50 @@ def convert_sync_batchnorm(model, sync_group_size: int | None = None, **override
 
     Returns:
         The converted copy.
+
+    Raises:
+        ValueError: a subclassed model (no graph to rebuild: build it inside
+            ``kerasbn.batch_norm_scope(synchronized=True)`` instead), a custom
+            layer that cannot be rebuilt from its config, or BN layers that
+            would stay unsynchronized.
     """
     tool = "convert_sync_batchnorm"
     require_tensorflow_backend(tool)
     model_walk.check_model(model, tool)
     model_walk.require_graph_model(
-        model, tool, ": construct it with kerasbn.SyncBatchNormalization layers instead")
+        model, tool, ": construct it inside kerasbn.batch_norm_scope(synchronized=True) instead")
+
+    originals = model_walk.batch_norm_paths(model)
+    overrides = dict(overrides, sync_group_size=sync_group_size)
 
     def make_layer(layer):
-        if not model_walk.is_batch_normalization(layer):
+        if model_walk.is_batch_normalization(layer):
+            return replacement(layer, synchronized=True, **overrides)
+        try:
             return model_walk.clone_layer(layer)
-        config = kerasbn_config(layer, sync_group_size=sync_group_size, **overrides)
-        for argument in ("synchronized", "fused"):
-            config.pop(argument, None)
-        return SyncBatchNormalization.from_config(config)
+        except Exception as error:
+            raise ValueError(f"{tool}: layer {layer.name!r} ({type(layer).__name__}) cannot be "
+                             f"rebuilt from its config: {type(error).__name__}: {error}") from error
 
-    return model_walk.clone_model(model, make_layer)
+    with batch_norm_scope(synchronized=True, **overrides):
+        converted = model_walk.clone_model(model, make_layer)
+    _check_complete(tool, originals, model_walk.batch_norm_paths(converted))
+    return converted
+
+
+def _check_complete(tool, originals, converted) -> None:
+    """Raises unless every BN of the copy is kerasbn's synchronized layer, one per original."""
+    left = [f"{path} ({_why_unconverted(bn)})" for path, bn in converted
+            if not (isinstance(bn, BatchNormalization) and bn.synchronized)]
+    if len(converted) != len(originals):
+        left.append(f"the copy holds {len(converted)} BN layers where the model holds "
+                    f"{len(originals)} (a custom layer builds its BN layers otherwise than its config says)")
+    if left:
+        raise ValueError(f"{tool}: {len(left)} of {len(originals)} BN layers would stay "
+                         "unsynchronized, so nothing was converted: " + "; ".join(left))
+
+
+def _why_unconverted(bn) -> str:
+    return (f"its class {type(bn).__module__}.{type(bn).__qualname__} subclasses "
+            "BatchNormalization; only Keras' and kerasbn's own classes are rebuilt as kerasbn's "
+            "synchronized layer (make it subclass kerasbn.SyncBatchNormalization)")

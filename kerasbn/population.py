@@ -28,7 +28,7 @@ import tensorflow as tf
 from kerasbn import model_walk
 from kerasbn.backend import require_tensorflow_backend
 from kerasbn.batch_normalization import BatchNormalization
-from kerasbn.convert import kerasbn_config
+from kerasbn.construction import kerasbn_config
 
 
 def _population_twin(layer):
