@@ -1,0 +1,238 @@
+"""Models kerasbn did not build: graphs with `keras.ops` nodes, BN inside custom layers and
+nested models, keras-hub's backbones. Every tool walks them, or says exactly why not."""
+
+import subprocess
+import sys
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kerasbn
+from kerasbn import model_walk
+from tests import zoo_models
+from tests.distributed import ROOT, _env, run_script
+
+ALL = {**zoo_models.SHAPES, **zoo_models.hub_backbones()}
+needs_hub = pytest.mark.skipif(not zoo_models.hub_backbones(), reason="keras-hub is not installed")
+
+
+def _build(name):
+    keras.utils.set_random_seed(0)
+    model, count = ALL[name]()
+    return zoo_models.trained(model), count
+
+
+def _bns(model):
+    """BN layers found without kerasbn's walk: every tracked sublayer with moving statistics."""
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if hasattr(layer, "moving_mean") and hasattr(layer, "epsilon")]
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_conversion_is_complete_and_keeps_weights_and_outputs(name):
+    model, count = _build(name)
+    x = zoo_models.input_batch(model)
+    before = [w.numpy().copy() for w in model.weights]
+    converted = kerasbn.convert_sync_batchnorm(model)
+    originals, replaced = _bns(model), _bns(converted)
+    assert len(originals) == len(replaced) == count
+    for old, new in zip(originals, replaced):
+        assert type(new) is kerasbn.SyncBatchNormalization, new.name
+        for key in ("epsilon", "momentum", "center", "scale", "axis"):
+            assert new.get_config()[key] == old.get_config()[key], (new.name, key)
+        for w in old.weights:
+            np.testing.assert_array_equal(getattr(new, w.name).numpy(), w.numpy())
+    for b, w in zip(before, model.weights):  # the original is untouched
+        np.testing.assert_array_equal(b, w.numpy())
+    np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(converted(x, training=True), model(x, training=True), rtol=1e-4, atol=1e-4)
+
+
+def test_bn_that_cannot_be_converted_is_refused_by_name():
+    inputs = keras.Input(zoo_models.SHAPE)
+    h = zoo_models.BlockWithOwnBatchNorm(name="holder")(zoo_models._stem(inputs))
+    model = keras.Model(inputs, zoo_models._head(h))
+    with pytest.raises(ValueError, match=r"1 of 2 BN layers.*holder/own_bn.*OwnBatchNorm"):
+        kerasbn.convert_sync_batchnorm(model)
+
+
+def test_a_custom_layer_without_a_config_is_refused_by_name():
+    class NoConfig(keras.layers.Layer):
+        def __init__(self, activation):
+            super().__init__(name="no_config")
+            self.activation = activation
+            self.bn = keras.layers.BatchNormalization()
+
+        def call(self, x):
+            return self.activation(self.bn(x))
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, NoConfig(lambda t: t * 2)(inputs))
+    with pytest.raises(ValueError, match="no_config.*cannot be rebuilt from its config"):
+        kerasbn.convert_sync_batchnorm(model)
+
+
+@pytest.mark.slow
+def test_converted_models_on_two_replicas_match_the_global_batch(tmp_path):
+    result = run_script("convert_worker.py", [], tmp_path)
+    for name in ALL:
+        # Measured: 1e-7..5e-6 of the output's scale (float32 rounding of the merged statistics).
+        assert result[f"{name}_sync"] < 1e-4, (name, result[f"{name}_sync"])
+        assert result[f"{name}_moving"] < 1e-5, (name, result[f"{name}_moving"])
+        # The control: left per-replica, the same model differs at the scale of its output.
+        assert result[f"{name}_unsync"] > 1e-2, (name, result[f"{name}_unsync"])
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_folding_keeps_outputs_and_names_what_it_cannot_fold(name):
+    model, count = _build(name)
+    x = zoo_models.input_batch(model)
+    folded = kerasbn.fold_batch_norm(model)
+    np.testing.assert_allclose(folded(x), model(x), rtol=1e-4, atol=1e-5)
+    left = kerasbn.folding.unfoldable(model)
+    in_code = {bn.name for bn in _bns(model) if not bn._inbound_nodes}
+    for bn_name in in_code:
+        assert any(entry.startswith(f"{bn_name} (it is called inside a layer's own code") for entry in left)
+    assert len(_bns(folded)) == len(left)
+    if name in zoo_models.SHAPES:
+        assert len(left) < count  # the stem BN after a convolution folds
+
+
+@pytest.mark.parametrize("name", ["pad", "custom_layer", "nested_model"] + sorted(zoo_models.hub_backbones()))
+def test_export_serves_the_same_outputs_in_a_fresh_process(name, tmp_path):
+    model, _ = _build(name)
+    x = zoo_models.input_batch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kerasbn.export_for_serving(model, tmp_path / "export" / "1")
+    np.save(tmp_path / "x.npy", x)
+    script = ("import sys, numpy as np, tensorflow as tf\n"
+              "served = tf.saved_model.load(sys.argv[1])\n"
+              "np.save(sys.argv[2], served.serve(np.load(sys.argv[3])).numpy())\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "export" / "1"), str(tmp_path / "y.npy"),
+                    str(tmp_path / "x.npy")], check=True, env=_env(), cwd=ROOT, timeout=300)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(zoo_models.SHAPES))
+def test_recalibration_covers_every_bn_with_algorithm_2(name):
+    model, count = _build(name)
+    batches = [zoo_models.input_batch(model, seed=s) for s in (3, 4)]
+    kerasbn.recalibrate_statistics(model, batches, verbose=0)
+    bns = _bns(model)
+    assert len(bns) == count
+    seen = {id(bn): [] for bn in bns}
+
+    def spy(bn):
+        original = type(bn).call
+
+        def call(inputs, training=None, mask=None):
+            seen[id(bn)].append(np.asarray(inputs, np.float64))
+            return original(bn, inputs, training=True)
+        return call
+
+    population = {id(bn): (bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()) for bn in bns}
+    for bn in bns:
+        bn.call = spy(bn)
+    try:
+        for batch in batches:
+            model(batch, training=False)
+    finally:
+        for bn in bns:
+            del bn.call
+    for bn in bns:
+        inputs = seen[id(bn)]
+        assert len(inputs) == len(batches), bn.name
+        axes = tuple(range(inputs[0].ndim - 1))
+        m = np.prod([inputs[0].shape[a] for a in axes])
+        mean = np.mean([v.mean(axes) for v in inputs], axis=0)
+        variance = np.mean([v.var(axes) for v in inputs], axis=0) * m / (m - 1)
+        np.testing.assert_allclose(population[id(bn)][0], mean, rtol=1e-4, atol=1e-5, err_msg=bn.name)
+        np.testing.assert_allclose(population[id(bn)][1], variance, rtol=1e-4, atol=1e-5, err_msg=bn.name)
+
+
+@pytest.mark.parametrize("name", sorted(zoo_models.SHAPES))
+def test_converted_models_round_trip_through_keras_files(name, tmp_path):
+    model, count = _build(name)
+    x = zoo_models.input_batch(model)
+    converted = kerasbn.convert_sync_batchnorm(model)
+    converted.save(tmp_path / "m.keras")
+    # BN inside custom layers is built by the layer's code: load inside the scope that built it.
+    with kerasbn.batch_norm_scope(synchronized=True):
+        loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert [type(bn) for bn in _bns(loaded)] == [kerasbn.SyncBatchNormalization] * count
+    for a, b in zip(loaded.weights, converted.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_allclose(loaded(x), converted(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_scope_builds_kerasbn_layers_everywhere_and_only_inside_it():
+    with kerasbn.batch_norm_scope(momentum=0.5):
+        model, count = zoo_models.nested_model()
+        own = zoo_models.OwnBatchNorm()
+        from keras.src.layers.normalization.batch_normalization import (
+            BatchNormalization as imported,
+        )
+        direct = imported()
+    assert [type(bn) for bn in _bns(model)] == [kerasbn.BatchNormalization] * count
+    assert all(bn.momentum == 0.5 and not bn.unbiased_variance and not bn.synchronized for bn in _bns(model))
+    assert type(own) is zoo_models.OwnBatchNorm  # subclasses keep their class
+    assert type(direct) is kerasbn.BatchNormalization  # the class itself, however imported
+    assert type(keras.layers.BatchNormalization()) is keras.layers.BatchNormalization
+    assert not kerasbn.BatchNormalization().synchronized
+    with kerasbn.batch_norm_scope(synchronized=True, sync_group_size=2):
+        ours = kerasbn.BatchNormalization(momentum=0.8)
+        inner = keras.layers.BatchNormalization()
+    assert ours.synchronized and ours.sync_group_size == 2 and ours.momentum == 0.8
+    assert type(inner) is kerasbn.SyncBatchNormalization and inner.sync_group_size == 2
+
+
+def test_a_model_built_in_the_scope_computes_what_the_keras_one_does():
+    keras.utils.set_random_seed(0)
+    reference, _ = zoo_models.custom_layer()
+    keras.utils.set_random_seed(0)
+    with kerasbn.batch_norm_scope():
+        ours, _ = zoo_models.custom_layer()
+    for a, b in zip(ours.weights, reference.weights):
+        a.assign(b)
+    x = zoo_models.input_batch(reference)
+    for training in (True, False):
+        np.testing.assert_allclose(ours(x, training=training), reference(x, training=training),
+                                   rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_bns(ours)[0].moving_variance.numpy(),
+                               _bns(reference)[0].moving_variance.numpy(), rtol=1e-5)
+
+
+def test_scope_arguments_are_checked():
+    with pytest.raises(TypeError, match="unknown BatchNormalization argument.*'momentun'"):
+        with kerasbn.batch_norm_scope(momentun=0.9):
+            pass
+    with pytest.raises(ValueError, match="momentum"):
+        with kerasbn.batch_norm_scope(momentum=1.5):
+            pass
+    with pytest.raises(ValueError, match="sync_group_size.*synchronized=True"):
+        with kerasbn.batch_norm_scope(sync_group_size=2):
+            pass
+    with pytest.raises(TypeError, match="synchronized"):
+        with kerasbn.batch_norm_scope(synchronized="yes"):
+            pass
+    assert type(keras.layers.BatchNormalization()) is keras.layers.BatchNormalization
+
+
+@needs_hub
+def test_hub_backbones_convert_completely():
+    for name in zoo_models.hub_backbones():
+        model, count = _build(name)
+        converted = model_walk.batch_norm_layers(kerasbn.convert_sync_batchnorm(model))
+        assert [type(bn) for bn in converted] == [kerasbn.SyncBatchNormalization] * count, name
+
+
+def test_docstring_example():
+    import doctest
+
+    from kerasbn import construction
+    assert doctest.testmod(construction).failed == 0
+    assert tf.executing_eagerly()
