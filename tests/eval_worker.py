@@ -3,7 +3,7 @@
 Usage (MirroredStrategy over N logical CPUs; devices are fixed when TensorFlow starts):
     python tests/eval_worker.py --replicas 3 --examples 997,5 --batch 16 --out result.npz
 
-Builds a small BN-Inception under the strategy (seeded weights, BN statistics moved off their
+Builds the tests' tiny BN network (tests/tiny_train.py) under the strategy (seeded weights, BN statistics moved off their
 initial values), runs ``make_evaluate`` over the first ``--examples`` synthetic evaluation images,
 then evaluates the same images on one device in float64 numpy from the same logits' weights, and
 saves both.
@@ -35,12 +35,12 @@ def main():
 
     from recipes.inception_bn.data import load_source, network_input
     from recipes.inception_bn.train import make_evaluate
-    from recipes.inception_bn.variants import VARIANTS
+    from tests.tiny_train import TINY
 
     keras.utils.set_random_seed(0)
     source = load_source("synthetic", image_size=32)
     with strategy.scope():
-        model = VARIANTS["bn-x5"].build_model(10, (32, 32, 3), width_multiplier=0.125)
+        model = TINY.build_model(10, (32, 32, 3))
         stop_flag = tf.Variable(0)
     rng = np.random.RandomState(0)
     for w in model.weights:  # statistics away from 0 and 1, so inference uses them

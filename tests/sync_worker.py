@@ -2,6 +2,8 @@
 
 Usage (MirroredStrategy over N logical CPUs):
     python tests/sync_worker.py --replicas 4 --sizes 5,3,0,4 --out result.npz
+Several scenarios in one process (TensorFlow's start-up paid once; same --replicas):
+    python tests/sync_worker.py --replicas 2 --batch scenarios.json
 Usage (MultiWorkerMirroredStrategy: TF_CONFIG set, one process per worker):
     python tests/sync_worker.py --multi-worker --sizes 5,3 --out result.npz
 
@@ -14,6 +16,7 @@ them with a float64 numpy reference of the global batch.
 """
 
 import argparse
+import json
 import os
 import sys
 from collections import Counter
@@ -53,7 +56,7 @@ def make_layer(kind, group_size, momentum):
     return kerasbn.SyncBatchNormalization(sync_group_size=group_size, momentum=momentum)
 
 
-def main(argv=None):
+def scenario_parser():
     parser = argparse.ArgumentParser()
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--multi-worker", action="store_true")
@@ -65,10 +68,32 @@ def main(argv=None):
     parser.add_argument("--group-size", type=int, default=None)
     parser.add_argument("--momentum", type=float, default=0.5)
     parser.add_argument("--layer", choices=["kerasbn", "keras", "unsync"], default="kerasbn")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", help="the result's npz (one scenario)")
+    parser.add_argument("--batch", help="a JSON file of {out: [scenario arguments]}: every scenario in this "
+                        "process, one after another (they must agree on --replicas / --multi-worker)")
+    return parser
 
+
+def main(argv=None):
+    args = scenario_parser().parse_args(argv)
     strategy, task = make_strategy(args.replicas, args.multi_worker)
+    if args.batch is None:
+        np.savez(args.out, **run_scenario(strategy, task, args))
+        return
+    with open(args.batch) as f:
+        scenarios = json.load(f)
+    for out, scenario_argv in scenarios.items():
+        scenario = scenario_parser().parse_args(scenario_argv)
+        assert (scenario.replicas, scenario.multi_worker) == (args.replicas, args.multi_worker), scenario_argv
+        try:
+            result = run_scenario(strategy, task, scenario)
+        except ValueError as error:  # a scenario that must fail: its message is the result
+            result = {"error": np.array(str(error))}
+        np.savez(out, **result)
+
+
+def run_scenario(strategy, task, args):
+    """One training step of the layer ``args`` describe; the arrays the tests compare."""
     sizes = [int(s) for s in args.sizes.split(",")]
     assert len(sizes) == strategy.num_replicas_in_sync, (sizes, strategy.num_replicas_in_sync)
     shape = tuple(int(s) for s in args.shape.split(",") if s)
@@ -121,7 +146,7 @@ def main(argv=None):
         result[f"dx_{r}"] = dx[i].numpy()
         result[f"dgamma_{r}"] = dgamma[i].numpy()
         result[f"dbeta_{r}"] = dbeta[i].numpy()
-    np.savez(args.out, **result)
+    return result
 
 
 if __name__ == "__main__":

@@ -15,11 +15,16 @@ import pytest
 from tests.distributed import ROOT, TIMEOUT, _env, free_ports, start_cluster, tf_config
 
 SMALL = ["--dataset", "synthetic", "--image-size", "32", "--width-multiplier", "0.125", "--batch-size", "8"]
+# The stop/resume/cluster machinery on the recipe's own main, with a two-convolution network
+# (tests/tiny_train.py): what these tests check is processes, signals and checkpoints, and
+# BN-Inception would add ~10 s of tracing to every process.
+TINY = ["--variant", "tiny", "--dataset", "synthetic", "--image-size", "32", "--batch-size", "8"]
+RECIPE = ["-m", "tests.tiny_train"]
 
 
 def _train(run_dir, *args, env=None, check=True):
     result = subprocess.run(
-        [sys.executable, "-m", "recipes.inception_bn.train", "--run-dir", str(run_dir), *args],
+        [sys.executable, *RECIPE, "--run-dir", str(run_dir), *args],
         capture_output=True, text=True, timeout=TIMEOUT, env=_env(env), cwd=ROOT)
     if check and result.returncode != 0:
         raise AssertionError(f"train failed ({result.returncode}):\n{result.stderr[-4000:]}")
@@ -27,7 +32,7 @@ def _train(run_dir, *args, env=None, check=True):
 
 
 def _start(run_dir, *args, stdout=subprocess.PIPE):
-    return subprocess.Popen([sys.executable, "-m", "recipes.inception_bn.train", "--run-dir", str(run_dir), *args],
+    return subprocess.Popen([sys.executable, *RECIPE, "--run-dir", str(run_dir), *args],
                             stdout=stdout, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
 
 
@@ -94,8 +99,8 @@ def _stopped_at(proc, run_dir):
 def test_stops_and_kills_at_any_instant_resume_losing_nothing_and_export_a_serving_model(tmp_path, capsys):
     """One run, stopped five ways, each checked against the checkpoint state file on disk."""
     run_dir = tmp_path / "run"
-    # Loops of 100 steps (over a second here), evaluations of 1000 examples.
-    args = ["--variant", "bn-x5", *SMALL, "--eval-every", "100", "--steps-per-loop", "100", "--quiet"]
+    # Loops of 100 steps (a second or more here), evaluations of 1000 examples.
+    args = [*TINY, "--eval-every", "100", "--steps-per-loop", "100", "--quiet"]
 
     # 1. Two signals at once (Ctrl-C twice; a scheduler signalling the process and its group) as the
     # second 100-step loop starts: the loop ends after the step in progress, one message, status 130.
@@ -168,9 +173,9 @@ def test_stops_and_kills_at_any_instant_resume_losing_nothing_and_export_a_servi
     # weights in a freshly built model, run in inference mode.
     import tensorflow as tf
 
-    from recipes.inception_bn.variants import VARIANTS
+    from tests.tiny_train import TINY as tiny
 
-    model = VARIANTS["bn-x5"].build_model(10, (32, 32, 3), width_multiplier=0.125)
+    model = tiny.build_model(10, (32, 32, 3))
     tf.train.Checkpoint(model=model).restore(str(run_dir / "checkpoints" / f"ckpt-{total}")).expect_partial()
     x = np.random.RandomState(1).uniform(-1, 1, (3, 32, 32, 3)).astype("float32")
     loaded = tf.saved_model.load(str(run_dir / "export"))  # held: its variables die with it
@@ -185,7 +190,9 @@ def test_stops_and_kills_at_any_instant_resume_losing_nothing_and_export_a_servi
     *earlier, last = _history(run_dir)
     write_history(run_dir / "history.csv", earlier)
     from recipes.inception_bn import train
+    from tests import tiny_train
 
+    tiny_train.register()
     capsys.readouterr()
     status = train.main(["--run-dir", str(run_dir), *args, "--steps", str(total), "--no-export"])  # in this process
     assert status == 0 and f"already trained {total} of {total} steps" in capsys.readouterr().out
@@ -201,9 +208,9 @@ def test_two_workers_stopped_inside_a_long_loop_save_the_same_step_and_the_rerun
     # middle of a 1000-step loop: every worker ends its loop after the same step and saves it;
     # rerunning the command on both resumes there.
     def command(steps):
-        return [sys.executable, "-m", "recipes.inception_bn.train", "--run-dir", str(tmp_path), "--variant",
-                "bn-x5", *SMALL, "--steps", str(steps), "--eval-every", "1000", "--eval-examples", "16",
-                "--steps-per-loop", "1000", "--quiet", "--no-export"]
+        return [sys.executable, *RECIPE, "--run-dir", str(tmp_path), *TINY, "--steps", str(steps),
+                "--eval-every", "1000", "--eval-examples", "16", "--steps-per-loop", "1000", "--quiet",
+                "--no-export"]
 
     ports = free_ports(2)
     procs = [subprocess.Popen(command(100000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
@@ -241,9 +248,9 @@ def test_two_workers_stopped_inside_a_long_loop_save_the_same_step_and_the_rerun
     import tensorflow as tf
 
     from recipes.inception_bn.data import load_source, network_input
-    from recipes.inception_bn.variants import VARIANTS
+    from tests.tiny_train import TINY as tiny
 
-    model = VARIANTS["bn-x5"].build_model(10, (32, 32, 3), width_multiplier=0.125)
+    model = tiny.build_model(10, (32, 32, 3))
     tf.train.Checkpoint(model=model).restore(str(tmp_path / "checkpoints" / f"ckpt-{step + 2}")).expect_partial()
     images, labels = next(iter(load_source("synthetic", image_size=32).eval(16).batch(16)))
     logits = model(network_input(images), training=False)
@@ -254,12 +261,15 @@ def test_two_workers_stopped_inside_a_long_loop_save_the_same_step_and_the_rerun
     assert float(row["eval_accuracy"]) == pytest.approx(accuracy, abs=1e-6)
 
 
-def test_help_lists_the_variants():
-    result = subprocess.run([sys.executable, "-m", "recipes.inception_bn.train", "--help"],
-                            capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120)
-    assert result.returncode == 0
+def test_help_lists_the_variants(capsys):
+    from recipes.inception_bn import train
+
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
     for name in ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid"):
-        assert f"  {name} " in result.stdout
+        assert f"  {name} " in out
 
 
 @pytest.mark.parametrize("setup, expected", [
@@ -300,16 +310,17 @@ def test_unwritable_run_dir_is_one_line(tmp_path, capsys):
 
 
 def test_divergence_stops_with_a_clear_message(tmp_path, capsys, monkeypatch):
-    # A learning rate no network survives: the loss overflows; the run stops, says so, and
+    # A learning rate no network survives (BN keeps the convolutions scale-invariant, not the
+    # classifier): the loss overflows; the run stops, says so, and
     # compare reads the marker it leaves.
     import dataclasses
 
     from recipes.inception_bn import train, variants
+    from tests.tiny_train import TINY as tiny
 
-    monkeypatch.setitem(variants.VARIANTS, "inception",
-                        dataclasses.replace(variants.VARIANTS["inception"], learning_rate=1e6))
-    status, stderr = _main_in_process(["--run-dir", str(tmp_path), "--variant", "inception", *SMALL, "--steps",
-                                       "50", "--eval-every", "50", "--quiet"], capsys)
+    monkeypatch.setitem(variants.VARIANTS, "tiny", dataclasses.replace(tiny, learning_rate=1e30))
+    status, stderr = _main_in_process(["--run-dir", str(tmp_path), *TINY, "--steps", "50", "--eval-every", "50",
+                                       "--quiet"], capsys)
     assert status == 2 and stderr.count("\n") == 1
     (err,) = _error_lines(stderr)
     assert "diverged" in err and str(tmp_path / "checkpoints") in err
@@ -320,17 +331,24 @@ if os.name != "posix":  # SIGKILL
     pytestmark = pytest.mark.skip("POSIX only")
 
 
-@pytest.mark.parametrize("module", ["recipes.inception_bn.train", "recipes.demo", "recipes.figure1.train",
-                                    "recipes.inception_bn.compare"])
-def test_a_missing_recipe_extra_is_one_line_naming_what_to_install(module):
-    # What a user without kerasbn[recipes] sees (tensorboard stands for any of the extra's packages).
-    code = (f"import sys; sys.modules['tensorboard'] = None; from {module} import main; "
-            "sys.exit(main(['--run-dir', 'unused']))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=ROOT,
-                            timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert _error_lines(result.stderr) == ["error: the recipes need kerasbn's `recipes` extra (missing: tensorboard); "
-                                    "from the repository: pip install -e '.[recipes]'"]
+def test_a_missing_recipe_extra_is_one_line_naming_what_to_install():
+    # What a user without kerasbn[recipes] sees (tensorboard stands for any of the extra's packages),
+    # from each recipe's main, one after another in one fresh process.
+    modules = ["recipes.inception_bn.train", "recipes.demo", "recipes.figure1.train", "recipes.inception_bn.compare"]
+    code = ("import sys, importlib; sys.modules['tensorboard'] = None\n"
+            "for name in sys.argv[1:]:\n"
+            "    try:\n"
+            "        status = importlib.import_module(name).main(['--run-dir', 'unused'])\n"
+            "    except SystemExit as exit_:\n"
+            "        status = exit_.code\n"
+            "    print(f'{name} exited {status}', file=sys.stderr, flush=True)\n")
+    result = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, env=_env(),
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = ("error: the recipes need kerasbn's `recipes` extra (missing: tensorboard); "
+            "from the repository: pip install -e '.[recipes]'")
+    ours = [x for x in result.stderr.splitlines() if x.startswith("error:") or " exited " in x]
+    assert ours == [x for name in modules for x in (line, f"{name} exited 2")]
 
 
 def test_training_loops_stop_at_every_evaluation_and_at_the_end():
@@ -357,14 +375,14 @@ def test_steps_per_loop_trains_exactly_as_one_step_per_call():
     import tensorflow as tf
 
     from recipes.inception_bn.train import make_train_loop
-    from recipes.inception_bn.variants import VARIANTS
+    from tests.tiny_train import TINY as tiny
 
     rng = np.random.RandomState(0)
     images = rng.uniform(-1, 1, (48, 32, 32, 3)).astype("float32")
     labels = rng.randint(0, 10, 48).astype("int32")
     strategy = tf.distribute.get_strategy()
     keras.utils.set_random_seed(0)
-    model = VARIANTS["bn-x5"].build_model(10, (32, 32, 3), width_multiplier=0.125)
+    model = tiny.build_model(10, (32, 32, 3))
     optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
     optimizer.build(model.trainable_variables)
     initial = [v.numpy() for v in [*model.weights, *optimizer.variables]]
@@ -392,10 +410,10 @@ def test_a_stop_request_ends_the_training_loop_after_the_current_step():
     import tensorflow as tf
 
     from recipes.inception_bn.train import make_train_loop
-    from recipes.inception_bn.variants import VARIANTS
+    from tests.tiny_train import TINY as tiny
 
     strategy = tf.distribute.get_strategy()
-    model = VARIANTS["bn-x5"].build_model(10, (32, 32, 3), width_multiplier=0.125)
+    model = tiny.build_model(10, (32, 32, 3))
     optimizer = keras.optimizers.SGD(0.05)
     flag = tf.Variable(0)
     loop = make_train_loop(strategy, model, optimizer, 4e-5, SimpleNamespace(global_batch=8, replicas=1), False,
@@ -439,7 +457,7 @@ def test_training_through_a_data_service_survives_a_lost_worker_and_resumes(tmp_
     try:
         service += [_start_service_process("worker", "--dispatcher", f"127.0.0.1:{port}") for _ in range(2)]
         run_dir = tmp_path / "run"
-        args = ["--variant", "bn-x5", *SMALL, "--eval-every", "20", "--steps-per-loop", "20", "--eval-examples", "16",
+        args = [*TINY, "--eval-every", "20", "--steps-per-loop", "20", "--eval-examples", "16",
                 "--quiet", "--no-export", "--data-service", f"grpc://127.0.0.1:{port}"]
         proc = _start(run_dir, *args, "--steps", "100000")
         _wait_for([proc], lambda: max(_checkpoint_steps(run_dir), default=0) >= 20, "checkpoint")

@@ -1,8 +1,14 @@
 """Synchronized BN under real tf.distribute strategies, against float64 numpy.
 
-Each scenario runs in a fresh process: logical CPU devices must be set before
+The scenarios run in fresh processes: logical CPU devices must be set before
 TensorFlow initializes, and multi-worker clusters need one process per worker.
+The single-step scenarios of one replica count share one process
+(``sync_worker.py --batch``), run the first time a test asks for one of them.
 """
+
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,10 +16,45 @@ import tensorflow as tf
 
 import kerasbn
 from tests import reference
-from tests.distributed import run_script, run_workers
+from tests.distributed import ROOT, TIMEOUT, _check, _env, run_script, run_workers
 
 pytestmark = pytest.mark.slow
 EPS = 1e-3
+
+# name: (replicas, sync_worker.py's arguments)
+SCENARIOS = {
+    "4,4": (2, ["--sizes", "4,4"]),
+    "5,3": (2, ["--sizes", "5,3"]),
+    "7,0": (2, ["--sizes", "7,0"]),
+    "large_mean": (2, ["--sizes", "16,16", "--shape", "8,8", "--loc", "1e4", "--spread", "1", "--momentum", "0"]),
+    "unsync": (2, ["--sizes", "4,6", "--layer", "unsync"]),
+    "unequal_and_empty": (4, ["--sizes", "5,3,0,4"]),
+    "groups_of_two": (4, ["--sizes", "4,2,3,5", "--group-size", "2"]),
+    "group_of_three": (4, ["--sizes", "4,4,4,4", "--group-size", "3"]),
+    "one_replica": (1, ["--sizes", "6"]),
+}
+
+
+@pytest.fixture(scope="session")
+def scenario(tmp_path_factory):
+    """``scenario(name)``: that scenario's result; each replica count's batch runs once per test process."""
+    done = {}
+
+    def result(name):
+        replicas = SCENARIOS[name][0]
+        if replicas not in done:
+            directory = tmp_path_factory.mktemp(f"sync_{replicas}_replicas")
+            batch = {str(directory / f"{n}.npz"): ["--replicas", str(r), *argv]
+                     for n, (r, argv) in SCENARIOS.items() if r == replicas}
+            (directory / "batch.json").write_text(json.dumps(batch))
+            _check(subprocess.run([sys.executable, str(ROOT / "tests" / "sync_worker.py"), "--replicas", str(replicas),
+                                   "--batch", str(directory / "batch.json")],
+                                  capture_output=True, text=True, timeout=TIMEOUT, env=_env()),
+                   f"sync_worker.py --replicas {replicas} --batch")
+            done[replicas] = directory
+        return dict(np.load(done[replicas] / f"{name}.npz"))
+
+    return result
 
 
 def _global_data(sizes, loc=3.0, spread=2.0, channels=4, shape=(3, 3)):
@@ -61,35 +102,35 @@ def _check_against_reference(result, sizes, group_size=None, momentum=0.5, **dat
 
 
 @pytest.mark.parametrize("sizes", ["4,4", "5,3", "7,0"])
-def test_two_replicas_match_the_global_batch(sizes, tmp_path):
-    result = run_script("sync_worker.py", ["--replicas", "2", "--sizes", sizes], tmp_path)
+def test_two_replicas_match_the_global_batch(sizes, scenario):
+    result = scenario(sizes)
     _check_against_reference(result, [int(s) for s in sizes.split(",")])
     assert result["collectives_per_replica"] == 2  # one forward, one in the gradient
 
 
-def test_four_replicas_unequal_and_empty(tmp_path):
+def test_four_replicas_unequal_and_empty(scenario):
     sizes = [5, 3, 0, 4]
-    result = run_script("sync_worker.py", ["--replicas", "4", "--sizes", "5,3,0,4"], tmp_path)
+    result = scenario("unequal_and_empty")
     assert result["y_2"].shape == (0, 3, 3, 4)
     _check_against_reference(result, sizes)
     assert result["collectives_per_replica"] == 2
 
 
-def test_sync_groups_of_two_among_four_replicas(tmp_path):
+def test_sync_groups_of_two_among_four_replicas(scenario):
     sizes = [4, 2, 3, 5]
-    result = run_script("sync_worker.py",
-                        ["--replicas", "4", "--sizes", "4,2,3,5", "--group-size", "2"], tmp_path)
+    result = scenario("groups_of_two")
     _check_against_reference(result, sizes, group_size=2)
 
 
-def test_group_size_that_does_not_divide_the_replicas_is_a_clear_error(tmp_path):
-    with pytest.raises(AssertionError, match="sync_group_size=3 must divide"):
-        run_script("sync_worker.py",
-                   ["--replicas", "4", "--sizes", "4,4,4,4", "--group-size", "3"], tmp_path)
+def test_group_size_that_does_not_divide_the_replicas_is_a_clear_error(scenario):
+    result = scenario("group_of_three")
+    # A ValueError (tf.function prefixes where it was traced).
+    assert "sync_group_size=3 must divide the number of replicas in sync (4)" in str(result["error"])
+    assert set(result) == {"error"}
 
 
-def test_one_replica_is_the_local_layer_without_collectives(tmp_path):
-    result = run_script("sync_worker.py", ["--replicas", "1", "--sizes", "6"], tmp_path)
+def test_one_replica_is_the_local_layer_without_collectives(scenario):
+    result = scenario("one_replica")
     _check_against_reference(result, [6])
     assert result["collectives_per_replica"] == 0
 
@@ -104,21 +145,18 @@ def test_outside_a_strategy_no_collective_is_traced():
     np.testing.assert_allclose(fn(x), local(x, training=True), rtol=1e-6)
 
 
-def test_large_channel_mean_keeps_the_variance(tmp_path):
+def test_large_channel_mean_keeps_the_variance(scenario):
     """Mean 1e4, std 1: E[x^2] - E[x]^2 in float32 loses the variance entirely."""
-    args = ["--replicas", "2", "--sizes", "16,16", "--shape", "8,8", "--loc", "1e4",
-            "--spread", "1", "--momentum", "0"]
-    result = run_script("sync_worker.py", args, tmp_path)
+    result = scenario("large_mean")
     xs, _, _, _ = _global_data([16, 16], loc=1e4, spread=1.0, shape=(8, 8))
     flat = reference.channels_last(np.concatenate(xs), -1)
     relative = np.abs(result["moving_variance"][0] / flat.var(0, ddof=1) - 1)
     assert relative.max() <= 1e-4, relative
 
 
-def test_unsynchronized_layers_keep_one_consistent_set_of_statistics(tmp_path):
+def test_unsynchronized_layers_keep_one_consistent_set_of_statistics(scenario):
     sizes = [4, 6]
-    result = run_script("sync_worker.py",
-                        ["--replicas", "2", "--sizes", "4,6", "--layer", "unsync"], tmp_path)
+    result = scenario("unsync")
     xs, _, _, _ = _global_data(sizes)
     means, variances = [], []
     for x in xs:
