@@ -27,9 +27,19 @@ def export_for_serving(model, path: str | os.PathLike, fold: bool = True):
     Returns:
         The model that was exported (the folded copy when ``fold``).
 
-    Reload anywhere TensorFlow runs, without kerasbn or Keras:
-    ``tf.saved_model.load(path).serve(x)``; the ``serving_default``
-    signature serves TF Serving.
+    Reload anywhere TensorFlow runs, without kerasbn or Keras, and keep the
+    loaded object while serving: its variables live as long as it does
+    (``tf.saved_model.load(path).serve(x)`` in one expression fails once it
+    is collected). The ``serving_default`` signature serves TF Serving.
+
+    >>> import os, tempfile, keras, kerasbn, tensorflow as tf
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+    ...                           kerasbn.BatchNormalization()])
+    >>> path = os.path.join(tempfile.mkdtemp(), "export", "1")
+    >>> _ = kerasbn.export_for_serving(model, path)
+    >>> served = tf.saved_model.load(path)
+    >>> served.serve(tf.ones((2, 4))).shape
+    TensorShape([2, 3])
 
     Raises:
         OSError: ``path`` cannot be written.

@@ -8,7 +8,6 @@ import warnings
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import kerasbn
 from kerasbn import model_walk
@@ -238,10 +237,3 @@ def test_hub_backbones_convert_completely():
         converted = model_walk.batch_norm_layers(kerasbn.convert_sync_batchnorm(model))
         assert [type(bn) for bn in converted] == [kerasbn.SyncBatchNormalization] * count, name
 
-
-def test_docstring_example():
-    import doctest
-
-    from kerasbn import construction
-    assert doctest.testmod(construction).failed == 0
-    assert tf.executing_eagerly()

@@ -123,7 +123,7 @@ class StepSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     Example:
 
-    >>> float(StepSchedule(0.1, 10, 0.5)(10))
+    >>> round(float(StepSchedule(0.1, 10, 0.5)(10)), 6)
     0.05
     """
 
