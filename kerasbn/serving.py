@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
 import warnings
@@ -69,7 +71,9 @@ def export_for_serving(model, path: str | os.PathLike, fold: bool = True):
         if left:
             warnings.warn(f"{tool}: {len(left)} of {len(bns)} BN layers not folded, exported as they are: "
                           + "; ".join(left), stacklevel=2)
-    served.export(str(path), format="tf_saved_model", verbose=False)
+    # Keras 3.8 prints "Saved artifact at ..." whatever `verbose` says; a library call stays quiet.
+    with contextlib.redirect_stdout(io.StringIO()):
+        served.export(str(path), format="tf_saved_model", verbose=False)
     return served
 
 
