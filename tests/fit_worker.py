@@ -2,6 +2,7 @@
 
     python tests/fit_worker.py --replicas 2 --out result.npz        # MirroredStrategy
     python tests/fit_worker.py --multi-worker --out result.npz      # TF_CONFIG set
+    python tests/fit_worker.py --replicas 2 --out a.npz --out-converted b.npz  # both builds, one process
 """
 
 import argparse
@@ -24,9 +25,15 @@ def main(argv=None):
     parser.add_argument("--convert", action="store_true",
                         help="build with Keras' BN and convert_sync_batchnorm it")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--out-converted", help="also fit the converted build, into this npz")
     args = parser.parse_args(argv)
     strategy, task = make_strategy(args.replicas, args.multi_worker)
+    fit(strategy, task, args.convert, args.out)
+    if args.out_converted:
+        fit(strategy, task, True, args.out_converted)
 
+
+def fit(strategy, task, convert, out):
     import keras
 
     import kerasbn
@@ -36,7 +43,7 @@ def main(argv=None):
     rng = np.random.RandomState(0)
     x = rng.normal(1.0, 2.0, (96, 8, 8, 3)).astype("float32")
     y = (x.mean((1, 2, 3)) > 1.0).astype("int32")
-    bn = keras.layers.BatchNormalization if args.convert else kerasbn.SyncBatchNormalization
+    bn = keras.layers.BatchNormalization if convert else kerasbn.SyncBatchNormalization
     with strategy.scope():
         model = keras.Sequential([
             keras.Input((8, 8, 3)),
@@ -46,7 +53,7 @@ def main(argv=None):
             keras.layers.GlobalAveragePooling2D(),
             keras.layers.Dense(2),
         ])
-        if args.convert:
+        if convert:
             model = kerasbn.convert_sync_batchnorm(model)
         model.compile(keras.optimizers.SGD(0.1),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -59,7 +66,7 @@ def main(argv=None):
     layer = model.layers[1]
     copies = strategy.experimental_local_results(layer.moving_variance.value)
     np.savez(
-        args.out,
+        out,
         loss=np.array(history.history["loss"]),
         moving_variance_copies=np.stack([c.numpy() for c in copies]),
         layer_type=np.array(type(layer).__name__),

@@ -176,10 +176,17 @@ def test_two_workers_on_loopback_match_the_global_batch(tmp_path):
     assert results[0]["collectives_per_replica"] == 2
 
 
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory):
+    """Both builds fitted in one process: kerasbn's layer, and Keras' BN converted."""
+    directory = tmp_path_factory.mktemp("fit")
+    run_script("fit_worker.py", ["--replicas", "2", "--out-converted", str(directory / "converted.npz")], directory)
+    return {False: dict(np.load(directory / "result.npz")), True: dict(np.load(directory / "converted.npz"))}
+
+
 @pytest.mark.parametrize("convert", [False, True])
-def test_model_fit_under_mirrored_strategy(convert, tmp_path):
-    args = ["--replicas", "2"] + (["--convert"] if convert else [])
-    result = run_script("fit_worker.py", args, tmp_path)
+def test_model_fit_under_mirrored_strategy(convert, fits):
+    result = fits[convert]
     assert str(result["layer_type"]) == "SyncBatchNormalization"
     assert np.all(np.isfinite(result["loss"])) and result["loss"][-1] < result["loss"][0]
     copies = result["moving_variance_copies"]
