@@ -1,6 +1,7 @@
-"""Converted models of every shape, one training-mode forward on 2 replicas (own process).
+"""Converted models of every shape, one training-mode forward on 2 replicas.
 
-Usage: python tests/convert_worker.py --out result.npz
+Usage: python tests/convert_worker.py --out result.npz  (or ``measure(strategy)`` in a process
+whose two logical CPUs were set up before TensorFlow initialized: tests/conftest.py does)
 
 For each model of ``tests.zoo_models`` (and the keras-hub backbones when keras-hub is
 installed), saves the largest difference between the 2-replica training-mode output and the
@@ -39,7 +40,11 @@ def main(argv=None):
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     strategy, _ = make_strategy(2)
+    np.savez(args.out, **measure(strategy))
 
+
+def measure(strategy) -> dict:
+    """The relative differences for every model, under a 2-replica ``strategy``."""
     import keras
 
     import kerasbn
@@ -63,7 +68,7 @@ def main(argv=None):
         result[f"{name}_unsync"] = np.max(np.abs(y_unsync - y_ref)) / scale
         moving_ref = _moving(model)
         result[f"{name}_moving"] = np.max(np.abs(_moving(synced) - moving_ref) / (1 + np.abs(moving_ref)))
-    np.savez(args.out, **result)
+    return result
 
 
 if __name__ == "__main__":
