@@ -450,10 +450,28 @@ def _start_service_process(*args):
     return proc
 
 
+def _stop_service_process(proc, signum, role):
+    """Signals a data-service process; checks its one line and status; returns the seconds it took."""
+    signalled = time.perf_counter()
+    proc.send_signal(signum)
+    stdout, _ = proc.communicate(timeout=TIMEOUT)
+    seconds = time.perf_counter() - signalled
+    assert proc.returncode == 0, (role, proc.returncode)
+    assert stdout.splitlines()[-1].startswith(f"{role} stopped by {signal.Signals(signum).name}"), stdout
+    return seconds
+
+
 @pytest.mark.slow
-def test_training_through_a_data_service_survives_a_lost_worker_and_resumes(tmp_path):
+def test_training_through_a_data_service_survives_a_lost_worker_and_a_restarted_dispatcher(tmp_path):
+    # One service run, every way its processes end: a worker SIGKILLed (training goes on with the
+    # other), the dispatcher stopped by SIGTERM while serving and restarted on its journal (the
+    # trainer goes on), the trainer stopped and rerun (a new job), then the service stopped
+    # (a worker by Ctrl-C, the dispatcher by SIGTERM), each with one line and status 0.
+    # (server.join() is one long C++ call: a Python SIGTERM handler never ran, nothing stopped.)
     (port,) = free_ports(1)
-    service = [_start_service_process("dispatcher", "--port", str(port))]
+    journal = ["dispatcher", "--port", str(port), "--work-dir", str(tmp_path / "journal")]
+    service = [_start_service_process(*journal)]
+    seconds = {}
     try:
         service += [_start_service_process("worker", "--dispatcher", f"127.0.0.1:{port}") for _ in range(2)]
         run_dir = tmp_path / "run"
@@ -466,6 +484,12 @@ def test_training_through_a_data_service_survives_a_lost_worker_and_resumes(tmp_
         service[1].wait()
         lost_at = max(_checkpoint_steps(run_dir))
         _wait_for([proc], lambda: max(_checkpoint_steps(run_dir)) >= lost_at + 20, "checkpoint after the loss")
+        # The dispatcher is stopped while serving, and restarted on the same port and journal.
+        seconds["dispatcher serving, SIGTERM"] = _stop_service_process(service[0], signal.SIGTERM, "dispatcher")
+        service[0] = _start_service_process(*journal)
+        restarted_at = max(_checkpoint_steps(run_dir))
+        _wait_for([proc], lambda: max(_checkpoint_steps(run_dir)) >= restarted_at + 20,
+                  "checkpoint after the dispatcher's restart")
         proc.send_signal(signal.SIGTERM)
         stopped, _ = _stopped_at(proc, run_dir)
         # The rerun resumes through the service (a new job) and finishes.
@@ -473,9 +497,15 @@ def test_training_through_a_data_service_survives_a_lost_worker_and_resumes(tmp_
         assert f"Resuming {run_dir} from step {stopped} of {stopped + 20}" in result.stdout
         assert _checkpoint_steps(run_dir)[-1] == stopped + 20
         assert all(np.isfinite(float(row["train_loss"])) for row in _history(run_dir) if row["train_loss"])
+        seconds["worker, SIGINT"] = _stop_service_process(service[2], signal.SIGINT, "worker")
+        seconds["dispatcher without workers, SIGTERM"] = _stop_service_process(service[0], signal.SIGTERM,
+                                                                               "dispatcher")
     finally:
         for p in service:
             p.kill()
+    print(seconds)
+    # A bound for a busy machine, not a speed claim (measured: under 0.1 s each).
+    assert max(seconds.values()) < 20, seconds
 
 
 def test_bad_data_service_flags_are_one_line(tmp_path, capsys):

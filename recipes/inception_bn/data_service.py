@@ -19,6 +19,9 @@ run (replicas and workers) read one job, named after the run directory and the s
 at, so no batch goes to two of them. A resumed run starts a new job: like the local pipeline it
 resumes with a fresh shuffle (seeded by the step), not at the position the stopped run reached.
 Fashion-MNIST lives in every trainer's memory: it has nothing to offload and is refused.
+
+SIGTERM or Ctrl-C stops either process at once, status 0, one line; a dispatcher restarted with the
+same ``--work-dir`` keeps its jobs (the journal).
 """
 
 from __future__ import annotations
