@@ -104,3 +104,23 @@ def make_strategy(replicas=1, multi_worker=False):
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
     return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)]), 0
+
+
+def once_per_run(tmp_path_factory, name, produce):
+    """``produce(directory)`` once per pytest run, however many xdist workers ask; returns the directory.
+
+    The first worker to ask produces while holding a lock; the others wait on the lock and then read
+    what it wrote (a multi-device process started once, not once per worker).
+    """
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # shared by this run's workers
+    directory = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / "done").exists():
+            directory.mkdir(exist_ok=True)
+            produce(directory)
+            (directory / "done").write_text("")
+    return directory

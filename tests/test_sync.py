@@ -3,7 +3,7 @@
 The scenarios run in fresh processes: logical CPU devices must be set before
 TensorFlow initializes, and multi-worker clusters need one process per worker.
 The single-step scenarios of one replica count share one process
-(``sync_worker.py --batch``), run the first time a test asks for one of them.
+(``sync_worker.py --batch``), run once per test run, the first time a test asks for one of them.
 """
 
 import json
@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import kerasbn
 from tests import reference
-from tests.distributed import ROOT, TIMEOUT, _check, _env, run_script, run_workers
+from tests.distributed import ROOT, TIMEOUT, _check, _env, once_per_run, run_script, run_workers
 
 pytestmark = pytest.mark.slow
 EPS = 1e-3
@@ -37,22 +37,22 @@ SCENARIOS = {
 
 @pytest.fixture(scope="session")
 def scenario(tmp_path_factory):
-    """``scenario(name)``: that scenario's result; each replica count's batch runs once per test process."""
-    done = {}
+    """``scenario(name)``: that scenario's result; each replica count's batch runs once per test run."""
+
+    def run_batch(replicas, directory):
+        batch = {str(directory / f"{n}.npz"): ["--replicas", str(r), *argv]
+                 for n, (r, argv) in SCENARIOS.items() if r == replicas}
+        (directory / "batch.json").write_text(json.dumps(batch))
+        _check(subprocess.run([sys.executable, str(ROOT / "tests" / "sync_worker.py"), "--replicas", str(replicas),
+                               "--batch", str(directory / "batch.json")],
+                              capture_output=True, text=True, timeout=TIMEOUT, env=_env()),
+               f"sync_worker.py --replicas {replicas} --batch")
 
     def result(name):
         replicas = SCENARIOS[name][0]
-        if replicas not in done:
-            directory = tmp_path_factory.mktemp(f"sync_{replicas}_replicas")
-            batch = {str(directory / f"{n}.npz"): ["--replicas", str(r), *argv]
-                     for n, (r, argv) in SCENARIOS.items() if r == replicas}
-            (directory / "batch.json").write_text(json.dumps(batch))
-            _check(subprocess.run([sys.executable, str(ROOT / "tests" / "sync_worker.py"), "--replicas", str(replicas),
-                                   "--batch", str(directory / "batch.json")],
-                                  capture_output=True, text=True, timeout=TIMEOUT, env=_env()),
-                   f"sync_worker.py --replicas {replicas} --batch")
-            done[replicas] = directory
-        return dict(np.load(done[replicas] / f"{name}.npz"))
+        directory = once_per_run(tmp_path_factory, f"sync_{replicas}_replicas",
+                                 lambda d: run_batch(replicas, d))
+        return dict(np.load(directory / f"{name}.npz"))
 
     return result
 
@@ -176,11 +176,11 @@ def test_two_workers_on_loopback_match_the_global_batch(tmp_path):
     assert results[0]["collectives_per_replica"] == 2
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fits(tmp_path_factory):
-    """Both builds fitted in one process: kerasbn's layer, and Keras' BN converted."""
-    directory = tmp_path_factory.mktemp("fit")
-    run_script("fit_worker.py", ["--replicas", "2", "--out-converted", str(directory / "converted.npz")], directory)
+    """Both builds fitted in one process, once per test run: kerasbn's layer, and Keras' BN converted."""
+    directory = once_per_run(tmp_path_factory, "fit", lambda d: run_script(
+        "fit_worker.py", ["--replicas", "2", "--out-converted", str(d / "converted.npz")], d))
     return {False: dict(np.load(directory / "result.npz")), True: dict(np.load(directory / "converted.npz"))}
 
 
