@@ -60,12 +60,12 @@ def kerasbn_config(layer, **overrides) -> dict:
 
 def replacement(layer, synchronized: bool, **overrides):
     """The unbuilt kerasbn layer that stands for BN ``layer`` (Keras' or kerasbn's)."""
-    if synchronized:
-        config = kerasbn_config(layer, **overrides)
-        for argument in ("synchronized", "fused"):
-            config.pop(argument, None)
-        return SyncBatchNormalization.from_config(config)
-    return BatchNormalization.from_config(kerasbn_config(layer, **overrides))
+    config = kerasbn_config(layer, **overrides)
+    if not synchronized:
+        return BatchNormalization.from_config(config)
+    for argument in ("synchronized", "fused"):
+        config.pop(argument, None)
+    return SyncBatchNormalization.from_config(config)
 
 
 class _Scopes:

@@ -99,14 +99,15 @@ def copy_weights(source, target) -> None:
     """
     if not isinstance(source, keras.layers.Layer):
         return
-    pairs = list(zip(sublayers(source), sublayers(target)))
-    if len(sublayers(source)) != len(sublayers(target)) or any(
+    sources, targets = sublayers(source), sublayers(target)
+    pairs = list(zip(sources, targets))
+    if len(sources) != len(targets) or any(
             type(s) is not type(t) and not (is_batch_normalization(s) and is_batch_normalization(t))
             for s, t in pairs):
         raise ValueError(
             f"Layer {source.name!r} ({type(source).__name__}) rebuilt from its config tracks other "
-            f"sublayers than the original ({[type(s).__name__ for s in sublayers(source)]} vs "
-            f"{[type(t).__name__ for t in sublayers(target)]}); its weights cannot be matched.")
+            f"sublayers than the original ({[type(s).__name__ for s in sources]} vs "
+            f"{[type(t).__name__ for t in targets]}); its weights cannot be matched.")
     for s, t in pairs:
         if is_batch_normalization(s):
             _copy_batch_norm_weights(s, t)

@@ -75,7 +75,10 @@ def scenario_parser():
 
 
 def main(argv=None):
-    args = scenario_parser().parse_args(argv)
+    parser = scenario_parser()
+    args = parser.parse_args(argv)
+    if (args.out is None) == (args.batch is None):
+        parser.error("give one of --out (one scenario) and --batch")
     strategy, task = make_strategy(args.replicas, args.multi_worker)
     if args.batch is None:
         np.savez(args.out, **run_scenario(strategy, task, args))
