@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests import forkserver
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 300
 
@@ -33,7 +35,7 @@ def _check(proc_result, what):
 def run_script(script, args, tmp_path):
     """Runs ``script`` once (MirroredStrategy scenarios); returns its npz."""
     out = tmp_path / "result.npz"
-    result = subprocess.run(
+    result = forkserver.run(
         [sys.executable, str(ROOT / "tests" / script), *args, "--out", str(out)],
         capture_output=True, text=True, timeout=TIMEOUT, env=_env(),
     )
@@ -62,7 +64,7 @@ def start_cluster(command, workers=2, cwd=None):
     Returns each worker's stdout (index = task index); raises with every failing worker's stderr.
     """
     ports = free_ports(workers)
-    procs = [subprocess.Popen(command(index), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+    procs = [forkserver.popen(command(index), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
                               env=_env({"TF_CONFIG": tf_config(ports, index)}))
              for index in range(workers)]
     outputs, failures = [], []

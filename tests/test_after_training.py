@@ -1,7 +1,6 @@
 """recalibrate_statistics, fold_batch_norm, export_for_serving."""
 
 import doctest
-import subprocess
 import sys
 import warnings
 
@@ -13,7 +12,7 @@ import tensorflow as tf
 import kerasbn
 import kerasbn.folding
 import kerasbn.population
-from tests import reference
+from tests import forkserver, reference
 from tests.distributed import ROOT
 
 RNG = np.random.RandomState(0)
@@ -181,7 +180,7 @@ def test_export_reloads_in_a_fresh_process_and_lists_the_signature(tmp_path):
         f"sys.argv = ['saved_model_cli', 'show', '--dir', {str(tmp_path / 'export')!r}, '--all']\n"
         "saved_model_cli.main()\n"
     )
-    cli = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    cli = forkserver.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-5)
     assert "serving_default" in cli.stdout and "serve" in cli.stdout

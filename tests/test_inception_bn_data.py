@@ -190,13 +190,14 @@ def test_train_on_fake_imagenet_end_to_end_on_two_replicas_in_mixed_precision(fa
     """The user's command on ImageNet's layout: tfds prepares, train.py trains on two replicas with
     synchronized BN in mixed precision, evaluates on both, exports a float32 serving model."""
     import json
-    import subprocess
+    import subprocess  # noqa: F401
     import sys
 
+    from tests import forkserver
     from tests.distributed import ROOT, TIMEOUT, _env
 
     run_dir = tmp_path / "run"
-    result = subprocess.run(
+    result = forkserver.run(
         [sys.executable, "-m", "recipes.inception_bn.train", "--variant", "bn-x30", "--dataset", "imagenet2012",
          "--data-dir", str(fake_imagenet), "--prepared-dir", str(tmp_path / "prepared"), "--run-dir",
          str(run_dir), "--image-size", "32", "--width-multiplier", "0.125", "--batch-size", "2",

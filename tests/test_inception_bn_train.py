@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from tests import forkserver
 from tests.distributed import ROOT, TIMEOUT, _env, free_ports, start_cluster, tf_config
 
 SMALL = ["--dataset", "synthetic", "--image-size", "32", "--width-multiplier", "0.125", "--batch-size", "8"]
@@ -23,7 +24,7 @@ RECIPE = ["-m", "tests.tiny_train"]
 
 
 def _train(run_dir, *args, env=None, check=True):
-    result = subprocess.run(
+    result = forkserver.run(
         [sys.executable, *RECIPE, "--run-dir", str(run_dir), *args],
         capture_output=True, text=True, timeout=TIMEOUT, env=_env(env), cwd=ROOT)
     if check and result.returncode != 0:
@@ -32,7 +33,7 @@ def _train(run_dir, *args, env=None, check=True):
 
 
 def _start(run_dir, *args, stdout=subprocess.PIPE):
-    return subprocess.Popen([sys.executable, *RECIPE, "--run-dir", str(run_dir), *args],
+    return forkserver.popen([sys.executable, *RECIPE, "--run-dir", str(run_dir), *args],
                             stdout=stdout, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
 
 
@@ -213,7 +214,7 @@ def test_two_workers_stopped_inside_a_long_loop_save_the_same_step_and_the_rerun
                 "--no-export"]
 
     ports = free_ports(2)
-    procs = [subprocess.Popen(command(100000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    procs = [forkserver.popen(command(100000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                               env=_env({"TF_CONFIG": tf_config(ports, index)})) for index in range(2)]
     try:
         announced = [procs[0].stdout.readline() for _ in range(2)]  # the chief is about to train
@@ -342,7 +343,7 @@ def test_a_missing_recipe_extra_is_one_line_naming_what_to_install():
             "    except SystemExit as exit_:\n"
             "        status = exit_.code\n"
             "    print(f'{name} exited {status}', file=sys.stderr, flush=True)\n")
-    result = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, env=_env(),
+    result = forkserver.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, env=_env(),
                             cwd=ROOT, timeout=120)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     line = ("error: the recipes need kerasbn's `recipes` extra (missing: tensorboard); "
@@ -443,7 +444,7 @@ def test_evaluation_on_three_replicas_counts_every_example_once(tmp_path):
 
 def _start_service_process(*args):
     """A data-service process (dispatcher or worker); returns it once it says it is serving."""
-    proc = subprocess.Popen([sys.executable, "-m", "recipes.inception_bn.data_service", *args], stdout=subprocess.PIPE,
+    proc = forkserver.popen([sys.executable, "-m", "recipes.inception_bn.data_service", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=_env(), cwd=ROOT)
     line = proc.stdout.readline()
     assert "serving" in line, f"data service {args[0]} did not start: {line!r}"

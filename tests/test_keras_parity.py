@@ -7,12 +7,13 @@ Keras' layer: every one of Keras' tests must pass on it.
 """
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import keras
 import pytest
+
+from tests import forkserver
 
 KERAS_TEST = (Path(keras.__file__).parent / "src" / "layers" / "normalization"
               / "batch_normalization_test.py")
@@ -41,7 +42,7 @@ def test_keras_batch_normalization_test_file_passes_whole(tmp_path):
     assert replaced >= 10, "Keras' test file no longer names layers.BatchNormalization"
     test_file = tmp_path / "test_keras_bn_with_kerasbn.py"
     test_file.write_text(PREAMBLE + patched)
-    result = subprocess.run(
+    result = forkserver.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
          "--rootdir", str(tmp_path), str(test_file)],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,

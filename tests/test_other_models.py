@@ -1,7 +1,6 @@
 """Models kerasbn did not build: graphs with `keras.ops` nodes, BN inside custom layers and
 nested models, keras-hub's backbones. Every tool walks them, or says exactly why not."""
 
-import subprocess
 import sys
 import warnings
 
@@ -11,7 +10,7 @@ import pytest
 
 import kerasbn
 from kerasbn import model_walk
-from tests import zoo_models
+from tests import forkserver, zoo_models
 from tests.distributed import ROOT, _env
 
 ALL = {**zoo_models.SHAPES, **zoo_models.hub_backbones()}
@@ -128,7 +127,7 @@ def test_export_serves_the_same_outputs_in_a_fresh_process(tmp_path):
               "for d in sys.argv[1:]:\n"
               "    served = tf.saved_model.load(d + '/1')  # held: its variables die with it\n"
               "    np.save(d + '/y.npy', served.serve(np.load(d + '/x.npy')).numpy())\n")
-    subprocess.run([sys.executable, "-c", script, *(str(tmp_path / name) for name in EXPORTED)],
+    forkserver.run([sys.executable, "-c", script, *(str(tmp_path / name) for name in EXPORTED)],
                    check=True, env=_env(), cwd=ROOT, timeout=300)
     for name in EXPORTED:
         np.testing.assert_allclose(np.load(tmp_path / name / "y.npy"), expected[name], rtol=1e-4, atol=1e-5,

@@ -47,14 +47,16 @@ def test_debian_fashion_mnist():
 @pytest.mark.skipif(find_data_dir() is None, reason="Debian's dataset-fashion-mnist is not installed")
 def test_demo_runs_end_to_end_on_fashion_mnist(tmp_path):
     # The main job (`make demo`), shortened: Figure 1 and the seven-variant comparison, outputs where it says.
-    import subprocess
+    import subprocess  # noqa: F401
     import sys
     from pathlib import Path
+
+    from tests import forkserver
 
     root = Path(__file__).resolve().parents[1]
     # The baseline and BN-x30, two of the seven variants: the others run the same code.
     variants = ("inception", "bn-x30")
-    result = subprocess.run([sys.executable, "-m", "recipes.demo", "--run-dir", str(tmp_path), "--steps", "10",
+    result = forkserver.run([sys.executable, "-m", "recipes.demo", "--run-dir", str(tmp_path), "--steps", "10",
                              "--figure1-steps", "100", "--variants", ",".join(variants)],
                             capture_output=True, text=True, cwd=root, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

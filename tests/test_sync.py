@@ -7,7 +7,6 @@ The single-step scenarios of one replica count share one process
 """
 
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 import kerasbn
-from tests import reference
+from tests import forkserver, reference
 from tests.distributed import ROOT, TIMEOUT, _check, _env, once_per_run, run_script, run_workers
 
 pytestmark = pytest.mark.slow
@@ -43,7 +42,7 @@ def scenario(tmp_path_factory):
         batch = {str(directory / f"{n}.npz"): ["--replicas", str(r), *argv]
                  for n, (r, argv) in SCENARIOS.items() if r == replicas}
         (directory / "batch.json").write_text(json.dumps(batch))
-        _check(subprocess.run([sys.executable, str(ROOT / "tests" / "sync_worker.py"), "--replicas", str(replicas),
+        _check(forkserver.run([sys.executable, str(ROOT / "tests" / "sync_worker.py"), "--replicas", str(replicas),
                                "--batch", str(directory / "batch.json")],
                               capture_output=True, text=True, timeout=TIMEOUT, env=_env()),
                f"sync_worker.py --replicas {replicas} --batch")
