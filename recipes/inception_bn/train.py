@@ -12,7 +12,9 @@ loss, accuracy, learning rate, images/s), checkpoints (checkpoints/) and, at
 the end, a SavedModel with BN folded (export/). Rerunning the same command
 resumes from the last checkpoint; SIGTERM or Ctrl-C stops within a step or
 two, saves the step reached (every worker the same step) and exits with 130
-(see recipes/inception_bn/stopping.py).
+(see recipes/inception_bn/stopping.py). A lost or frozen worker, or no step
+for --stall-timeout seconds, ends every worker with one line and status 138:
+rerun every worker to resume (recipes/inception_bn/failures.py).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ if __name__ == "__main__":
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from recipes.inception_bn import failures  # noqa: E402
 from recipes.inception_bn.checkpoints import Checkpoints, resume_message  # noqa: E402
 from recipes.inception_bn.data import DEFAULT_IMAGE_SIZE, SOURCES, network_input  # noqa: E402
 from recipes.inception_bn.history import DIVERGED  # noqa: E402
@@ -47,6 +50,10 @@ class RecipeError(Exception):
 
 class Interrupted(Exception):
     """SIGINT or SIGTERM stopped training; the message says what was kept."""
+
+
+class PeerLost(Exception):
+    """Another worker of the cluster is gone; the message says what the rerun resumes from."""
 
 
 def parse_args(argv=None):
@@ -92,6 +99,11 @@ def parse_args(argv=None):
                         "(the paper's Algorithm 2; kerasbn.recalibrate_statistics) before the last evaluation "
                         "and the export (default 0: keep the moving averages)")
     parser.add_argument("--no-export", dest="export", action="store_false", help="skip the SavedModel export")
+    parser.add_argument("--stall-timeout", type=float, default=failures.DEFAULT_STALL_TIMEOUT, metavar="SECONDS",
+                        help="exit (status 138, retryable) when no training loop, evaluation batch or checkpoint "
+                        f"completes for this long (default {failures.DEFAULT_STALL_TIMEOUT:g}: above the first step's "
+                        "tracing and a checkpoint; raise it if one loop of --steps-per-loop steps can take "
+                        "longer; 0: never)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -102,6 +114,8 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be at least 1")
+    if not args.stall_timeout >= 0:
+        parser.error("--stall-timeout must be at least 0 (0: never)")
     if not 0 <= args.bn_momentum < 1:
         parser.error("--bn-momentum must be in [0, 1)")
     if args.width_multiplier <= 0:
@@ -143,14 +157,14 @@ def make_strategy(cpu_replicas: int = 1):
 
 
 def worker_role(strategy):
-    """``(is_chief, task_index)``; without TF_CONFIG the one process is the chief."""
+    """``(is_chief, task_index, task name)``; without TF_CONFIG the one process is the chief."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
-        return True, 0
+        return True, 0, "trainer"
     chief = resolver.task_type == "chief" or (
         resolver.task_type == "worker" and resolver.task_id == 0
         and "chief" not in resolver.cluster_spec().as_dict())
-    return chief, resolver.task_id
+    return chief, resolver.task_id, f"{resolver.task_type} {resolver.task_id}"
 
 
 # Training ---------------------------------------------------------------------------------------
@@ -172,7 +186,7 @@ def train(args, stop) -> int:
     variant = VARIANTS[args.variant]
     run_dir = prepare_run_dir(args.run_dir)
     strategy = make_strategy(args.cpu_replicas)
-    is_chief, task_index = worker_role(strategy)
+    is_chief, task_index, own_task = worker_role(strategy)
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     stop_flag = tf.Variable(0, trainable=False, name="stop_requested")  # this worker's, not mirrored
     stop.bind(stop_flag)
@@ -191,57 +205,79 @@ def train(args, stop) -> int:
 
     checkpoints = Checkpoints(tf.train.Checkpoint(model=model, optimizer=optimizer), run_dir, is_chief,
                               task_index, barrier=agreed_stop if multi_worker else None)
-    start_step = int(optimizer.iterations.numpy())
-    if multi_worker and plan.replicas > 1:
-        _check_same_step(strategy, start_step)
-    log = RunLog(run_dir, is_chief, plan.total_steps, plan.steps_per_epoch, args.quiet,
-                 resumed_at=start_step if checkpoints.latest else None)
-    announce(log, run_dir, variant, source, plan, schedule, model, start_step, checkpoints.latest)
-    if is_chief:
-        write_settings(run_dir, args, variant, source, plan, schedule)
-
-    # Distinct shuffling after a resume, so a resumed run does not replay the same batches.
-    seed = args.seed + start_step
-    train_data = strategy.distribute_datasets_from_function(
-        lambda ctx: training_input(source, args, variant, plan, seed, ctx, run_dir, start_step))
-    # The device's share of the input pipeline runs inside the step (recipes/inception_bn/data.py).
-    def prepare(images, factors):
-        return network_input(images, factors, variant.distortion, model.compute_dtype)
-
-    train_loop = make_train_loop(strategy, model, optimizer, variant.weight_decay, plan, args.jit, stop_flag,
-                                 prepare)
-    evaluate = make_evaluate(strategy, model, source, args.eval_examples, stop_flag)
-
-    stop.exit_now_when(None)  # from here a stop saves first
+    start_step = step = int(optimizer.iterations.numpy())
+    watchdog = failures.StallWatchdog(args.stall_timeout, run_dir, own_task, lambda: resume_message(checkpoint_dir))
     try:
-        step = start_step
-        if checkpoints.latest and plan.evaluation_due(start_step) and log.last_step != start_step:
-            # Stopped between the checkpoint and its evaluation: evaluate now, so no row is missing.
-            log.record(start_step, float(schedule(start_step)), evaluate_or_stop(evaluate),
-                       train=None)
-        iterator, meter = iter(train_data), TrainMeter()
-        while step < plan.total_steps:
-            loops = plan.steps_to_next_boundary(step)
-            steps_done, loss_sum, correct_sum, stop_votes = train_loop(iterator, tf.constant(loops))
-            step += int(steps_done)
-            learning_rate = float(schedule(step))
-            meter.add(float(loss_sum), float(correct_sum), int(steps_done) * plan.global_batch)
-            stop_if_diverged(meter, step, run_dir, is_chief, learning_rate, checkpoints.directory)
-            log.progress(step, meter.loss, meter.accuracy, learning_rate)
-            if float(stop_votes) > 0:  # every worker ended its loop after this same step
-                raise Interrupted(checkpoints.save_for_stop(step))
-            if plan.evaluation_due(step):
-                trained = meter.take()
-                checkpoints.save(step)  # first: a stop during the evaluation then loses no training
-                log.record(step, learning_rate, evaluate_or_stop(evaluate), train=trained)
-                meter.restart_clock()  # images/s counts training time only
-    except _EvaluationAbandoned:
-        raise Interrupted(checkpoints.save_for_stop(step)) from None
+        if multi_worker and plan.replicas > 1:
+            _check_same_step(strategy, start_step)
+        log = RunLog(run_dir, is_chief, plan.total_steps, plan.steps_per_epoch, args.quiet,
+                     resumed_at=start_step if checkpoints.latest else None)
+        announce(log, run_dir, variant, source, plan, schedule, model, start_step, checkpoints.latest)
+        if is_chief:
+            write_settings(run_dir, args, variant, source, plan, schedule)
+
+        # Distinct shuffling after a resume, so a resumed run does not replay the same batches.
+        seed = args.seed + start_step
+        train_data = strategy.distribute_datasets_from_function(
+            lambda ctx: training_input(source, args, variant, plan, seed, ctx, run_dir, start_step))
+        # The device's share of the input pipeline runs inside the step (recipes/inception_bn/data.py).
+        def prepare(images, factors):
+            return network_input(images, factors, variant.distortion, model.compute_dtype)
+
+        train_loop = make_train_loop(strategy, model, optimizer, variant.weight_decay, plan, args.jit, stop_flag,
+                                     prepare)
+        evaluate = make_evaluate(strategy, model, source, args.eval_examples, stop_flag,
+                                 on_batch=lambda: watchdog.progress(f"the evaluation at step {step}"))
+
+        stop.exit_now_when(None)  # from here a stop saves first
+        watchdog.start(f"the first training loop from step {start_step} (tracing it first)")
+        try:
+            if checkpoints.latest and plan.evaluation_due(start_step) and log.last_step != start_step:
+                # Stopped between the checkpoint and its evaluation: evaluate now, so no row is missing.
+                log.record(start_step, float(schedule(start_step)), evaluate_or_stop(evaluate),
+                           train=None)
+            iterator, meter = iter(train_data), TrainMeter()
+            while step < plan.total_steps:
+                loops = plan.steps_to_next_boundary(step)
+                watchdog.progress(f"training steps {step + 1}-{step + loops}"
+                                  + (f" (input from the tf.data service {args.data_service})"
+                                     if args.data_service else ""))
+                steps_done, loss_sum, correct_sum, stop_votes = train_loop(iterator, tf.constant(loops))
+                step += int(steps_done)
+                learning_rate = float(schedule(step))
+                meter.add(float(loss_sum), float(correct_sum), int(steps_done) * plan.global_batch)
+                stop_if_diverged(meter, step, run_dir, is_chief, learning_rate, checkpoints.directory)
+                log.progress(step, meter.loss, meter.accuracy, learning_rate)
+                if float(stop_votes) > 0:  # every worker ended its loop after this same step
+                    watchdog.progress(f"the checkpoint of step {step} (stopping)")
+                    raise Interrupted(checkpoints.save_for_stop(step))
+                if plan.evaluation_due(step):
+                    trained = meter.take()
+                    watchdog.progress(f"the checkpoint of step {step}")
+                    checkpoints.save(step)  # first: a stop during the evaluation then loses no training
+                    watchdog.progress(f"the evaluation at step {step}")
+                    log.record(step, learning_rate, evaluate_or_stop(evaluate), train=trained)
+                    meter.restart_clock()  # images/s counts training time only
+        except _EvaluationAbandoned:
+            watchdog.progress(f"the checkpoint of step {step} (stopping)")
+            raise Interrupted(checkpoints.save_for_stop(step)) from None
+        finally:
+            checkpoints.close()
+        if not multi_worker:
+            stop.exit_now_when(lambda: f"interrupted after training, at step {step}; {resume_message(checkpoint_dir)}")
+        watchdog.progress("the end of the run (recalibration, export)")
+        finish(args, variant, source, plan, model, strategy, evaluate, log, run_dir, seed, step)
+    except tf.errors.OpError as error:
+        if multi_worker and failures.lost_peer(error):
+            cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+            addresses = {address: f"{job} {index}" for job, tasks in cluster.items()
+                         for index, address in enumerate(tasks)}
+            raise PeerLost(failures.lost_peer_message(
+                error, run_dir, own_task, step, resume_message(checkpoint_dir), addresses,
+                leader="chief 0" if "chief" in cluster else "worker 0")) from None
+        raise
     finally:
-        checkpoints.close()
-    if not multi_worker:
-        stop.exit_now_when(lambda: f"interrupted after training, at step {step}; {resume_message(checkpoint_dir)}")
-    finish(args, variant, source, plan, model, strategy, evaluate, log, run_dir, seed, step)
+        watchdog.stop()
     return 0
 
 
@@ -408,7 +444,7 @@ def make_train_loop(strategy, model, optimizer, weight_decay, plan, jit, stop_fl
     return loop
 
 
-def make_evaluate(strategy, model, source, eval_examples, stop_flag, batch_size=256):
+def make_evaluate(strategy, model, source, eval_examples, stop_flag, batch_size=256, on_batch=None):
     """``evaluate(stoppable=False)``: loss, top-1 and top-5 accuracy on the evaluation set.
 
     Every replica of every worker evaluates its share of the first ``eval_examples`` examples
@@ -418,7 +454,7 @@ def make_evaluate(strategy, model, source, eval_examples, stop_flag, batch_size=
     replica always has a full batch (one shape: one trace), and the evaluation ends at the first
     step where no replica had a real example. The step's all-reduce also carries the stop votes:
     with ``stoppable``, a stop request abandons the evaluation (returns None) on every worker at the
-    same batch.
+    same batch. ``on_batch()`` is called after each step (the stall watchdog's progress).
     """
     import keras
     import numpy as np
@@ -452,6 +488,8 @@ def make_evaluate(strategy, model, source, eval_examples, stop_flag, batch_size=
         iterator = iter(data)
         while True:
             *sums, stop_votes = eval_step(iterator).numpy()
+            if on_batch is not None:
+                on_batch()
             if stoppable and stop_votes > 0:
                 return None
             if sums[3] == 0:  # only padding left, on every replica
@@ -545,7 +583,9 @@ def _check_same_step(strategy, step):
 
     # strategy.reduce has SUM and MEAN only: all steps are equal iff R * sum(s^2) == sum(s)^2.
     value = tf.constant([float(step), float(step) ** 2], tf.float64)
-    total, squares = strategy.reduce("SUM", strategy.run(lambda: tf.identity(value)), axis=None).numpy()
+    all_reduce = tf.function(lambda: strategy.reduce("SUM", strategy.run(lambda: tf.identity(value)), axis=None),
+                             autograph=False)  # eager collectives log a warning on every worker
+    total, squares = all_reduce().numpy()
     replicas = strategy.num_replicas_in_sync
     if abs(replicas * squares - total ** 2) > 0.5:
         raise RecipeError(f"workers restored different steps (mean {total / replicas:.1f}, this one {step}): "
@@ -567,6 +607,8 @@ def main(argv=None) -> int:
         except Interrupted as stopped:
             print(f"\n{stopped}; rerun the same command to resume", file=sys.stderr)
             return 130
+        except PeerLost as lost:
+            failures.exit_retryable(str(lost))
 
 
 if __name__ == "__main__":
