@@ -297,6 +297,8 @@ def test_missing_imagenet_is_one_line(tmp_path, setup, expected, capsys):
     (["--variant", "bn-x6"], "invalid choice"),
     (["--variant", "bn-x5", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--variant", "bn-x5", "--dataset", "cifar"], "invalid choice"),
+    (["--variant", "bn-x5", "--stall-timeout", "-1"], "--stall-timeout must be at least 0 (0: never)"),
+    (["--variant", "bn-x5", "--stall-timeout", "nan"], "--stall-timeout must be at least 0 (0: never)"),
 ])
 def test_bad_flags(tmp_path, args, expected, capsys):
     status, stderr = _main_in_process(["--run-dir", str(tmp_path), *args], capsys)
@@ -466,18 +468,21 @@ def _stop_service_process(proc, signum, role):
 def test_training_through_a_data_service_survives_a_lost_worker_and_a_restarted_dispatcher(tmp_path):
     # One service run, every way its processes end: a worker SIGKILLed (training goes on with the
     # other), the dispatcher stopped by SIGTERM while serving and restarted on its journal (the
-    # trainer goes on), the trainer stopped and rerun (a new job), then the service stopped
-    # (a worker by Ctrl-C, the dispatcher by SIGTERM), each with one line and status 0.
+    # trainer goes on), the last worker SIGKILLed (the trainer's input stalls: its watchdog ends it,
+    # status 138), the trainer rerun (a new job, a new worker), then the service stopped (a worker
+    # by Ctrl-C, the dispatcher by SIGTERM), each with one line and status 0.
     # (server.join() is one long C++ call: a Python SIGTERM handler never ran, nothing stopped.)
     (port,) = free_ports(1)
     journal = ["dispatcher", "--port", str(port), "--work-dir", str(tmp_path / "journal")]
     service = [_start_service_process(*journal)]
     seconds = {}
+    stall_timeout = 10  # above this machine's longest gap between loops here (tracing, the restart)
     try:
         service += [_start_service_process("worker", "--dispatcher", f"127.0.0.1:{port}") for _ in range(2)]
         run_dir = tmp_path / "run"
         args = [*TINY, "--eval-every", "20", "--steps-per-loop", "20", "--eval-examples", "16",
-                "--quiet", "--no-export", "--data-service", f"grpc://127.0.0.1:{port}"]
+                "--quiet", "--no-export", "--data-service", f"grpc://127.0.0.1:{port}",
+                "--stall-timeout", str(stall_timeout)]
         proc = _start(run_dir, *args, "--steps", "100000")
         _wait_for([proc], lambda: max(_checkpoint_steps(run_dir), default=0) >= 20, "checkpoint")
         # One service worker dies (SIGKILL: no goodbye to the dispatcher); training goes on with the other.
@@ -491,9 +496,23 @@ def test_training_through_a_data_service_survives_a_lost_worker_and_a_restarted_
         restarted_at = max(_checkpoint_steps(run_dir))
         _wait_for([proc], lambda: max(_checkpoint_steps(run_dir)) >= restarted_at + 20,
                   "checkpoint after the dispatcher's restart")
-        proc.send_signal(signal.SIGTERM)
-        stopped, _ = _stopped_at(proc, run_dir)
-        # The rerun resumes through the service (a new job) and finishes.
+        # The last service worker dies: no input comes, the trainer waits in the loop; the watchdog
+        # ends it within --stall-timeout (plus its check interval), naming what it waited for.
+        service[2].kill()
+        lost = time.perf_counter()
+        _, stderr = proc.communicate(timeout=TIMEOUT)
+        stalled_after = time.perf_counter() - lost
+        print(f"the only service worker killed: the trainer exited {stalled_after:.1f} s later")
+        assert proc.returncode == 138 and "Traceback" not in stderr, stderr[-3000:]
+        assert stalled_after < stall_timeout + 30
+        (line,) = [line for line in stderr.splitlines() if line.startswith("stalled:")]
+        stopped = _named_checkpoint(run_dir)
+        assert f"(--stall-timeout {stall_timeout}), waiting for training steps " in line, line
+        assert f"(input from the tf.data service grpc://127.0.0.1:{port})" in line, line
+        assert f"the rerun resumes from {run_dir / 'checkpoints' / f'ckpt-{stopped}'}" in line, line
+        assert "Thread" in (run_dir / "trainer-errors.log").read_text()  # every thread's stack
+        # The rerun resumes through the service (a new job, a new worker) and finishes.
+        service[2] = _start_service_process("worker", "--dispatcher", f"127.0.0.1:{port}")
         result = _train(run_dir, *args, "--steps", str(stopped + 20))
         assert f"Resuming {run_dir} from step {stopped} of {stopped + 20}" in result.stdout
         assert _checkpoint_steps(run_dir)[-1] == stopped + 20
