@@ -85,70 +85,50 @@ def _assert_resumed(stdout, run_dir, step):
         assert "Resuming" not in stdout, stdout
 
 
-def _finish(run_dir, step):
+def _finish(run_dir, step, workers=2):
     """Rerunning every worker resumes from the checkpoint the last line named, and finishes."""
     command = [sys.executable, *RECIPE, "--run-dir", str(run_dir), *TINY, "--steps", str(step + 2),
                "--eval-every", "50", "--eval-examples", "16", "--quiet", "--no-export"]
-    chief, _ = start_cluster(lambda index: command, cwd=ROOT)
+    chief, *_ = start_cluster(lambda index: command, workers=workers, cwd=ROOT)
     _assert_resumed(chief, run_dir, step)
     assert _state_step(run_dir) == step + 2 and int(_history(run_dir)[-1]["step"]) == step + 2
 
 
-def _killed(run_dir):
-    # A worker SIGKILLed (during training or the evaluation after a checkpoint).
-    procs = _start(run_dir, 2)
-    survivors, _ = _lose(procs, 1, signal.SIGKILL, lambda: _state_step(run_dir) >= 50)
-    step = _check_survivors(survivors, run_dir, "worker 1")
-    # The chief SIGKILLed the instant a new checkpoint's files appear: the save was in progress.
-    # The state file still names a complete checkpoint (the new one or the one before), and the
-    # survivor names it.
-    procs = _start(run_dir, 2)
-    survivors, chief_stdout = _lose(procs, 0, signal.SIGKILL,
-                                    lambda: max(_checkpoint_steps(run_dir), default=-1) > step)
-    _assert_resumed(chief_stdout, run_dir, step)
-    step = _check_survivors(survivors, run_dir, "worker 0")
-    import tensorflow as tf
-
-    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints" / f"ckpt-{step}"))
-    assert reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == step
-    _finish(run_dir, step)
+def _lost(run_dir, workers, victim, signum, lost, ready=None):
+    """One scenario: ``workers`` train, worker ``victim`` gets ``signum`` once ``ready()`` (default:
+    a checkpoint saved), every survivor is checked, and rerunning every worker resumes."""
+    procs = _start(run_dir, workers)
+    survivors, _ = _lose(procs, victim, signum, ready or (lambda: _state_step(run_dir) >= 50))
+    assert sorted(survivors) == [index for index in range(workers) if index != victim]
+    step = _check_survivors(survivors, run_dir, lost)
+    _finish(run_dir, step, workers)
+    return step
 
 
-def _frozen(run_dir):
-    # A worker frozen (SIGSTOP: alive, silent): TensorFlow's heartbeat finds it.
-    procs = _start(run_dir, 2)
-    survivors, _ = _lose(procs, 1, signal.SIGSTOP, lambda: _state_step(run_dir) >= 50)
-    step = _check_survivors(survivors, run_dir, "worker 1")
-    # The chief frozen: it runs the coordination service, which stops answering.
-    procs = _start(run_dir, 2)
-    survivors, chief_stdout = _lose(procs, 0, signal.SIGSTOP, lambda: _state_step(run_dir) > step)
-    _assert_resumed(chief_stdout, run_dir, step)
-    step = _check_survivors(survivors, run_dir, "worker 0 (its coordination service stopped answering)")
-    _finish(run_dir, step)
+def _chief_killed_as_a_checkpoint_appears(run_dir):
+    # The second checkpoint's files appear: the save is in progress. The state file still names a
+    # complete checkpoint (that one, or the one before), the survivor names it, the rerun restores it.
+    step = _lost(run_dir, 2, 0, signal.SIGKILL, "worker 0", lambda: max(_checkpoint_steps(run_dir), default=-1) > 50)
+    assert step >= 50
 
 
 @pytest.mark.slow
 def test_a_killed_or_frozen_worker_or_chief_ends_every_survivor_and_the_rerun_resumes(tmp_path):
-    # Two runs on 2 workers side by side (the waits are TensorFlow's heartbeat, not work): one
-    # loses a machine to SIGKILL twice, the other to SIGSTOP twice; each rerun is the next start.
+    # Five runs side by side (the waits are TensorFlow's heartbeat, not work): a worker and the chief
+    # SIGKILLed, a worker and the chief frozen (SIGSTOP: alive, silent; a frozen chief is its
+    # coordination service not answering), and a worker killed in a cluster of three.
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(2) as pool:
-        for scenario in [pool.submit(_killed, tmp_path / "killed"), pool.submit(_frozen, tmp_path / "frozen")]:
+    scenarios = [
+        (_lost, tmp_path / "worker-killed", 2, 1, signal.SIGKILL, "worker 1"),
+        (_chief_killed_as_a_checkpoint_appears, tmp_path / "chief-killed"),
+        (_lost, tmp_path / "worker-frozen", 2, 1, signal.SIGSTOP, "worker 1"),
+        (_lost, tmp_path / "chief-frozen", 2, 0, signal.SIGSTOP, "worker 0 (its coordination service stopped answering)"),
+        (_lost, tmp_path / "of-three", 3, 1, signal.SIGKILL, "worker 1"),
+    ]
+    with ThreadPoolExecutor(len(scenarios)) as pool:
+        for scenario in [pool.submit(*scenario) for scenario in scenarios]:
             scenario.result()
-
-
-@pytest.mark.slow
-def test_a_worker_killed_in_a_cluster_of_three_ends_both_survivors(tmp_path):
-    procs = _start(tmp_path, 3)
-    survivors, _ = _lose(procs, 1, signal.SIGKILL, lambda: _state_step(tmp_path) >= 50)
-    assert sorted(survivors) == [0, 2]
-    step = _check_survivors(survivors, tmp_path, "worker 1")
-    command = [sys.executable, *RECIPE, "--run-dir", str(tmp_path), *TINY, "--steps", str(step + 2),
-               "--eval-every", "50", "--eval-examples", "16", "--quiet", "--no-export"]
-    chief, _, _ = start_cluster(lambda index: command, workers=3, cwd=ROOT)
-    _assert_resumed(chief, tmp_path, step)
-    assert _state_step(tmp_path) == step + 2
 
 
 def test_the_watchdog_ends_a_run_without_progress_and_names_what_it_waited_for(tmp_path):
