@@ -163,3 +163,26 @@ def test_lost_peer_messages_name_the_task_from_what_tensorflow_says():
     refused = "failed to connect to all addresses; ipv4:127.0.0.1:4321: Connection refused"
     assert lost_tasks(refused, "worker 2", {"127.0.0.1:1234": "worker 0", "127.0.0.1:4321": "worker 1"}) == \
         ["worker 1"]
+
+
+def test_a_survivor_that_exited_first_is_not_named_as_the_machine_lost(tmp_path):
+    # 3 workers, worker 1 killed: worker 2 may exit (138) before the heartbeat declares worker 1
+    # dead, and TensorFlow then tells worker 0 that worker 2 stopped heartbeating.
+    import time
+
+    import tensorflow as tf
+
+    from recipes.inception_bn.failures import lost_peer_message
+
+    def said(task):
+        return tf.errors.UnavailableError(None, None, f"Collective ops is aborted by: The following tasks are "
+                                          f"unhealthy (stopped sending heartbeats):\n/job:worker/replica:0/task:{task}")
+
+    started = time.time() - 1
+    first = lost_peer_message(said(1), tmp_path, "worker 2", 50, "resume", since=started)
+    assert first.startswith("lost worker 1 of the cluster at step 50")
+    second = lost_peer_message(said(2), tmp_path, "worker 0", 50, "resume", since=started)
+    assert second.startswith("lost worker 1 of the cluster at step 50"), second
+    # A marker from an earlier start is not this loss.
+    later = lost_peer_message(said(2), tmp_path, "worker 0", 60, "resume", since=time.time() + 10)
+    assert later.startswith("lost worker 2 of the cluster at step 60"), later

@@ -90,18 +90,45 @@ def write_error_log(run_dir: Path, own_task: str, text: str) -> Path | None:
     return path
 
 
+def _loss_marker(run_dir: Path, task: str) -> Path:
+    return run_dir / f"{task.replace(' ', '')}-lost-peer.txt"
+
+
+def _first_losses(run_dir: Path, tasks: list[str], own_task: str, since: float | None) -> list[str]:
+    """``tasks`` with each survivor that exited first (its marker written since ``since``, this
+    start) replaced by the tasks it lost: with 3 workers, the first survivor to exit can stop
+    heartbeating before the lost machine is declared dead, and TensorFlow then names it."""
+    resolved = []
+    for task in tasks:
+        marker = _loss_marker(run_dir, task)
+        try:
+            fresh = since is not None and marker.stat().st_mtime >= since
+            named = marker.read_text().strip() if fresh else ""
+        except OSError:
+            named = ""
+        resolved += [t for t in named.split(" and ") if t and t != own_task] if named else [task]
+    return list(dict.fromkeys(resolved))
+
+
 def lost_peer_message(error: BaseException, run_dir: Path, own_task: str, step: int | None, resume: str,
-                      addresses: dict | None = None, leader: str | None = None) -> str:
+                      addresses: dict | None = None, leader: str | None = None, since: float | None = None) -> str:
     """The one line a survivor prints; the traceback goes to its error log.
 
-    ``addresses``: the cluster's ``{"host:port": task}``. ``leader``: the task that runs the coordination service, named when the error is that the
-    service stopped answering (a frozen leader sends no error of its own).
+    ``addresses``: the cluster's ``{"host:port": task}``. ``leader``: the task that runs the
+    coordination service, named when the error is that the service stopped answering (a frozen
+    leader sends no error of its own). ``since``: when this worker started (``time.time()``): the
+    losses other survivors recorded since then name the machine actually lost.
     """
     log = write_error_log(run_dir, own_task, "".join(traceback.format_exception(error)))
     said = first_line(error, limit=10_000)  # what it says, not the node's trace (which names every task)
-    tasks = lost_tasks(said, own_task, addresses)
+    tasks = _first_losses(run_dir, lost_tasks(said, own_task, addresses), own_task, since)
     if not tasks and leader and leader != own_task and "CoordinationService" in said:
         tasks = [f"{leader} (its coordination service stopped answering)"]
+    if tasks:
+        try:
+            _loss_marker(run_dir, own_task).write_text(" and ".join(t.split(" (")[0] for t in tasks) + "\n")
+        except OSError:
+            pass
     who = " and ".join(tasks) if tasks else "a peer"
     where = f" at step {step}" if step is not None else ""
     return (f"lost {who} of the cluster{where} ({type(error).__name__}: {first_line(error)}); "

@@ -183,6 +183,7 @@ def train(args, stop) -> int:
     import keras
     import tensorflow as tf
 
+    started = time.time()
     variant = VARIANTS[args.variant]
     run_dir = prepare_run_dir(args.run_dir)
     strategy = make_strategy(args.cpu_replicas)
@@ -274,7 +275,7 @@ def train(args, stop) -> int:
                          for index, address in enumerate(tasks)}
             raise PeerLost(failures.lost_peer_message(
                 error, run_dir, own_task, step, resume_message(checkpoint_dir), addresses,
-                leader="chief 0" if "chief" in cluster else "worker 0")) from None
+                leader="chief 0" if "chief" in cluster else "worker 0", since=started)) from None
         raise
     finally:
         watchdog.stop()
