@@ -39,7 +39,7 @@ FLOOR_TF := $(shell sed -n 's/^ *tensorflow>=\([0-9.]*\).*/\1/p' setup.cfg)
 FLOOR_KERAS := $(shell sed -n 's/^ *keras>=\([0-9.]*\).*/\1/p' setup.cfg)
 RECIPE_TESTS := --ignore-glob='tests/test_inception_bn_*' --ignore=tests/test_figure1.py \
 	--ignore=tests/test_recipes_data.py --ignore=tests/test_lost_machine.py \
-	--ignore=tests/test_orchestrators.py
+	--ignore=tests/test_orchestrators.py --ignore=tests/test_one_run.py
 
 $(FLOOR_VENV)/.installed-$(FLOOR_TF)-$(FLOOR_KERAS): setup.cfg
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)

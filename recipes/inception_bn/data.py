@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from recipes.inception_bn import order
+
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 SOURCES = ("imagenet2012", "fashion_mnist", "synthetic")
 DEFAULT_IMAGE_SIZE = {"imagenet2012": 224, "fashion_mnist": 28, "synthetic": 32}
@@ -47,10 +49,13 @@ class Source:
         image_shape: ``(size, size, channels)`` the network sees.
         train_examples: examples per training epoch.
         eval_examples: examples in the evaluation split.
-        train: ``(batch_size, distortion, seed, input_context) -> tf.data.Dataset`` of batched
-            ``(images uint8, factors float32, labels int32)``, repeated.
+        train: ``(batch_size, distortion, seed, input_context, start_step) -> tf.data.Dataset`` of
+            batched ``(images uint8, factors float32, labels int32)``, repeated: this pipeline's
+            replicas' batches from global step ``start_step`` on, ``batch_size`` per replica.
         eval: ``(limit, input_context) -> tf.data.Dataset`` of unbatched ``(image uint8, label
             int32)``: this pipeline's share of the first ``limit`` examples (all when None).
+        positional: the training order is a function of stream position (``order.py``): the same
+            global batches on any number of replicas, and a resume continues the stream exactly.
     """
 
     name: str
@@ -60,6 +65,7 @@ class Source:
     eval_examples: int
     train: object
     eval: object
+    positional: bool = True
 
 
 def _shard(dataset, input_context):
@@ -83,17 +89,20 @@ def _distortion_ranges(strength: float):
 NEUTRAL_FACTORS = (0.0, 1.0, 0.0, 1.0)
 
 
-def distortion_factors(batch_size, strength: float):
+def distortion_factors(batch_size, strength: float, uniforms=None):
     """``(batch_size, 4)`` per-image factors of GoogLeNet's photometric distortion at ``strength``:
     brightness delta in +-32/255 s, saturation and contrast factors in [1 - s/2, 1 + s/2], hue
-    delta in +-0.2 s, each uniform and independent (what ``tf.image.random_*`` draw). Neutral at 0."""
+    delta in +-0.2 s, each uniform and independent (what ``tf.image.random_*`` draw). Neutral at 0.
+    ``uniforms``: the ``(batch_size, 4)`` draws in [0, 1) to use (random when None)."""
     if strength <= 0:
         return tf.tile(tf.constant([NEUTRAL_FACTORS], tf.float32), [batch_size, 1])
     max_delta, (lower, upper) = _distortion_ranges(strength)
     max_hue = 0.2 * strength
     low = tf.constant([-max_delta, lower, -max_hue, lower], tf.float32)
     high = tf.constant([max_delta, upper, max_hue, upper], tf.float32)
-    return low + tf.random.uniform((batch_size, 4)) * (high - low)
+    if uniforms is None:
+        uniforms = tf.random.uniform((batch_size, 4))
+    return low + uniforms * (high - low)
 
 
 def with_distortion_factors(dataset, strength: float):
@@ -134,15 +143,20 @@ def resize_to_uint8(images, size: int):
     return tf.saturate_cast(tf.round(tf.image.resize(images, (size, size))), tf.uint8)
 
 
-def random_crops_and_flips(images, pad: int):
+def random_crops_and_flips(images, pad: int, draws=None):
     """Each image of a ``(B, H, W, C)`` batch zero-padded by ``pad``, cropped back to ``H x W``
-    at a random offset and flipped left-right with probability 1/2 (per image, in batched ops)."""
+    at a random offset and flipped left-right with probability 1/2 (per image, in batched ops).
+    ``draws``: ``(B, 3)`` uniforms in [0, 1) for the row, the column and the flip (random when None)."""
     batch, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
     padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    offsets = tf.random.uniform((2, batch, 1), 0, 2 * pad + 1, tf.int32)
+    if draws is None:
+        offsets = tf.random.uniform((2, batch, 1), 0, 2 * pad + 1, tf.int32)
+        flip = tf.random.uniform((batch, 1, 1, 1)) < 0.5
+    else:
+        offsets = tf.cast(tf.transpose(draws[:, :2])[..., None] * (2 * pad + 1), tf.int32)
+        flip = tf.reshape(draws[:, 2], (-1, 1, 1, 1)) < 0.5
     rows = tf.gather(padded, offsets[0] + tf.range(height), axis=1, batch_dims=1)
     crops = tf.gather(rows, offsets[1] + tf.range(width), axis=2, batch_dims=1)
-    flip = tf.random.uniform((batch, 1, 1, 1)) < 0.5
     return tf.where(flip, tf.reverse(crops, [2]), crops)
 
 
@@ -214,7 +228,10 @@ def imagenet2012(data_dir, image_size: int = 224, prepared_dir=None) -> Source:
         example = features.deserialize_example(record, decoders={"image": tfds.decode.SkipDecoding()})
         return example["image"], example["label"]
 
-    def train(batch_size, distortion, seed, input_context=None):
+    def train(batch_size, distortion, seed, input_context=None, start_step=0):
+        # TFRecords have no random access: shuffled files and a shuffle buffer, seeded anew at each
+        # start (the order is not a function of position; see docs/recipes.md).
+        seed = seed + start_step
         files = _shard(tf.data.Dataset.from_tensor_slices(train_files), input_context)
         records = (files.shuffle(len(train_files), seed=seed, reshuffle_each_iteration=True).repeat()
                    .interleave(tf.data.TFRecordDataset, cycle_length=min(16, len(train_files)),
@@ -239,7 +256,8 @@ def imagenet2012(data_dir, image_size: int = 224, prepared_dir=None) -> Source:
             lambda b, y: (_central_crop(b, image_size), tf.cast(y, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
 
     return Source("imagenet2012", builder.info.features["label"].num_classes, (image_size, image_size, 3),
-                  splits["train"].num_examples, splits["validation"].num_examples, train, evaluate)
+                  splits["train"].num_examples, splits["validation"].num_examples, train, evaluate,
+                  positional=False)
 
 
 # Fashion-MNIST -------------------------------------------------------------------------------------
@@ -254,20 +272,25 @@ def fashion_mnist(data_dir=None, image_size: int = 28) -> Source:
         images = images[..., None]
         return images if image_size == images.shape[1] else resize_to_uint8(images, image_size)
 
-    def crop_and_flip(images, labels):
-        # Random crops of a padded image (the 28x28 digits-style frame leaves no room
-        # for the ImageNet crop) and random flips, on uint8, a batch at a time.
-        return random_crops_and_flips(resized(images), max(1, image_size // 14)), labels
+    train_images, train_labels = tf.constant(x_train), tf.constant(y_train.astype(np.int32))
+    pad = max(1, image_size // 14)
 
-    def train(batch_size, distortion, seed, input_context=None):
-        dataset = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.int32)))
-        dataset = _shard(dataset, input_context)
-        # Shuffled as 28x28 bytes and cropped a batch at a time: per-image copies and per-image
-        # ops took CPU time from the training they feed.
-        dataset = (dataset.shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True).repeat()
-                   .batch(batch_size, drop_remainder=True)
-                   .map(crop_and_flip, num_parallel_calls=tf.data.AUTOTUNE))
-        return with_distortion_factors(dataset, distortion).prefetch(tf.data.AUTOTUNE)
+    def train(batch_size, distortion, seed, input_context=None, start_step=0):
+        # Random access by stream position (recipes/inception_bn/order.py): the examples and every
+        # draw of this replica's share of each global batch, and nothing else. Cropped a batch at a
+        # time on uint8: per-image copies and per-image ops took CPU time from the training they feed.
+        global_batch = batch_size * (1 if input_context is None else input_context.num_replicas_in_sync)
+
+        def batch_at(positions):
+            ids = order.example_ids(seed, len(x_train), positions)
+            draws = order.position_uniform(seed, positions, order.CROP_WINDOW, 3)
+            images = random_crops_and_flips(resized(tf.gather(train_images, ids)), pad, draws)
+            factors = distortion_factors(tf.shape(positions)[0], distortion,
+                                         order.position_uniform(seed, positions, order.FACTORS, 4))
+            return images, factors, tf.gather(train_labels, ids)
+
+        return (order.pipeline_positions(global_batch, start_step, input_context)
+                .map(batch_at, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
 
     test_images = resized(tf.constant(x_test))
 
@@ -294,12 +317,18 @@ def synthetic(image_size: int = 32, num_classes: int = 10, train_examples: int =
         image = tf.saturate_cast(tf.round((tf.gather(templates, label) + noise) * 255.0), tf.uint8)
         return image, label
 
-    def train(batch_size, distortion, seed, input_context=None):
+    def train(batch_size, distortion, seed, input_context=None, start_step=0):
         del distortion  # the patterns are the signal: no photometric distortion
-        dataset = _shard(tf.data.Dataset.range(train_examples), input_context).repeat()
-        dataset = (dataset.map(lambda i: make(i, seed + 1), num_parallel_calls=tf.data.AUTOTUNE)
-                   .batch(batch_size, drop_remainder=True))
-        return with_distortion_factors(dataset, 0.0).prefetch(tf.data.AUTOTUNE)
+        global_batch = batch_size * (1 if input_context is None else input_context.num_replicas_in_sync)
+
+        def batch_at(positions):
+            ids = order.example_ids(seed, train_examples, positions)
+            images, labels = tf.map_fn(lambda i: make(i, seed + 1), ids,
+                                       fn_output_signature=(tf.uint8, tf.int32))
+            return images, distortion_factors(tf.shape(ids)[0], 0.0), labels
+
+        return (order.pipeline_positions(global_batch, start_step, input_context)
+                .map(batch_at, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
 
     def evaluate(limit=None, input_context=None):
         dataset = first_examples(tf.data.Dataset.range(eval_examples), limit, input_context)

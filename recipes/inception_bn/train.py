@@ -35,7 +35,7 @@ if __name__ == "__main__":
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from recipes.inception_bn import failures  # noqa: E402
+from recipes.inception_bn import failures, order  # noqa: E402
 from recipes.inception_bn.checkpoints import Checkpoints, resume_message  # noqa: E402
 from recipes.inception_bn.data import DEFAULT_IMAGE_SIZE, SOURCES, network_input  # noqa: E402
 from recipes.inception_bn.history import DIVERGED  # noqa: E402
@@ -104,7 +104,12 @@ def parse_args(argv=None):
                         f"completes for this long (default {failures.DEFAULT_STALL_TIMEOUT:g}: above the first step's "
                         "tracing and a checkpoint; raise it if one loop of --steps-per-loop steps can take "
                         "longer; 0: never)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initial weights, and the training stream: each epoch's order and every augmentation "
+                        "draw (a function of the position in the stream, so a resume continues it exactly)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="TensorFlow's op determinism: a run stopped and resumed ends with bit-identical weights "
+                        "to the uninterrupted run (same machine); fashion_mnist and synthetic, without --data-service")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.recalibrate_steps < 0:
@@ -130,6 +135,12 @@ def parse_args(argv=None):
         if args.dataset not in SERVICE_SOURCES:
             parser.error(f"--data-service serves {' and '.join(SERVICE_SOURCES)}; {args.dataset} is held in "
                          "every trainer's memory, there is nothing to offload")
+        if args.deterministic:
+            parser.error("--deterministic cannot be combined with --data-service: the service hands out its "
+                         "input to whichever trainer asks first, so the order of the batches is not reproducible")
+    if args.deterministic and args.dataset == "imagenet2012":
+        parser.error("--deterministic needs a dataset whose order is a function of the stream position "
+                     "(fashion_mnist, synthetic); imagenet2012 is read from TFRecords in shuffled-file order")
     return args
 
 
@@ -184,6 +195,8 @@ def train(args, stop) -> int:
     import tensorflow as tf
 
     started = time.time()
+    if args.deterministic:  # first: it applies to the kernels created from here on
+        tf.config.experimental.enable_op_determinism()
     variant = VARIANTS[args.variant]
     run_dir = prepare_run_dir(args.run_dir)
     strategy = make_strategy(args.cpu_replicas)
@@ -211,14 +224,18 @@ def train(args, stop) -> int:
     try:
         if multi_worker and plan.replicas > 1:
             _check_same_step(strategy, start_step)
+        try:
+            order.Stream(args.seed, source.train_examples, plan.global_batch).check_resume(
+                run_dir, resuming=bool(checkpoints.latest), record=is_chief)
+        except order.StreamMismatch as error:
+            raise RecipeError(str(error)) from None
         log = RunLog(run_dir, is_chief, plan.total_steps, plan.steps_per_epoch, args.quiet,
                      resumed_at=start_step if checkpoints.latest else None)
         announce(log, run_dir, variant, source, plan, schedule, model, start_step, checkpoints.latest)
         if is_chief:
             write_settings(run_dir, args, variant, source, plan, schedule)
 
-        # Distinct shuffling after a resume, so a resumed run does not replay the same batches.
-        seed = args.seed + start_step
+        seed = args.seed  # the stream's order is a function of the step (recipes/inception_bn/order.py)
         train_data = strategy.distribute_datasets_from_function(
             lambda ctx: training_input(source, args, variant, plan, seed, ctx, run_dir, start_step))
         # The device's share of the input pipeline runs inside the step (recipes/inception_bn/data.py).
@@ -286,10 +303,12 @@ def training_input(source, args, variant, plan, seed, input_context, run_dir, st
     """This input pipeline's training batches: local, or from the tf.data service (which shards)."""
     batch = input_context.get_per_replica_batch_size(plan.global_batch)
     if args.data_service is None:
-        return source.train(batch, variant.distortion, seed, input_context)
+        return source.train(batch, variant.distortion, seed, input_context, start_step)
     from recipes.inception_bn import data_service
 
-    dataset = source.train(batch, variant.distortion, seed, None)
+    # One pipeline of per-replica batches for every trainer: the same stream positions from the same
+    # step, but dealt to the trainers in the order they ask (dynamic sharding; not reproducible).
+    dataset = source.train(batch, variant.distortion, seed, None, start_step * plan.replicas)
     return data_service.distribute(dataset, args.data_service, data_service.job_name(run_dir, start_step))
 
 

@@ -1,0 +1,119 @@
+"""The training stream's order as a function of position: one run, however it is split or stopped.
+
+Global step ``s`` trains on stream positions ``[s*B, (s+1)*B)``, ``B`` the global batch.
+Position ``p`` is example ``perm_e(p mod N)`` of epoch ``e = p // N``, where ``perm_e`` is a
+seeded pseudo-random permutation of the ``N`` training examples (TensorFlow's stateless
+``RandomIndexShuffle``, keyed by the seed and the epoch): every example once per epoch, and the
+whole epoch shuffled - a uniform permutation, where a shuffle buffer mixes only neighbours.
+Every augmentation draw is a hash of the seed, the position and the draw's name, not the
+state of a random generator. So the batch of step ``s`` depends on nothing but ``s``:
+
+- a resumed run continues the stream where the stopped one was (only the step is needed);
+- replica ``g`` of ``R`` takes positions ``s*B + g*B/R + [0, B/R)`` and reads only those: the
+  global batch holds the same examples, with the same augmentation, on any number of replicas
+  and workers, and a run stopped on one replica count resumes on another with the same ``B``.
+
+What the positions mean - the seed, the dataset size and the global batch - is written in the run
+directory (``stream.json``); a resume that would give them another meaning is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import tensorflow as tf
+
+STREAM_FILE = "stream.json"
+
+# Names of the independent per-position draws (the hash's third key).
+FLIP, CROP_ROW, CROP_COLUMN, FACTORS, CROP_WINDOW = 1, 2, 3, 4, 5
+
+_MASK32 = 0xFFFFFFFF
+
+
+class StreamMismatch(ValueError):
+    """A resume would read another stream than the one the run was trained on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """What a stream position means: the seed, the examples per epoch and the global batch."""
+
+    seed: int
+    examples: int
+    global_batch: int
+
+    def check_resume(self, run_dir, resuming: bool, record: bool) -> None:
+        """When ``resuming``, checks this is the stream recorded in ``run_dir``; StreamMismatch naming
+        what differs if not. With ``record`` (the chief), writes it there."""
+        path = Path(run_dir) / STREAM_FILE
+        if resuming and path.exists():
+            recorded = Stream(**json.loads(path.read_text()))
+            differences = [f"{name} {getattr(recorded, name)} (now {getattr(self, name)})"
+                           for name in ("global_batch", "examples", "seed")
+                           if getattr(recorded, name) != getattr(self, name)]
+            if differences:
+                raise StreamMismatch(
+                    f"{path.parent} was trained on another stream: {', '.join(differences)}; resume with the "
+                    "same global batch (--batch-size x replicas), dataset and --seed, or use a new --run-dir")
+        if record:
+            tmp = path.with_name(STREAM_FILE + ".tmp")
+            tmp.write_text(json.dumps(dataclasses.asdict(self)))
+            os.replace(tmp, path)
+
+
+def _mix32(x):
+    """A 32-bit integer hash (the "lowbias32" finaliser) in int64 arithmetic that cannot overflow."""
+    shift, xor, mask = tf.bitwise.right_shift, tf.bitwise.bitwise_xor, tf.bitwise.bitwise_and
+    x = mask(xor(shift(x, 16), x) * 0x45D9F3B, _MASK32)
+    x = mask(xor(shift(x, 16), x) * 0x45D9F3B, _MASK32)
+    return xor(shift(x, 16), x)
+
+
+def position_uniform(seed: int, positions, draw: int, count: int = 1):
+    """``(n, count)`` float32 uniforms in [0, 1), a pure function of ``(seed, position, draw, column)``."""
+    xor, mask = tf.bitwise.bitwise_xor, tf.bitwise.bitwise_and
+    positions = tf.cast(positions, tf.int64)
+    key = _mix32(tf.constant(((seed & _MASK32) ^ (draw * 0x9E3779B9)) & _MASK32, tf.int64))
+    h = _mix32(xor(key, mask(positions, _MASK32)))
+    h = _mix32(xor(h, tf.bitwise.right_shift(positions, 32) + ((seed >> 32) & _MASK32)))
+    columns = mask(tf.range(count, dtype=tf.int64) * 0x85EBCA6B, _MASK32)
+    h = _mix32(xor(h[:, None], columns[None, :]))
+    return tf.cast(tf.bitwise.right_shift(h, 8), tf.float32) / float(1 << 24)
+
+
+def example_ids(seed: int, examples: int, positions):
+    """The training example at each stream position: epoch ``p // N``'s permutation, at ``p % N``."""
+    positions = tf.cast(positions, tf.int64)
+    epochs = positions // examples
+    keys = tf.stack([tf.fill(tf.shape(positions), tf.constant(seed, tf.int64)), epochs,
+                     tf.zeros_like(positions)], axis=1)
+    return tf.raw_ops.RandomIndexShuffle(index=positions % examples, seed=keys,
+                                         max_index=tf.fill(tf.shape(positions), tf.constant(examples - 1, tf.int64)),
+                                         rounds=4)
+
+
+def pipeline_positions(global_batch: int, start_step: int, input_context=None):
+    """This input pipeline's elements from ``start_step`` on: each a vector of its replica's positions.
+
+    Pipeline ``w`` of ``W`` feeds replicas ``w*R/W .. (w+1)*R/W - 1`` (tf.distribute's order: a
+    worker's consecutive elements go to its replicas in turn), one element per replica per step.
+    """
+    pipelines = 1 if input_context is None else input_context.num_input_pipelines
+    pipeline = 0 if input_context is None else input_context.input_pipeline_id
+    replicas = 1 if input_context is None else input_context.num_replicas_in_sync
+    if replicas % pipelines or global_batch % replicas:
+        raise ValueError(f"a global batch of {global_batch} does not split over {replicas} replicas "
+                         f"in {pipelines} input pipelines")
+    local = replicas // pipelines
+    per_replica = global_batch // replicas
+
+    def positions(element):
+        step = start_step + element // local
+        slot = pipeline * local + element % local
+        return step * global_batch + slot * per_replica + tf.range(per_replica, dtype=tf.int64)
+
+    return tf.data.Dataset.range(tf.int64.max).map(positions)
