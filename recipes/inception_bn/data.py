@@ -54,8 +54,6 @@ class Source:
             replicas' batches from global step ``start_step`` on, ``batch_size`` per replica.
         eval: ``(limit, input_context) -> tf.data.Dataset`` of unbatched ``(image uint8, label
             int32)``: this pipeline's share of the first ``limit`` examples (all when None).
-        positional: the training order is a function of stream position (``order.py``): the same
-            global batches on any number of replicas, and a resume continues the stream exactly.
     """
 
     name: str
@@ -65,7 +63,6 @@ class Source:
     eval_examples: int
     train: object
     eval: object
-    positional: bool = True
 
 
 def _shard(dataset, input_context):
@@ -256,8 +253,7 @@ def imagenet2012(data_dir, image_size: int = 224, prepared_dir=None) -> Source:
             lambda b, y: (_central_crop(b, image_size), tf.cast(y, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
 
     return Source("imagenet2012", builder.info.features["label"].num_classes, (image_size, image_size, 3),
-                  splits["train"].num_examples, splits["validation"].num_examples, train, evaluate,
-                  positional=False)
+                  splits["train"].num_examples, splits["validation"].num_examples, train, evaluate)
 
 
 # Fashion-MNIST -------------------------------------------------------------------------------------
@@ -279,8 +275,6 @@ def fashion_mnist(data_dir=None, image_size: int = 28) -> Source:
         # Random access by stream position (recipes/inception_bn/order.py): the examples and every
         # draw of this replica's share of each global batch, and nothing else. Cropped a batch at a
         # time on uint8: per-image copies and per-image ops took CPU time from the training they feed.
-        global_batch = batch_size * (1 if input_context is None else input_context.num_replicas_in_sync)
-
         def batch_at(positions):
             ids = order.example_ids(seed, len(x_train), positions)
             draws = order.position_uniform(seed, positions, order.CROP_WINDOW, 3)
@@ -289,8 +283,7 @@ def fashion_mnist(data_dir=None, image_size: int = 28) -> Source:
                                          order.position_uniform(seed, positions, order.FACTORS, 4))
             return images, factors, tf.gather(train_labels, ids)
 
-        return (order.pipeline_positions(global_batch, start_step, input_context)
-                .map(batch_at, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
+        return order.batches_by_position(batch_at, batch_size, start_step, input_context)
 
     test_images = resized(tf.constant(x_test))
 
@@ -319,16 +312,13 @@ def synthetic(image_size: int = 32, num_classes: int = 10, train_examples: int =
 
     def train(batch_size, distortion, seed, input_context=None, start_step=0):
         del distortion  # the patterns are the signal: no photometric distortion
-        global_batch = batch_size * (1 if input_context is None else input_context.num_replicas_in_sync)
-
         def batch_at(positions):
             ids = order.example_ids(seed, train_examples, positions)
             images, labels = tf.map_fn(lambda i: make(i, seed + 1), ids,
                                        fn_output_signature=(tf.uint8, tf.int32))
             return images, distortion_factors(tf.shape(ids)[0], 0.0), labels
 
-        return (order.pipeline_positions(global_batch, start_step, input_context)
-                .map(batch_at, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
+        return order.batches_by_position(batch_at, batch_size, start_step, input_context)
 
     def evaluate(limit=None, input_context=None):
         dataset = first_examples(tf.data.Dataset.range(eval_examples), limit, input_context)

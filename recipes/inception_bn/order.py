@@ -29,7 +29,7 @@ import tensorflow as tf
 STREAM_FILE = "stream.json"
 
 # Names of the independent per-position draws (the hash's third key).
-FLIP, CROP_ROW, CROP_COLUMN, FACTORS, CROP_WINDOW = 1, 2, 3, 4, 5
+FACTORS, CROP_WINDOW = 4, 5
 
 _MASK32 = 0xFFFFFFFF
 
@@ -96,8 +96,9 @@ def example_ids(seed: int, examples: int, positions):
                                          rounds=4)
 
 
-def pipeline_positions(global_batch: int, start_step: int, input_context=None):
-    """This input pipeline's elements from ``start_step`` on: each a vector of its replica's positions.
+def pipeline_positions(per_replica: int, start_step: int, input_context=None):
+    """This input pipeline's elements from ``start_step`` on: each a vector of its replica's
+    ``per_replica`` positions.
 
     Pipeline ``w`` of ``W`` feeds replicas ``w*R/W .. (w+1)*R/W - 1`` (tf.distribute's order: a
     worker's consecutive elements go to its replicas in turn), one element per replica per step.
@@ -105,11 +106,10 @@ def pipeline_positions(global_batch: int, start_step: int, input_context=None):
     pipelines = 1 if input_context is None else input_context.num_input_pipelines
     pipeline = 0 if input_context is None else input_context.input_pipeline_id
     replicas = 1 if input_context is None else input_context.num_replicas_in_sync
-    if replicas % pipelines or global_batch % replicas:
-        raise ValueError(f"a global batch of {global_batch} does not split over {replicas} replicas "
-                         f"in {pipelines} input pipelines")
+    if replicas % pipelines:
+        raise ValueError(f"{replicas} replicas do not split over {pipelines} input pipelines")
     local = replicas // pipelines
-    per_replica = global_batch // replicas
+    global_batch = per_replica * replicas
 
     def positions(element):
         step = start_step + element // local
@@ -117,3 +117,9 @@ def pipeline_positions(global_batch: int, start_step: int, input_context=None):
         return step * global_batch + slot * per_replica + tf.range(per_replica, dtype=tf.int64)
 
     return tf.data.Dataset.range(tf.int64.max).map(positions)
+
+
+def batches_by_position(batch_at, per_replica: int, start_step: int, input_context=None):
+    """``batch_at(positions)`` for each of this pipeline's elements (``pipeline_positions``), prefetched."""
+    return (pipeline_positions(per_replica, start_step, input_context)
+            .map(batch_at, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))

@@ -235,9 +235,9 @@ def train(args, stop) -> int:
         if is_chief:
             write_settings(run_dir, args, variant, source, plan, schedule)
 
-        seed = args.seed  # the stream's order is a function of the step (recipes/inception_bn/order.py)
+        # The stream's order is a function of the step and --seed (recipes/inception_bn/order.py).
         train_data = strategy.distribute_datasets_from_function(
-            lambda ctx: training_input(source, args, variant, plan, seed, ctx, run_dir, start_step))
+            lambda ctx: training_input(source, args, variant, plan, ctx, run_dir, start_step))
         # The device's share of the input pipeline runs inside the step (recipes/inception_bn/data.py).
         def prepare(images, factors):
             return network_input(images, factors, variant.distortion, model.compute_dtype)
@@ -284,7 +284,7 @@ def train(args, stop) -> int:
         if not multi_worker:
             stop.exit_now_when(lambda: f"interrupted after training, at step {step}; {resume_message(checkpoint_dir)}")
         watchdog.progress("the end of the run (recalibration, export)")
-        finish(args, variant, source, plan, model, strategy, evaluate, log, run_dir, seed, step)
+        finish(args, variant, source, plan, model, strategy, evaluate, log, run_dir, args.seed, step)
     except tf.errors.OpError as error:
         if multi_worker and failures.lost_peer(error):
             cluster = strategy.cluster_resolver.cluster_spec().as_dict()
@@ -299,16 +299,16 @@ def train(args, stop) -> int:
     return 0
 
 
-def training_input(source, args, variant, plan, seed, input_context, run_dir, start_step):
+def training_input(source, args, variant, plan, input_context, run_dir, start_step):
     """This input pipeline's training batches: local, or from the tf.data service (which shards)."""
     batch = input_context.get_per_replica_batch_size(plan.global_batch)
     if args.data_service is None:
-        return source.train(batch, variant.distortion, seed, input_context, start_step)
+        return source.train(batch, variant.distortion, args.seed, input_context, start_step)
     from recipes.inception_bn import data_service
 
     # One pipeline of per-replica batches for every trainer: the same stream positions from the same
     # step, but dealt to the trainers in the order they ask (dynamic sharding; not reproducible).
-    dataset = source.train(batch, variant.distortion, seed, None, start_step * plan.replicas)
+    dataset = source.train(batch, variant.distortion, args.seed, None, start_step * plan.replicas)
     return data_service.distribute(dataset, args.data_service, data_service.job_name(run_dir, start_step))
 
 
