@@ -2,7 +2,8 @@
 
 Photo-sized JPEGs (500x375, quality 90, about 90 KB: smooth colour fields plus noise) are laid out
 as ImageNet's training and validation tars and prepared by tfds' own ``imagenet2012`` builder, as
-a user's download would be. Then, in this process pinned to one core, alternating rounds of:
+a user's download would be. Then, in this process pinned to one core, alternating rounds of (one pipeline alive at a time,
+each warmed up before it is timed):
 
 - floor: what only the host can do - read the record, extract the JPEG's shape, sample the
   Inception crop, ``decode_and_crop_jpeg``, resize to uint8 - batched;
@@ -142,16 +143,19 @@ def main(argv=None):
     source = load_source("imagenet2012", work / "download", args.size, prepared_dir=work / "prepared")
     builder = tfds.builder("imagenet2012", data_dir=str(work / "prepared"))
     candidates = {
-        "floor": iter(floor_pipeline(builder, args.size, args.batch)),
-        "recipe": iter(source.train(args.batch, args.distortion, seed=0)),
-        "float (before)": iter(float_pipeline(builder, args.size, args.batch, args.distortion)),
+        "floor": lambda: floor_pipeline(builder, args.size, args.batch),
+        "recipe": lambda: source.train(args.batch, args.distortion, seed=0),
+        "float (before)": lambda: float_pipeline(builder, args.size, args.batch, args.distortion),
     }
     rates = {name: [] for name in candidates}
-    for iterator in candidates.values():  # warm up: shuffle buffers, autotuning
-        images_per_second(iterator, 4, args.batch)
     for _ in range(args.rounds):
-        for name, iterator in candidates.items():
+        for name, pipeline in candidates.items():
+            # One pipeline alive at a time: an idle one's background threads refill its prefetch
+            # buffers and take the core from the one being timed.
+            iterator = iter(pipeline())
+            images_per_second(iterator, 4, args.batch)  # warm up: shuffle buffers, autotuning
             rates[name].append(images_per_second(iterator, args.batches, args.batch))
+            del iterator
     medians = {name: float(np.median(r)) for name, r in rates.items()}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "all"
     print(f"{args.images} JPEGs, 500x375 q90"

@@ -1,9 +1,6 @@
 """The recipe's input pipelines, including the real tfds ``imagenet2012`` builder on a fake
 ImageNet laid out as the user's download (offline)."""
 
-import io
-import tarfile
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -15,36 +12,13 @@ from recipes.inception_bn.data import (
     load_source,
     network_input,
 )
-
-SYNSETS = ["n01440764", "n01443537"]  # the first two of tfds' labels.txt: labels 0 and 1
-
-
-def _jpeg(value, size=(40, 48)):
-    image = np.full((*size, 3), value, np.uint8)
-    return tf.io.encode_jpeg(image, quality=95).numpy()
-
-
-def _add(tar, name, data):
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+from tests import fake_imagenet as fake
 
 
 @pytest.fixture(scope="module")
 def fake_imagenet(tmp_path_factory):
-    """ILSVRC2012_img_train.tar of per-class tars, ILSVRC2012_img_val.tar of flat JPEGs."""
-    root = tmp_path_factory.mktemp("imagenet")
-    with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:
-        for label, synset in enumerate(SYNSETS):
-            inner_bytes = io.BytesIO()
-            with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
-                for i in range(3):
-                    _add(inner, f"{synset}_{i}.JPEG", _jpeg(40 + 150 * label))
-            _add(outer, f"{synset}.tar", inner_bytes.getvalue())
-    with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as val:
-        for i in range(1, 5):
-            _add(val, f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg(100))
-    return root
+    """Six training JPEGs, class 1's brighter (40 and 190 grey levels), four validation JPEGs."""
+    return fake.write(tmp_path_factory.mktemp("imagenet"), [[40] * 3, [190] * 3])
 
 
 def test_tfds_imagenet2012_from_the_manual_dir(fake_imagenet, tmp_path):

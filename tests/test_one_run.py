@@ -78,11 +78,37 @@ def test_augmentation_draws_are_uniform_and_independent_per_position():
     assert abs(neighbours) < 0.01 and abs(other_draw) < 0.01
 
 
-@pytest.mark.parametrize("dataset", ["fashion_mnist", "synthetic"])
-def test_global_batches_are_the_same_on_any_split_and_after_a_resume_on_another(dataset):
+# Fake ImageNet through tfds: 8 files of 4 examples, example i a uniform grey of 8 + 7 i (class
+# i >= 16): whatever the crop and flip, an image's mean names its example.
+IMAGENET_EXAMPLES, IMAGENET_FILES = 32, 8
+
+
+def _grey_of(example):
+    return 8 + 7 * example
+
+
+@pytest.fixture(scope="module")
+def prepared_imagenet(tmp_path_factory):
+    from tests import fake_imagenet
+
+    root = tmp_path_factory.mktemp("sharded-imagenet")
+    values = [_grey_of(i) for i in range(IMAGENET_EXAMPLES)]
+    half = IMAGENET_EXAMPLES // 2
+    fake_imagenet.write(root, [values[:half], values[half:]], validation=IMAGENET_FILES)
+    return fake_imagenet.prepare(root, root / "prepared", IMAGENET_FILES)
+
+
+def _load(dataset, request):
     from recipes.inception_bn.data import load_source
 
-    source = load_source(dataset)
+    if dataset == "imagenet2012":
+        return load_source(dataset, None, 32, prepared_dir=request.getfixturevalue("prepared_imagenet"))
+    return load_source(dataset)
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "synthetic", "imagenet2012"])
+def test_global_batches_are_the_same_on_any_split_and_after_a_resume_on_another(dataset, request):
+    source = _load(dataset, request)
     one = _global_batches(source, replicas=1, steps=6)
     _assert_same_batches(one, _global_batches(source, replicas=2, steps=6), "2 replicas")
     _assert_same_batches(one, _global_batches(source, replicas=4, steps=6), "4 replicas")
@@ -94,6 +120,137 @@ def test_global_batches_are_the_same_on_any_split_and_after_a_resume_on_another(
                          "resumed on 2 workers")
     assert not np.array_equal(one[0][0], _global_batches(source, 1, seed=4, steps=1)[0][0]), "the seed is ignored"
     assert not np.array_equal(one[0][0], one[1][0])
+
+
+def test_fake_imagenet_through_tfds_uses_every_example_once_per_epoch(request):
+    # 32 examples, global batch 16, 8 partitions of one file: each epoch is two steps, and holds
+    # every example (named by its grey level) once, with its own label, in a new order.
+    source = _load("imagenet2012", request)
+    assert source.partitions_for(GLOBAL_BATCH) == IMAGENET_FILES
+    examples = []
+    for images, factors, labels in _global_batches(source, replicas=2, pipelines=2, steps=8):
+        means = images.reshape(len(images), -1).mean(1)
+        ids = np.rint((means - 8) / 7).astype(int)
+        np.testing.assert_allclose(means, _grey_of(ids), atol=1.0)
+        np.testing.assert_array_equal(labels, ids >= IMAGENET_EXAMPLES // 2)
+        assert len(np.unique(factors, axis=0)) == len(factors)  # a draw per position
+        examples.extend(ids)
+    epochs = np.reshape(examples, (4, IMAGENET_EXAMPLES))
+    for epoch in epochs:
+        np.testing.assert_array_equal(np.sort(epoch), np.arange(IMAGENET_EXAMPLES))
+    assert len({tuple(epoch) for epoch in epochs}) == 4
+
+
+def test_fake_imagenet_through_a_data_service_gives_labelled_images_of_every_file(request):
+    # Dynamic sharding deals the partitions' file slots and the positions to the service's workers
+    # independently (docs/recipes.md): not the local stream, but every image with its own label,
+    # and every example within the first epochs.
+    import tensorflow as tf
+
+    from recipes.inception_bn import data_service
+
+    source = _load("imagenet2012", request)
+    dispatcher = tf.data.experimental.service.DispatchServer()
+    worker = tf.data.experimental.service.WorkerServer(  # noqa: F841 (serves while referenced)
+        tf.data.experimental.service.WorkerConfig(dispatcher_address=dispatcher.target.split("://")[1]))
+    served = data_service.distribute(source.train(8, 1.0, 3), dispatcher.target, "one-run-test")
+    examples = set()
+    for images, _, labels in served.take(16):
+        ids = np.rint((images.numpy().reshape(8, -1).mean(1) - 8) / 7).astype(int)
+        np.testing.assert_array_equal(labels.numpy(), ids >= IMAGENET_EXAMPLES // 2)
+        examples.update(ids.tolist())
+    assert examples == set(range(IMAGENET_EXAMPLES))
+
+
+def _tfrecord_files(directory, counts):
+    """TFRecord files holding records ``b"0"``, ``b"1"``, ... in order, ``counts[i]`` in file i."""
+    import tensorflow as tf
+
+    files, record = [], 0
+    for i, count in enumerate(counts):
+        files.append(str(directory / f"train.tfrecord-{i:05d}"))
+        with tf.io.TFRecordWriter(files[-1]) as writer:
+            for _ in range(count):
+                writer.write(str(record).encode())
+                record += 1
+    return files
+
+
+def test_partitions_read_their_own_files_once_per_epoch_on_any_split(tmp_path):
+    # ImageNet's layout in small: files of unequal length, K partitions, read by position.
+    import tensorflow as tf
+
+    from recipes.inception_bn.order import pipeline_positions
+    from recipes.inception_bn.partitions import pipeline_records
+
+    counts = [5, 6, 5, 7, 6, 5, 6, 4]
+    files = _tfrecord_files(tmp_path, counts)
+    file_of = np.repeat(np.arange(len(counts)), counts)
+    partitions, batch = 4, 8
+
+    def global_batches(replicas, pipelines=1, start_step=0, steps=24):
+        def pipeline(w):
+            context = tf.distribute.InputContext(pipelines, w, replicas)
+            records = pipeline_records(files, counts, 3, partitions, batch // replicas, start_step, context)
+            positions = pipeline_positions(batch // replicas, start_step, context).unbatch()
+            return iter(tf.data.Dataset.zip(positions, records).batch(batch // replicas))
+
+        iterators = [pipeline(w) for w in range(pipelines)]
+        result = []
+        for _ in range(steps):
+            shares = [(w, next(iterators[w])) for w in range(pipelines) for _ in range(replicas // pipelines)]
+            for w, (_, records) in shares:  # pipeline w reads only partitions [w K/W, (w+1) K/W)
+                owned = file_of[records.numpy().astype(int)] % partitions
+                assert np.all(owned * pipelines // partitions == w), f"pipeline {w} read another's file"
+            result.append((np.concatenate([p.numpy() for _, (p, _) in shares]),
+                           np.concatenate([r.numpy().astype(int) for _, (_, r) in shares])))
+        return result
+
+    one = global_batches(1)
+    assert [p.tolist() for p, _ in one[:2]] == [list(range(8)), list(range(8, 16))]
+    # Each partition (slots 2k, 2k+1 of every step) uses each of its records once per its epoch.
+    records = np.stack([r for _, r in one])
+    for k in range(partitions):
+        stream = records[:, 2 * k:2 * k + 2].reshape(-1)
+        own = np.flatnonzero(file_of % partitions == k)
+        epochs = [stream[i:i + len(own)] for i in range(0, len(stream) - len(own) + 1, len(own))]
+        assert len(epochs) >= 3
+        for epoch in epochs:
+            np.testing.assert_array_equal(np.sort(epoch), own)
+        assert not np.array_equal(epochs[0], epochs[1])
+    for replicas, pipelines in [(2, 1), (4, 1), (2, 2), (4, 2), (4, 4)]:
+        assert all(np.array_equal(a[1], b[1]) for a, b in zip(one, global_batches(replicas, pipelines))), \
+            f"{replicas} replicas on {pipelines} pipelines read another stream"
+    for step in (5, 13):  # resumed in the middle of a file, and in a later epoch, on other splits
+        for replicas, pipelines in [(1, 1), (4, 2)]:
+            resumed = global_batches(replicas, pipelines, start_step=step, steps=6)
+            assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+                       for a, b in zip(one[step:], resumed)), f"resumed at step {step} on {replicas}"
+
+
+def test_partitions_that_cannot_work_are_one_clear_error():
+    from recipes.inception_bn.partitions import check_pipelines, choose_partitions
+
+    assert choose_partitions(256, 1024) == 16 and choose_partitions(4, 1024) == 4
+    assert choose_partitions(24, 1024) == 12 and choose_partitions(256, 3) == 2 and choose_partitions(7, 1) == 1
+    for requested, expected in [(3, "--partitions 3 must divide the global batch 16"),
+                                (32, "--partitions 32 is more than the dataset's 8 training files"),
+                                (0, "--partitions must be at least 1")]:
+        with pytest.raises(ValueError, match=expected):
+            choose_partitions(16, 8, requested)
+    with pytest.raises(ValueError, match="16 partitions, which 3 input pipelines"):
+        check_pipelines(16, 3)
+    check_pipelines(16, 4)
+    assert choose_partitions(16, 8, 4) == 4
+
+
+def test_a_resume_with_other_partitions_is_refused(tmp_path):
+    from recipes.inception_bn.order import Stream, StreamMismatch
+
+    Stream(0, 32, 16, 8).check_resume(tmp_path, resuming=False, record=True)
+    Stream(0, 32, 16, 8).check_resume(tmp_path, resuming=True, record=False)
+    with pytest.raises(StreamMismatch, match=r"partitions 8 \(now 4\).*--partitions"):
+        Stream(0, 32, 16, 4).check_resume(tmp_path, resuming=True, record=False)
 
 
 def test_the_batches_are_the_examples_at_their_positions():
@@ -227,11 +384,26 @@ TOLERANCE = 1e-3
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--dataset", "imagenet2012"], "--deterministic needs a dataset whose order is a function of the stream"),
-    (["--dataset", "synthetic", "--data-service", "grpc://localhost:5050"],
+    (["--deterministic", "--dataset", "synthetic", "--data-service", "grpc://localhost:5050"],
      "--deterministic cannot be combined with --data-service"),
+    (["--dataset", "synthetic", "--data-service", "grpc://localhost:5050", "--partitions", "4"],
+     "--partitions cannot be combined with --data-service"),
+    (["--dataset", "fashion_mnist", "--partitions", "4"], "--partitions is for imagenet2012's training files"),
 ])
-def test_deterministic_refuses_what_it_cannot_keep(tmp_path, args, expected, capsys):
-    status, stderr = _main_in_process(["--run-dir", str(tmp_path), "--variant", "bn-x5", "--deterministic", *args],
-                                      capsys)
+def test_what_the_stream_cannot_keep_is_refused(tmp_path, args, expected, capsys):
+    status, stderr = _main_in_process(["--run-dir", str(tmp_path), "--variant", "bn-x5", *args], capsys)
     assert status == 2 and expected in stderr and "Traceback" not in stderr
+
+
+def test_imagenet_partitions_that_do_not_divide_the_global_batch_are_one_line(tmp_path, capsys, request):
+    # In this process, before training: the chosen partitions are checked against the global batch.
+    from tests import tiny_train
+
+    tiny_train.register()
+    status, stderr = _main_in_process(
+        ["--run-dir", str(tmp_path / "run"), "--variant", "tiny", "--dataset", "imagenet2012", "--prepared-dir",
+         str(request.getfixturevalue("prepared_imagenet")), "--image-size", "32", "--batch-size", "4",
+         "--partitions", "3", "--steps", "1"], capsys)
+    assert status == 2 and "Traceback" not in stderr, stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert "--partitions 3 must divide the global batch 4" in line

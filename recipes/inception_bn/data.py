@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from recipes.inception_bn import order
+from recipes.inception_bn import order, partitions
 
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 SOURCES = ("imagenet2012", "fashion_mnist", "synthetic")
@@ -54,6 +54,8 @@ class Source:
             replicas' batches from global step ``start_step`` on, ``batch_size`` per replica.
         eval: ``(limit, input_context) -> tf.data.Dataset`` of unbatched ``(image uint8, label
             int32)``: this pipeline's share of the first ``limit`` examples (all when None).
+        partitions_for: sources read from files: ``global_batch -> K``, the number of canonical
+            partitions of the stream (``partitions.py``); None for sources with random access.
     """
 
     name: str
@@ -63,6 +65,7 @@ class Source:
     eval_examples: int
     train: object
     eval: object
+    partitions_for: object = None
 
 
 def _shard(dataset, input_context):
@@ -100,12 +103,6 @@ def distortion_factors(batch_size, strength: float, uniforms=None):
     if uniforms is None:
         uniforms = tf.random.uniform((batch_size, 4))
     return low + uniforms * (high - low)
-
-
-def with_distortion_factors(dataset, strength: float):
-    """Batched ``(images, labels)`` -> ``(images, factors, labels)``: one random op per batch."""
-    return dataset.map(lambda images, labels: (images, distortion_factors(tf.shape(images)[0], strength), labels),
-                       num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def apply_distortion(images, factors):
@@ -184,14 +181,18 @@ def check_imagenet_dir(data_dir) -> Path:
     return directory
 
 
-def _inception_crop(image_bytes, size):
+def _inception_crop(image_bytes, size, seed=None):
     """The Inception crop (8%-100% of the area, aspect 3/4-4/3), decoded from the JPEG's crop
-    window only, resized to uint8: the host's whole per-image work for training but the flip."""
+    window only, resized to uint8: the host's whole per-image work for training but the flip.
+    ``seed``: the crop's stateless seed, shape (2,) (a random crop when None)."""
     shape = tf.image.extract_jpeg_shape(image_bytes)
-    begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
-        shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=(1, 1, 4)),
-        min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
-        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    box = dict(bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=(1, 1, 4)), min_object_covered=0.1,
+               aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+               use_image_if_no_bounding_boxes=True)
+    if seed is None:
+        begin, crop_size, _ = tf.image.sample_distorted_bounding_box(shape, **box)
+    else:
+        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(shape, seed=seed, **box)
     offset_y, offset_x, _ = tf.unstack(begin)
     height, width, _ = tf.unstack(crop_size)
     image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([offset_y, offset_x, height, width]), channels=3)
@@ -203,11 +204,13 @@ def _central_crop(image_bytes, size, fraction=0.875):
     return resize_to_uint8(image, size)
 
 
-def imagenet2012(data_dir, image_size: int = 224, prepared_dir=None) -> Source:
+def imagenet2012(data_dir, image_size: int = 224, prepared_dir=None, partitions_requested=None) -> Source:
     """ILSVRC 2012 through ``tfds.builder("imagenet2012")``, ``data_dir`` as its manual_dir.
 
     The first run converts the tars to TFRecords in ``prepared_dir``
-    (tfds' default, ``~/tensorflow_datasets``, when None); later runs read those.
+    (tfds' default, ``~/tensorflow_datasets``, when None); later runs read those. The training
+    stream is read by position from the TFRecord files in canonical partitions
+    (``recipes/inception_bn/partitions.py``; ``partitions_requested``: their number, or the default).
     """
     import tensorflow_datasets as tfds
 
@@ -216,34 +219,42 @@ def imagenet2012(data_dir, image_size: int = 224, prepared_dir=None) -> Source:
         manual_dir = check_imagenet_dir(data_dir)
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
     splits = builder.info.splits
-    # The training TFRecords read directly (tfds' own reader asserts each file's count, which a
-    # tf.data service's dynamic sharding breaks): files are the unit of sharding and of splits.
-    train_files = sorted(tf.io.gfile.glob(os.path.join(builder.data_dir, f"{builder.name}-train.tfrecord-*")))
+    # The training TFRecords read directly, by position; tfds' metadata gives each file's records,
+    # so a resume goes straight to its file and record.
+    train_files = [os.fspath(path) for path in splits["train"].filepaths]
+    train_counts = [int(n) for n in splits["train"].shard_lengths]
     features = builder.info.features
 
     def parse(record):
         example = features.deserialize_example(record, decoders={"image": tfds.decode.SkipDecoding()})
         return example["image"], example["label"]
 
+    def partitions_for(global_batch):
+        return partitions.choose_partitions(global_batch, len(train_files), partitions_requested)
+
     def train(batch_size, distortion, seed, input_context=None, start_step=0):
-        # TFRecords have no random access: shuffled files and a shuffle buffer, seeded anew at each
-        # start (the order is not a function of position; see docs/recipes.md).
-        seed = seed + start_step
-        files = _shard(tf.data.Dataset.from_tensor_slices(train_files), input_context)
-        records = (files.shuffle(len(train_files), seed=seed, reshuffle_each_iteration=True).repeat()
-                   .interleave(tf.data.TFRecordDataset, cycle_length=min(16, len(train_files)),
-                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=False))
+        replicas = 1 if input_context is None else input_context.num_replicas_in_sync
+        records = partitions.pipeline_records(train_files, train_counts, seed, partitions_for(batch_size * replicas),
+                                              batch_size, start_step, input_context)
 
-        def crop_and_flip(record):
+        def draws(positions):
+            # Every draw of a replica's batch in a few batched ops; per image only its own work.
+            crop_seeds = order.position_hash(seed, positions, order.CROP_BOX, 2)
+            flips = order.position_uniform(seed, positions, order.CROP_WINDOW)[:, 0] < 0.5
+            factors = distortion_factors(batch_size, distortion, order.position_uniform(seed, positions, order.FACTORS, 4))
+            return crop_seeds, flips, factors
+
+        def crop_and_flip(record, draw):
+            crop_seed, flip, factors = draw
             image_bytes, label = parse(record)
-            return tf.image.random_flip_left_right(_inception_crop(image_bytes, image_size)), tf.cast(label, tf.int32)
+            image = _inception_crop(image_bytes, image_size, crop_seed)
+            # cond, not where: a select of both images cost a third of the pipeline's throughput.
+            image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+            return image, factors, tf.cast(label, tf.int32)
 
-        # Thorough shuffling (section 4.2.1): shuffled files, interleaved, and a large buffer of the
-        # encoded records (decoded images would take 8x the memory).
-        dataset = (records.shuffle(min(16384, splits["train"].num_examples), seed=seed)
-                   .map(crop_and_flip, num_parallel_calls=tf.data.AUTOTUNE)
-                   .batch(batch_size, drop_remainder=True))
-        return with_distortion_factors(dataset, distortion).prefetch(tf.data.AUTOTUNE)
+        per_image_draws = order.pipeline_positions(batch_size, start_step, input_context).map(draws).unbatch()
+        return (tf.data.Dataset.zip(records, per_image_draws).map(crop_and_flip, num_parallel_calls=tf.data.AUTOTUNE)
+                .batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
 
     def evaluate(limit=None, input_context=None):
         dataset = builder.as_dataset("validation", shuffle_files=False, as_supervised=True,
@@ -253,7 +264,7 @@ def imagenet2012(data_dir, image_size: int = 224, prepared_dir=None) -> Source:
             lambda b, y: (_central_crop(b, image_size), tf.cast(y, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
 
     return Source("imagenet2012", builder.info.features["label"].num_classes, (image_size, image_size, 3),
-                  splits["train"].num_examples, splits["validation"].num_examples, train, evaluate)
+                  splits["train"].num_examples, splits["validation"].num_examples, train, evaluate, partitions_for)
 
 
 # Fashion-MNIST -------------------------------------------------------------------------------------
@@ -328,15 +339,17 @@ def synthetic(image_size: int = 32, num_classes: int = 10, train_examples: int =
                   train, evaluate)
 
 
-def load_source(name: str, data_dir=None, image_size: int | None = None, prepared_dir=None) -> Source:
-    """The dataset called ``name`` (one of ``SOURCES``) at ``image_size`` (its default when None)."""
+def load_source(name: str, data_dir=None, image_size: int | None = None, prepared_dir=None,
+                partitions=None) -> Source:
+    """The dataset called ``name`` (one of ``SOURCES``) at ``image_size`` (its default when None);
+    ``partitions``: imagenet2012's canonical partitions (``partitions.py``; the default when None)."""
     if name not in SOURCES:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(SOURCES)}")
     size = DEFAULT_IMAGE_SIZE[name] if image_size is None else int(image_size)
     if size < 16:
         raise ValueError(f"image size must be at least 16, got {size}")
     if name == "imagenet2012":
-        return imagenet2012(data_dir, size, prepared_dir)
+        return imagenet2012(data_dir, size, prepared_dir, partitions)
     if name == "fashion_mnist":
         if data_dir is not None and not os.path.isdir(data_dir):
             raise DataNotFoundError(f"--data-dir {data_dir} does not exist; it must hold the Fashion-MNIST idx files")

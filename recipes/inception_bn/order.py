@@ -29,7 +29,7 @@ import tensorflow as tf
 STREAM_FILE = "stream.json"
 
 # Names of the independent per-position draws (the hash's third key).
-FACTORS, CROP_WINDOW = 4, 5
+FACTORS, CROP_WINDOW, CROP_BOX, FILE_RECORDS = 4, 5, 6, 7
 
 _MASK32 = 0xFFFFFFFF
 
@@ -45,6 +45,7 @@ class Stream:
     seed: int
     examples: int
     global_batch: int
+    partitions: int | None = None  # sources read from files (partitions.py)
 
     def check_resume(self, run_dir, resuming: bool, record: bool) -> None:
         """When ``resuming``, checks this is the stream recorded in ``run_dir``; StreamMismatch naming
@@ -53,12 +54,12 @@ class Stream:
         if resuming and path.exists():
             recorded = Stream(**json.loads(path.read_text()))
             differences = [f"{name} {getattr(recorded, name)} (now {getattr(self, name)})"
-                           for name in ("global_batch", "examples", "seed")
+                           for name in ("global_batch", "examples", "seed", "partitions")
                            if getattr(recorded, name) != getattr(self, name)]
             if differences:
                 raise StreamMismatch(
                     f"{path.parent} was trained on another stream: {', '.join(differences)}; resume with the "
-                    "same global batch (--batch-size x replicas), dataset and --seed, or use a new --run-dir")
+                    "same global batch (--batch-size x replicas), dataset, --seed and --partitions, or use a new --run-dir")
         if record:
             tmp = path.with_name(STREAM_FILE + ".tmp")
             tmp.write_text(json.dumps(dataclasses.asdict(self)))
@@ -73,16 +74,20 @@ def _mix32(x):
     return xor(shift(x, 16), x)
 
 
-def position_uniform(seed: int, positions, draw: int, count: int = 1):
-    """``(n, count)`` float32 uniforms in [0, 1), a pure function of ``(seed, position, draw, column)``."""
+def position_hash(seed: int, positions, draw: int, count: int = 1):
+    """``(n, count)`` int64 hashes in [0, 2**32), a pure function of ``(seed, position, draw, column)``."""
     xor, mask = tf.bitwise.bitwise_xor, tf.bitwise.bitwise_and
     positions = tf.cast(positions, tf.int64)
     key = _mix32(tf.constant(((seed & _MASK32) ^ (draw * 0x9E3779B9)) & _MASK32, tf.int64))
     h = _mix32(xor(key, mask(positions, _MASK32)))
     h = _mix32(xor(h, tf.bitwise.right_shift(positions, 32) + ((seed >> 32) & _MASK32)))
     columns = mask(tf.range(count, dtype=tf.int64) * 0x85EBCA6B, _MASK32)
-    h = _mix32(xor(h[:, None], columns[None, :]))
-    return tf.cast(tf.bitwise.right_shift(h, 8), tf.float32) / float(1 << 24)
+    return _mix32(xor(h[:, None], columns[None, :]))
+
+
+def position_uniform(seed: int, positions, draw: int, count: int = 1):
+    """``(n, count)`` float32 uniforms in [0, 1), a pure function of ``(seed, position, draw, column)``."""
+    return tf.cast(tf.bitwise.right_shift(position_hash(seed, positions, draw, count), 8), tf.float32) / float(1 << 24)
 
 
 def example_ids(seed: int, examples: int, positions):

@@ -35,7 +35,7 @@ if __name__ == "__main__":
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from recipes.inception_bn import failures, order  # noqa: E402
+from recipes.inception_bn import failures, order, partitions  # noqa: E402
 from recipes.inception_bn.checkpoints import Checkpoints, resume_message  # noqa: E402
 from recipes.inception_bn.data import DEFAULT_IMAGE_SIZE, SOURCES, network_input  # noqa: E402
 from recipes.inception_bn.history import DIVERGED  # noqa: E402
@@ -107,9 +107,13 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0,
                         help="initial weights, and the training stream: each epoch's order and every augmentation "
                         "draw (a function of the position in the stream, so a resume continues it exactly)")
+    parser.add_argument("--partitions", type=int, metavar="K",
+                        help="imagenet2012: read the training files in K canonical partitions, fixed for the run "
+                        "(K divides the global batch, the workers divide K; default: the largest divisor of the "
+                        "global batch up to 16); see docs/recipes.md")
     parser.add_argument("--deterministic", action="store_true",
                         help="TensorFlow's op determinism: a run stopped and resumed ends with bit-identical weights "
-                        "to the uninterrupted run (same machine); fashion_mnist and synthetic, without --data-service")
+                        "to the uninterrupted run (same machine); not with --data-service")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.recalibrate_steps < 0:
@@ -135,12 +139,14 @@ def parse_args(argv=None):
         if args.dataset not in SERVICE_SOURCES:
             parser.error(f"--data-service serves {' and '.join(SERVICE_SOURCES)}; {args.dataset} is held in "
                          "every trainer's memory, there is nothing to offload")
+        if args.partitions is not None:
+            parser.error("--partitions cannot be combined with --data-service: the service deals the training "
+                         "files to whichever of its workers asks next")
         if args.deterministic:
             parser.error("--deterministic cannot be combined with --data-service: the service hands out its "
                          "input to whichever trainer asks first, so the order of the batches is not reproducible")
-    if args.deterministic and args.dataset == "imagenet2012":
-        parser.error("--deterministic needs a dataset whose order is a function of the stream position "
-                     "(fashion_mnist, synthetic); imagenet2012 is read from TFRecords in shuffled-file order")
+    if args.partitions is not None and args.dataset != "imagenet2012":
+        parser.error(f"--partitions is for imagenet2012's training files; {args.dataset} is read by position")
     return args
 
 
@@ -225,9 +231,15 @@ def train(args, stop) -> int:
         if multi_worker and plan.replicas > 1:
             _check_same_step(strategy, start_step)
         try:
-            order.Stream(args.seed, source.train_examples, plan.global_batch).check_resume(
+            stream_partitions = None
+            if source.partitions_for is not None:  # read from files: K canonical partitions
+                stream_partitions = source.partitions_for(plan.global_batch)
+                cluster = strategy.cluster_resolver.cluster_spec().as_dict() if multi_worker else {}
+                partitions.check_pipelines(stream_partitions, max(1, sum(
+                    len(tasks) for job, tasks in cluster.items() if job in ("chief", "worker"))))
+            order.Stream(args.seed, source.train_examples, plan.global_batch, stream_partitions).check_resume(
                 run_dir, resuming=bool(checkpoints.latest), record=is_chief)
-        except order.StreamMismatch as error:
+        except ValueError as error:  # StreamMismatch, or partitions the run cannot read
             raise RecipeError(str(error)) from None
         log = RunLog(run_dir, is_chief, plan.total_steps, plan.steps_per_epoch, args.quiet,
                      resumed_at=start_step if checkpoints.latest else None)
@@ -341,7 +353,7 @@ def load_data(args):
     from recipes.inception_bn.data import DataNotFoundError, load_source
 
     try:
-        return load_source(args.dataset, args.data_dir, args.image_size, args.prepared_dir)
+        return load_source(args.dataset, args.data_dir, args.image_size, args.prepared_dir, args.partitions)
     except (DataNotFoundError, DatasetNotFoundError) as error:
         raise RecipeError(str(error)) from None
 
