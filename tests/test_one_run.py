@@ -151,14 +151,18 @@ def test_fake_imagenet_through_a_data_service_gives_labelled_images_of_every_fil
 
     source = _load("imagenet2012", request)
     dispatcher = tf.data.experimental.service.DispatchServer()
-    worker = tf.data.experimental.service.WorkerServer(  # noqa: F841 (serves while referenced)
+    worker = tf.data.experimental.service.WorkerServer(
         tf.data.experimental.service.WorkerConfig(dispatcher_address=dispatcher.target.split("://")[1]))
-    served = data_service.distribute(source.train(8, 1.0, 3), dispatcher.target, "one-run-test")
+    # A finite job: a worker stopping with a task of an endless one still running waits on it.
+    served = data_service.distribute(source.train(8, 1.0, 3).take(16), dispatcher.target, "one-run-test")
     examples = set()
-    for images, _, labels in served.take(16):
-        ids = np.rint((images.numpy().reshape(8, -1).mean(1) - 8) / 7).astype(int)
-        np.testing.assert_array_equal(labels.numpy(), ids >= IMAGENET_EXAMPLES // 2)
-        examples.update(ids.tolist())
+    try:
+        for images, _, labels in served:
+            ids = np.rint((images.numpy().reshape(8, -1).mean(1) - 8) / 7).astype(int)
+            np.testing.assert_array_equal(labels.numpy(), ids >= IMAGENET_EXAMPLES // 2)
+            examples.update(ids.tolist())
+    finally:
+        del worker  # stopped before the dispatcher it reports to
     assert examples == set(range(IMAGENET_EXAMPLES))
 
 
