@@ -56,11 +56,13 @@ def check_pipelines(partitions: int, pipelines: int) -> None:
 
 
 def _shuffled(seed: int, epoch, tag, count):
-    """Index ``i`` of a seeded permutation of ``range(count)``, keyed by ``(seed, epoch, tag)``."""
+    """Indices ``i`` (a scalar or a vector) of a seeded permutation of ``range(count)``, keyed by
+    ``(seed, epoch, tag)``."""
     def permute(i):
+        i = tf.cast(i, tf.int64)
         key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64), tf.cast(tag, tf.int64)])
-        return tf.raw_ops.RandomIndexShuffle(index=tf.cast(i, tf.int64), seed=key,
-                                             max_index=tf.cast(count, tf.int64) - 1, rounds=4)
+        return tf.raw_ops.RandomIndexShuffle(index=i, seed=key + tf.zeros_like(i)[..., None],
+                                             max_index=tf.cast(count, tf.int64) - 1 + tf.zeros_like(i), rounds=4)
     return permute
 
 
@@ -74,7 +76,7 @@ def partition_start(seed: int, counts, partition: int, record: int):
     counts = np.asarray(counts, np.int64)
     epoch, offset = divmod(int(record), int(counts.sum()))
     permute = _shuffled(seed, epoch, _file_order_tag(partition), len(counts))
-    lengths = counts[[int(permute(i)) for i in range(len(counts))]]
+    lengths = counts[permute(tf.range(len(counts))).numpy()]
     ends = np.cumsum(lengths)
     slot = int(np.searchsorted(ends, offset, side="right"))
     return epoch * len(counts) + slot, offset - int(ends[slot] - lengths[slot])
