@@ -162,7 +162,8 @@ def test_bad_source_arguments(tmp_path):
 @pytest.mark.slow
 def test_train_on_fake_imagenet_end_to_end_on_two_replicas_in_mixed_precision(fake_imagenet, tmp_path):
     """The user's command on ImageNet's layout: tfds prepares, train.py trains on two replicas with
-    synchronized BN in mixed precision, evaluates on both, exports a float32 serving model."""
+    synchronized BN in mixed precision (and op determinism), evaluates on both, exports a float32
+    serving model."""
     import json
     import subprocess  # noqa: F401
     import sys
@@ -176,7 +177,7 @@ def test_train_on_fake_imagenet_end_to_end_on_two_replicas_in_mixed_precision(fa
          "--data-dir", str(fake_imagenet), "--prepared-dir", str(tmp_path / "prepared"), "--run-dir",
          str(run_dir), "--image-size", "32", "--width-multiplier", "0.125", "--batch-size", "2",
          "--cpu-replicas", "2", "--mixed-precision",  # mixed_bfloat16 on CPUs
-         "--steps", "4", "--eval-every", "2"], capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=ROOT)
+         "--deterministic", "--steps", "4", "--eval-every", "2"], capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "imagenet2012 (32, 32, 3), 1000 classes" in result.stdout
     assert "2 replica(s) x batch 2 = 4, synchronized BN" in result.stdout
@@ -192,7 +193,7 @@ def test_train_on_fake_imagenet_end_to_end_on_two_replicas_in_mixed_precision(fa
     settings = json.loads((run_dir / "run.json").read_text())
     assert settings["initial_learning_rate"] == pytest.approx(0.005625) and settings["global_batch"] == 4
     assert settings["replicas"] == 2 and settings["synchronized_bn"] and settings["steps"] == 4
-    assert settings["num_classes"] == 1000
+    assert settings["num_classes"] == 1000 and settings["arguments"]["deterministic"]
     # The serving model is float32 whatever the training precision.
     loaded = tf.saved_model.load(str(run_dir / "export"))
     out = loaded.serve(tf.zeros((2, 32, 32, 3))).numpy()
