@@ -391,7 +391,7 @@ def test_steps_per_loop_trains_exactly_as_one_step_per_call():
     initial = [v.numpy() for v in [*model.weights, *optimizer.variables]]
     loop = make_train_loop(strategy, model, optimizer, 4e-5, SimpleNamespace(global_batch=8, replicas=1), False)
     results = []
-    for loops in ([1] * 6, [3, 3]):
+    for loops in ([1] * 6, [3, 3]):  # one step a call runs without the while loop: both paths agree
         for variable, value in zip([*model.weights, *optimizer.variables], initial):
             variable.assign(value)
         iterator = iter(strategy.distribute_datasets_from_function(
@@ -428,7 +428,9 @@ def test_a_stop_request_ends_the_training_loop_after_the_current_step():
     flag.assign(1)  # what the stop thread does on SIGTERM or SIGINT
     steps, _, _, votes = loop(iterator, tf.constant(1000))
     assert (int(steps), float(votes)) == (1, 1.0)
-    assert int(optimizer.iterations.numpy()) == 4
+    steps, _, _, votes = loop(iterator, tf.constant(1))  # one step: called without the while loop
+    assert (int(steps), float(votes)) == (1, 1.0)
+    assert int(optimizer.iterations.numpy()) == 5
 
 
 @pytest.mark.slow

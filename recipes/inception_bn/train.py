@@ -444,7 +444,9 @@ def make_train_loop(strategy, model, optimizer, weight_decay, plan, jit, stop_fl
 
     Returns the steps run, the summed loss and correct count, and the stop votes: the loop
     ends early, after the same step on every worker, once any worker's ``stop_flag`` is set
-    (read each step and summed with the loss, in the step's one all-reduce).
+    (read each step and summed with the loss, in the step's one all-reduce). A call of one step
+    runs the step's function alone: a while loop around it makes the first call (tracing and
+    graph optimization) markedly slower (CHANGELOG 0.5.0).
     """
     import keras
     import tensorflow as tf
@@ -473,7 +475,14 @@ def make_train_loop(strategy, model, optimizer, weight_decay, plan, jit, stop_fl
                                   (tf.constant(0), tf.zeros([3])))
         return i, totals[0], totals[1], totals[2]
 
-    return loop
+    def run(iterator, steps):
+        if int(steps) != 1:
+            return loop(iterator, steps)
+        # One step (--steps-per-loop 1, the default): no while loop around it, see the docstring.
+        totals = one_step(next(iterator))
+        return tf.constant(1), totals[0], totals[1], totals[2]
+
+    return run
 
 
 def make_evaluate(strategy, model, source, eval_examples, stop_flag, batch_size=256, on_batch=None):
