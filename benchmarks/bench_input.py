@@ -2,8 +2,8 @@
 
 Photo-sized JPEGs (500x375, quality 90, about 90 KB: smooth colour fields plus noise) are laid out
 as ImageNet's training and validation tars and prepared by tfds' own ``imagenet2012`` builder, as
-a user's download would be. Then, in this process pinned to one core, alternating rounds of (one pipeline alive at a time,
-each warmed up before it is timed):
+a user's download would be. Then, in this process pinned to one core, alternating rounds of (one
+pipeline alive at a time, each warmed up before it is timed):
 
 - floor: what only the host can do - read the record, extract the JPEG's shape, sample the
   Inception crop, ``decode_and_crop_jpeg``, resize to uint8 - batched;

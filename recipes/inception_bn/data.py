@@ -105,6 +105,11 @@ def distortion_factors(batch_size, strength: float, uniforms=None):
     return low + uniforms * (high - low)
 
 
+def position_factors(seed: int, positions, strength: float):
+    """The distortion factors of the images at stream ``positions`` (``order.py``'s FACTORS draw)."""
+    return distortion_factors(tf.shape(positions)[0], strength, order.position_uniform(seed, positions, order.FACTORS, 4))
+
+
 def apply_distortion(images, factors):
     """Photometric distortion of a float ``(B, H, W, C)`` batch in [0, 1], per image, in batched
     ops: brightness, then (colour images) saturation and hue, then contrast, clipped to [0, 1] -
@@ -233,7 +238,7 @@ def imagenet2012(data_dir, image_size: int = 224, prepared_dir=None, partitions_
         return partitions.choose_partitions(global_batch, len(train_files), partitions_requested)
 
     def train(batch_size, distortion, seed, input_context=None, start_step=0):
-        replicas = 1 if input_context is None else input_context.num_replicas_in_sync
+        replicas = order.pipeline_split(input_context)[2]
         records = partitions.pipeline_records(train_files, train_counts, seed, partitions_for(batch_size * replicas),
                                               batch_size, start_step, input_context)
 
@@ -241,8 +246,7 @@ def imagenet2012(data_dir, image_size: int = 224, prepared_dir=None, partitions_
             # Every draw of a replica's batch in a few batched ops; per image only its own work.
             crop_seeds = order.position_hash(seed, positions, order.CROP_BOX, 2)
             flips = order.position_uniform(seed, positions, order.CROP_WINDOW)[:, 0] < 0.5
-            factors = distortion_factors(batch_size, distortion, order.position_uniform(seed, positions, order.FACTORS, 4))
-            return crop_seeds, flips, factors
+            return crop_seeds, flips, position_factors(seed, positions, distortion)
 
         def crop_and_flip(record, draw):
             crop_seed, flip, factors = draw
@@ -290,9 +294,7 @@ def fashion_mnist(data_dir=None, image_size: int = 28) -> Source:
             ids = order.example_ids(seed, len(x_train), positions)
             draws = order.position_uniform(seed, positions, order.CROP_WINDOW, 3)
             images = random_crops_and_flips(resized(tf.gather(train_images, ids)), pad, draws)
-            factors = distortion_factors(tf.shape(positions)[0], distortion,
-                                         order.position_uniform(seed, positions, order.FACTORS, 4))
-            return images, factors, tf.gather(train_labels, ids)
+            return images, position_factors(seed, positions, distortion), tf.gather(train_labels, ids)
 
         return order.batches_by_position(batch_at, batch_size, start_step, input_context)
 

@@ -10,17 +10,17 @@ uint8 batches back; the device part stays in the training step. Service workers 
 the same path as the trainers (a shared filesystem, or a copy) and the recipe's code on their
 Python path (this repository, with the `recipes` extra).
 
-Processing mode: ``ShardingPolicy.DYNAMIC``. The dispatcher hands out the source's splits - the
-training TFRecord files for ImageNet, example indices for the synthetic source - to whichever
+Processing mode: ``ShardingPolicy.DYNAMIC``. The dispatcher hands out the source's splits - file
+slots and positions for ImageNet, stream positions for the synthetic source - to whichever
 worker asks next, so within an epoch each split is processed by exactly one worker (at most one
 if a worker dies: its split in progress is lost), workers that are faster do more, and workers
 can join or leave during training. ImageNet: the splits are the partitions' file slots (a file of
 an epoch, read whole and permuted: ``partitions.py``) and the stream positions, dealt independently;
-the synthetic source: the splits are stream positions (``order.py``), the same examples and draws as locally.
+the synthetic source: the same examples and draws as locally (``order.py``).
 All the trainers of one run (replicas and workers) read one job, named after the run directory
 and the step it started at, so no batch goes to two of them. A resumed run starts a new job at
-its step's stream position. Which trainer gets
-which batch is whoever asks first, so the run is not reproducible: ``--deterministic`` refuses it.
+its step's stream position. Which trainer gets which batch is whoever asks first, so the run is
+not reproducible: ``--deterministic`` refuses it.
 Fashion-MNIST lives in every trainer's memory: it has nothing to offload and is refused.
 
 SIGTERM or Ctrl-C stops either process at once, status 0, one line; a dispatcher restarted with the

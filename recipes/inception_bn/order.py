@@ -101,6 +101,14 @@ def example_ids(seed: int, examples: int, positions):
                                          rounds=4)
 
 
+def pipeline_split(input_context=None):
+    """``(pipelines, pipeline, replicas)``: this input pipeline's place (one pipeline, one replica
+    when ``input_context`` is None)."""
+    if input_context is None:
+        return 1, 0, 1
+    return input_context.num_input_pipelines, input_context.input_pipeline_id, input_context.num_replicas_in_sync
+
+
 def pipeline_positions(per_replica: int, start_step: int, input_context=None):
     """This input pipeline's elements from ``start_step`` on: each a vector of its replica's
     ``per_replica`` positions.
@@ -108,9 +116,7 @@ def pipeline_positions(per_replica: int, start_step: int, input_context=None):
     Pipeline ``w`` of ``W`` feeds replicas ``w*R/W .. (w+1)*R/W - 1`` (tf.distribute's order: a
     worker's consecutive elements go to its replicas in turn), one element per replica per step.
     """
-    pipelines = 1 if input_context is None else input_context.num_input_pipelines
-    pipeline = 0 if input_context is None else input_context.input_pipeline_id
-    replicas = 1 if input_context is None else input_context.num_replicas_in_sync
+    pipelines, pipeline, replicas = pipeline_split(input_context)
     if replicas % pipelines:
         raise ValueError(f"{replicas} replicas do not split over {pipelines} input pipelines")
     local = replicas // pipelines

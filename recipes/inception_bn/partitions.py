@@ -87,8 +87,9 @@ def partition_records(files, seed: int, partition: int, partitions: int, start_r
     own = list(range(partition, len(files), partitions))
     own_files = tf.constant([files[i] for i in own])
     own_ids = tf.constant(own, tf.int64)
-    first_slot, first_offset = partition_start(seed, [counts[i] for i in own], partition, start_record)
-    own_counts = tf.constant([counts[i] for i in own], tf.int64)
+    own_counts = [counts[i] for i in own]
+    first_slot, first_offset = partition_start(seed, own_counts, partition, start_record)
+    own_counts = tf.constant(own_counts, tf.int64)
 
     def read(slot):
         epoch, i = slot // len(own), slot % len(own)
@@ -111,9 +112,7 @@ def pipeline_records(files, counts, seed: int, partitions: int, per_replica: int
                      input_context=None):
     """This input pipeline's training records from ``start_step`` on, one element each, in the
     order of its positions (``order.pipeline_positions(...).unbatch()``)."""
-    pipelines = 1 if input_context is None else input_context.num_input_pipelines
-    pipeline = 0 if input_context is None else input_context.input_pipeline_id
-    replicas = 1 if input_context is None else input_context.num_replicas_in_sync
+    pipelines, pipeline, replicas = order.pipeline_split(input_context)
     global_batch = per_replica * replicas
     if global_batch % partitions:
         raise ValueError(f"{partitions} partitions do not split the global batch {global_batch}")

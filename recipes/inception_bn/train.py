@@ -234,9 +234,9 @@ def train(args, stop) -> int:
             stream_partitions = None
             if source.partitions_for is not None:  # read from files: K canonical partitions
                 stream_partitions = source.partitions_for(plan.global_batch)
-                cluster = strategy.cluster_resolver.cluster_spec().as_dict() if multi_worker else {}
-                partitions.check_pipelines(stream_partitions, max(1, sum(
-                    len(tasks) for job, tasks in cluster.items() if job in ("chief", "worker"))))
+                # One input pipeline per worker (distribute_datasets_from_function).
+                partitions.check_pipelines(stream_partitions,
+                                           plan.replicas // len(strategy.extended.worker_devices))
             order.Stream(args.seed, source.train_examples, plan.global_batch, stream_partitions).check_resume(
                 run_dir, resuming=bool(checkpoints.latest), record=is_chief)
         except ValueError as error:  # StreamMismatch, or partitions the run cannot read
