@@ -12,7 +12,9 @@ code or script as ``__main__``, as ``python -m module args``, ``python -c code a
 :func:`popen` and :func:`run` take the same arguments as ``subprocess.Popen``/``run`` (argv
 ``[sys.executable, "-m", module, ...]``, ``[sys.executable, "-c", code, ...]`` or
 ``[sys.executable, script, ...]``) and fall back to
-a plain subprocess for anything else (another Keras backend, another interpreter).
+a plain subprocess for anything else (another Keras backend, another interpreter). A child's own
+``subprocess.run([sys.executable, ...])`` (the comparison's one process per variant) is forked by
+the same server, and :func:`run` can stand in for ``subprocess.run`` in the test process too.
 
     python -m tests.forkserver SOCKET    # the server; started on first use, one per test process
 """
@@ -66,7 +68,7 @@ def serve(path: str) -> None:
                     os.close(wake_write)
                     listener.close()
                     connection.close()
-                    _child(request, fds)  # never returns
+                    _child(request, fds, path)  # never returns
                 for fd in fds:
                     os.close(fd)
                 connection.sendall(_HEADER.pack(pid))
@@ -99,9 +101,24 @@ def _receive(connection):
     return json.loads(body), fds
 
 
-def _child(request, fds) -> None:
+class _Parent:
+    """The server a child was forked from, as ``_the_server`` hands it out: its children's own
+    Python subprocesses are forked there too."""
+
+    def __init__(self, path):
+        self.path = path
+        self.process = self
+
+    def poll(self):
+        return None
+
+
+def _child(request, fds, path) -> None:
+    global _server
     code = 1
     try:
+        _server = _Parent(path)
+        subprocess.run = run
         for target, fd in zip((0, 1, 2), fds):
             os.dup2(fd, target)
         for fd in fds:
@@ -332,11 +349,21 @@ def popen(args, *, env=None, cwd=None, stdin=None, stdout=None, stderr=None, tex
     return ForkedProcess(*forkable, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr, text=text)
 
 
-def run(args, *, env=None, cwd=None, capture_output=False, text=False, timeout=None, input=None, check=False):
-    """``subprocess.run(args, ...)`` through :func:`popen`."""
-    pipe = subprocess.PIPE if capture_output else None
-    proc = popen(args, env=env, cwd=cwd, stdin=subprocess.PIPE if input is not None else None, stdout=pipe,
-                 stderr=pipe, text=text)
+_plain_run = subprocess.run
+
+
+def run(args, *, stdin=None, input=None, stdout=None, stderr=None, capture_output=False, timeout=None,
+                   check=False, env=None, cwd=None, text=None, **other):
+    """``subprocess.run``, forked from the server when ``args`` runs Python code here and nothing
+    but these arguments is asked for; a plain ``subprocess.run`` otherwise."""
+    forkable = None if other else _forkable(args, env)
+    if forkable is None:
+        return _plain_run(args, stdin=stdin, input=input, stdout=stdout, stderr=stderr, capture_output=capture_output,
+                          timeout=timeout, check=check, env=env, cwd=cwd, text=text, **other)
+    if capture_output:
+        stdout = stderr = subprocess.PIPE
+    proc = ForkedProcess(*forkable, env=env, cwd=cwd, stdin=subprocess.PIPE if input is not None else stdin,
+                         stdout=stdout, stderr=stderr, text=bool(text))
     try:
         out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:

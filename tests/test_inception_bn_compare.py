@@ -75,9 +75,13 @@ def test_plot_writes_a_png(tmp_path):
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_parallel_runs_name_every_failed_variant_and_its_log(tmp_path, capsys):
+def test_parallel_runs_name_every_failed_variant_and_its_log(tmp_path, capsys, monkeypatch):
     # Two variants at once (--jobs 2), both refused by train.py: compare waits for both, then names
-    # each failure with the file holding its output.
+    # each failure with the file holding its output. Each is a real process, forked by the tests'
+    # fork server (TensorFlow imported once).
+    from tests import forkserver
+
+    monkeypatch.setattr(compare.subprocess, "run", forkserver.run)
     with pytest.raises(SystemExit) as stopped:
         compare.main(["--run-dir", str(tmp_path), "--dataset", "synthetic", "--variants", "inception,bn-x5",
                       "--jobs", "2", "--batch-size", "0"])
