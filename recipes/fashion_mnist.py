@@ -8,6 +8,7 @@ downloads (and so works only online).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from pathlib import Path
@@ -30,6 +31,16 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    stat = path.stat()
+    return _read_idx_file(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+# Decompressing the training images takes ~0.3 s of CPU: a process reading them again (the demo,
+# the tests' fork server before it forks) keeps them. The arrays are read-only views of the
+# bytes read, so sharing them is safe; a file changed on disk is read again.
+@functools.lru_cache(maxsize=8)
+def _read_idx_file(path: Path, mtime_ns: int, size: int) -> np.ndarray:
+    del mtime_ns, size  # the cache key
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         data = f.read()

@@ -45,6 +45,13 @@ def serve(path: str) -> None:
     import numpy  # noqa: F401
     import tensorflow  # noqa: F401
 
+    # Most children train on Fashion-MNIST: decompressed once here (plain NumPy, no TensorFlow
+    # state), each child finds it in the loader's cache.
+    from recipes import fashion_mnist
+
+    if fashion_mnist.find_data_dir() is not None:
+        fashion_mnist.load_fashion_mnist()
+
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
