@@ -22,6 +22,7 @@ def _float32_policy():
 
 
 def pytest_collection_modifyitems(items):
-    """Slow (multi-process) tests first: with several workers they then overlap each other and
-    the many quick tests fill in behind them, instead of one long test starting last."""
+    """Slow (multi-process) tests first: dealt one by one to the workers as they free (the
+    scheduling in pyproject.toml), they overlap each other and the many quick tests fill in
+    behind them, instead of one long test starting last."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
