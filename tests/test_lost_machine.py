@@ -21,6 +21,8 @@ from tests.test_inception_bn_train import RECIPE, TINY, _checkpoint_steps, _hist
 # task lost after 10 s without a heartbeat; measured here: 0.2 s (chief killed: connection
 # refused), 6-9 s (a worker killed or frozen, the chief frozen). A bound for a busy machine.
 BOUND = 30
+# A checkpoint (and an evaluation) every EVERY steps: the losses come after the first one.
+EVERY = 10
 
 
 def _state_step(run_dir):
@@ -33,8 +35,8 @@ def _state_step(run_dir):
 
 def _start(run_dir, workers, steps=100000):
     ports = free_ports(workers)
-    command = [sys.executable, *RECIPE, "--run-dir", str(run_dir), *TINY, "--steps", str(steps), "--eval-every", "50",
-               "--eval-examples", "16", "--quiet", "--no-export"]
+    command = [sys.executable, *RECIPE, "--run-dir", str(run_dir), *TINY, "--steps", str(steps), "--eval-every",
+               str(EVERY), "--eval-examples", "16", "--quiet", "--no-export"]
     return [forkserver.popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                              env=_env({"TF_CONFIG": tf_config(ports, index)})) for index in range(workers)]
 
@@ -88,7 +90,7 @@ def _assert_resumed(stdout, run_dir, step):
 def _finish(run_dir, step, workers=2):
     """Rerunning every worker resumes from the checkpoint the last line named, and finishes."""
     command = [sys.executable, *RECIPE, "--run-dir", str(run_dir), *TINY, "--steps", str(step + 2),
-               "--eval-every", "50", "--eval-examples", "16", "--quiet", "--no-export"]
+               "--eval-every", str(EVERY), "--eval-examples", "16", "--quiet", "--no-export"]
     chief, *_ = start_cluster(lambda index: command, workers=workers, cwd=ROOT)
     _assert_resumed(chief, run_dir, step)
     assert _state_step(run_dir) == step + 2 and int(_history(run_dir)[-1]["step"]) == step + 2
@@ -98,7 +100,7 @@ def _lost(run_dir, workers, victim, signum, lost, ready=None):
     """One scenario: ``workers`` train, worker ``victim`` gets ``signum`` once ``ready()`` (default:
     a checkpoint saved), every survivor is checked, and rerunning every worker resumes."""
     procs = _start(run_dir, workers)
-    survivors, _ = _lose(procs, victim, signum, ready or (lambda: _state_step(run_dir) >= 50))
+    survivors, _ = _lose(procs, victim, signum, ready or (lambda: _state_step(run_dir) >= EVERY))
     assert sorted(survivors) == [index for index in range(workers) if index != victim]
     step = _check_survivors(survivors, run_dir, lost)
     _finish(run_dir, step, workers)
@@ -108,8 +110,9 @@ def _lost(run_dir, workers, victim, signum, lost, ready=None):
 def _chief_killed_as_a_checkpoint_appears(run_dir):
     # The second checkpoint's files appear: the save is in progress. The state file still names a
     # complete checkpoint (that one, or the one before), the survivor names it, the rerun restores it.
-    step = _lost(run_dir, 2, 0, signal.SIGKILL, "worker 0", lambda: max(_checkpoint_steps(run_dir), default=-1) > 50)
-    assert step >= 50
+    step = _lost(run_dir, 2, 0, signal.SIGKILL, "worker 0",
+                 lambda: max(_checkpoint_steps(run_dir), default=-1) > EVERY)
+    assert step >= EVERY
 
 
 @pytest.mark.slow
