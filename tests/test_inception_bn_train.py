@@ -537,3 +537,28 @@ def test_bad_data_service_flags_are_one_line(tmp_path, capsys):
     status, stderr = _main_in_process(["--variant", "bn-x5", "--run-dir", str(tmp_path), "--dataset", "fashion_mnist",
                                        "--data-service", "grpc://localhost:5050"], capsys)
     assert status == 2 and "nothing to offload" in stderr
+
+
+def test_a_save_cut_short_leaves_no_later_checkpoint_behind(tmp_path):
+    # A SIGKILL or a forced exit during the save of step 30 leaves its files, which the state file
+    # never named; the rerun (the chief) restores step 20 and removes them, keeping every named one.
+    import shutil
+
+    import tensorflow as tf
+
+    from recipes.inception_bn.checkpoints import Checkpoints
+
+    weight = tf.Variable(0.0)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(weight=weight), str(tmp_path / "checkpoints"),
+                                         max_to_keep=3)
+    for step in (10, 20):
+        weight.assign(float(step))
+        manager.save(checkpoint_number=step)
+    for path in (tmp_path / "checkpoints").glob("ckpt-20.*"):  # the unfinished save's files
+        shutil.copy(path, path.with_name(path.name.replace("ckpt-20", "ckpt-30")))
+    (tmp_path / "checkpoints" / "ckpt-30_temp").mkdir()
+    restored = tf.Variable(-1.0)
+    checkpoints = Checkpoints(tf.train.Checkpoint(weight=restored), tmp_path, is_chief=True, task_index=0)
+    assert checkpoints.saved_step == 20 and float(restored.numpy()) == 20.0
+    assert _checkpoint_steps(tmp_path) == [10, 20]
+    assert not (tmp_path / "checkpoints" / "ckpt-30_temp").exists()

@@ -28,6 +28,8 @@ class Checkpoints:
         if self.latest:
             checkpoint.restore(self.latest).assert_existing_objects_matched()
         self.saved_step = _step_of(self.latest)
+        if is_chief and self.latest:
+            remove_unfinished_saves(self.directory, self.saved_step)
 
     def save(self, step: int) -> None:
         self._manager.save(checkpoint_number=step)
@@ -58,6 +60,21 @@ class Checkpoints:
 
         if not self._is_chief:
             tf.io.gfile.rmtree(str(self._write_dir))
+
+
+def remove_unfinished_saves(directory: Path, latest_step: int) -> list[Path]:
+    """Removes the files of saves past ``latest_step`` (the step the state file names): a save cut
+    short (SIGKILL, a forced exit) leaves files the state file never named, which look like a later
+    checkpoint until that step is saved again. Returns what it removed."""
+    import shutil
+
+    removed = []
+    for path in sorted(Path(directory).glob("ckpt-*")):
+        step = path.name[len("ckpt-"):].split(".", 1)[0].split("_", 1)[0]
+        if step.isdigit() and int(step) > latest_step:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(path)
+    return removed
 
 
 def resume_message(directory) -> str:
