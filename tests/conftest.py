@@ -26,3 +26,13 @@ def pytest_collection_modifyitems(items):
     scheduling in pyproject.toml), they overlap each other and the many quick tests fill in
     behind them, instead of one long test starting last."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_configure(config):
+    """pytest-xdist's controller starts the tests' fork server before its workers, which share
+    it: TensorFlow's import paid once, not once per worker."""
+    if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
+        from tests import forkserver
+
+        forkserver.share()
+

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 _HEADER = struct.Struct("!I")
 _server = None
@@ -53,8 +54,9 @@ def serve(path: str) -> None:
         fashion_mnist.load_fashion_mnist()
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    listener.bind(path + ".binding")
     listener.listen(64)
+    os.rename(path + ".binding", path)  # the socket's name appears once it accepts connections
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -185,18 +187,20 @@ def _exit_code(value) -> int:
 
 # The client -------------------------------------------------------------------------------------
 
+SHARED = "KERASBN_TEST_FORKSERVER"  # the socket of a server shared by every process given it
+
+
 class _Server:
-    def __init__(self, env):
+    def __init__(self, env, wait=True):
         self.directory = tempfile.mkdtemp(prefix="kerasbn-forkserver-")
         self.path = os.path.join(self.directory, "socket")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {k: v for k, v in env.items() if k != "TF_CONFIG"}
+        env = {k: v for k, v in env.items() if k not in ("TF_CONFIG", SHARED)}
         self.process = subprocess.Popen([sys.executable, "-m", "tests.forkserver", self.path], cwd=root, env=env,
                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
-        line = self.process.stdout.readline()
-        if line.strip() != "ready":
-            raise RuntimeError(f"the fork server did not start ({self.process.wait()})")
         atexit.register(self.close)
+        if wait and self.process.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the fork server did not start ({self.process.wait()})")
 
     def close(self):
         self.process.kill()
@@ -208,10 +212,33 @@ class _Server:
             pass
 
 
+class _Shared(_Parent):
+    """A server another process started (:func:`share`): ready once its socket's name exists."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        deadline = time.monotonic() + 300
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the shared fork server never opened {path}")
+            time.sleep(0.05)
+
+
+def share() -> None:
+    """Starts a server for this process and every process it starts afterwards (pytest-xdist's
+    workers: one server, TensorFlow imported once, for all of them), without waiting for it."""
+    global _server
+    with _server_lock:
+        _server = _Server(dict(os.environ), wait=False)
+        os.environ[SHARED] = _server.path
+
+
 def _the_server(env) -> _Server:
     env = dict(os.environ if env is None else env)
     global _server
     with _server_lock:
+        if _server is None and os.environ.get(SHARED):
+            _server = _Shared(os.environ[SHARED])
         if _server is None or _server.process.poll() is not None:
             _server = _Server(env)
         return _server
