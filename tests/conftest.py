@@ -2,37 +2,47 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-# Two logical CPU devices in every test process, set before TensorFlow initializes its devices:
-# the 2-replica tests that need no process of their own run here (the default strategy and
-# eager ops stay on /cpu:0).
-tf.config.set_logical_device_configuration(
-    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+def pytest_configure(config):
+    """In a process that runs tests: two logical CPU devices, set before TensorFlow initializes
+    its devices (the 2-replica tests that need no process of their own run here; the default
+    strategy and eager ops stay on /cpu:0).
+
+    pytest-xdist's controller runs none: it imports no TensorFlow and starts the tests' fork
+    server before its workers, which share it (TensorFlow's import paid once, not per worker)."""
+    if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
+        from tests import forkserver
+
+        forkserver.share()
+        return
+    import keras  # noqa: F401  (after TensorFlow: the tensorflow backend)
+    import tensorflow as tf
+
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
 @pytest.fixture(autouse=True)
 def _float32_policy():
     """Every test starts and ends under the default float32 policy."""
+    import keras
+
     keras.config.set_dtype_policy("float32")
     yield
     keras.config.set_dtype_policy("float32")
 
 
 def pytest_collection_modifyitems(items):
-    """Slow (multi-process) tests first: dealt one by one to the workers as they free (the
-    scheduling in pyproject.toml), they overlap each other and the many quick tests fill in
-    behind them, instead of one long test starting last."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Slow tests first, dealt one by one to the workers as they free (the scheduling in
+    pyproject.toml), and the many quick tests fill in behind them, instead of one long test
+    starting last. Among the slow ones, those that keep one core busy come before those that
+    keep every core busy (``slow(cores=2)``: several processes at once), so the longest test
+    (fake ImageNet, first) runs beside the first kind: beside the second it gets a fraction of a
+    core and becomes the suite's critical path."""
+    def order(item):
+        slow = item.get_closest_marker("slow")
+        return (0, slow.kwargs.get("cores", 1)) if slow else (1, 0)
 
-
-def pytest_configure(config):
-    """pytest-xdist's controller starts the tests' fork server before its workers, which share
-    it: TensorFlow's import paid once, not once per worker."""
-    if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
-        from tests import forkserver
-
-        forkserver.share()
-
+    items.sort(key=order)

@@ -203,7 +203,7 @@ def test_stops_and_kills_at_any_instant_resume_losing_nothing_and_export_a_servi
     assert float(redone["eval_loss"]) == pytest.approx(float(last["eval_loss"]), abs=1e-3)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(cores=2)
 def test_two_workers_stopped_inside_a_long_loop_save_the_same_step_and_the_rerun_resumes(tmp_path):
     # A scheduler preempting one machine of a multi-worker run (SIGTERM to the non-chief) in the
     # middle of a 1000-step loop: every worker ends its loop after the same step and saves it;

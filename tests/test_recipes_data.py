@@ -43,7 +43,7 @@ def test_debian_fashion_mnist():
     assert sorted(np.unique(y_train)) == list(range(10))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(cores=2)
 @pytest.mark.skipif(find_data_dir() is None, reason="Debian's dataset-fashion-mnist is not installed")
 def test_demo_runs_end_to_end_on_fashion_mnist(tmp_path):
     # The main job (`make demo`), shortened: Figure 1 and the seven-variant comparison, outputs where it says.
