@@ -386,8 +386,8 @@ def popen(args, *, env=None, cwd=None, stdin=None, stdout=None, stderr=None, tex
 _plain_run = subprocess.run
 
 
-def run(args, *, stdin=None, input=None, stdout=None, stderr=None, capture_output=False, timeout=None,
-                   check=False, env=None, cwd=None, text=None, **other):
+def run(args, *, stdin=None, input=None, stdout=None, stderr=None, capture_output=False, timeout=None, check=False,
+        env=None, cwd=None, text=None, **other):
     """``subprocess.run``, forked from the server when ``args`` runs Python code here and nothing
     but these arguments is asked for; a plain ``subprocess.run`` otherwise."""
     forkable = None if other else _forkable(args, env)

@@ -62,19 +62,20 @@ class Checkpoints:
             tf.io.gfile.rmtree(str(self._write_dir))
 
 
-def remove_unfinished_saves(directory: Path, latest_step: int) -> list[Path]:
+def remove_unfinished_saves(directory: Path, latest_step: int) -> None:
     """Removes the files of saves past ``latest_step`` (the step the state file names): a save cut
     short (SIGKILL, a forced exit) leaves files the state file never named, which look like a later
-    checkpoint until that step is saved again. Returns what it removed."""
+    checkpoint until that step is saved again."""
     import shutil
 
-    removed = []
-    for path in sorted(Path(directory).glob("ckpt-*")):
+    for path in Path(directory).glob("ckpt-*"):
         step = path.name[len("ckpt-"):].split(".", 1)[0].split("_", 1)[0]
-        if step.isdigit() and int(step) > latest_step:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-            removed.append(path)
-    return removed
+        if not (step.isdigit() and int(step) > latest_step):
+            continue
+        if path.is_dir():  # the save's temporary directory
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def resume_message(directory) -> str:
