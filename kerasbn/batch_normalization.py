@@ -10,7 +10,14 @@ from keras import constraints, initializers, regularizers
 
 from kerasbn import cross_replica, fused
 from kerasbn.backend import require_tensorflow_backend
-from kerasbn.moments import ELEMENTWISE, FUSED, ONE_PASS, batch_statistics, variance_from_moments
+from kerasbn.moments import (
+    ELEMENTWISE,
+    FUSED,
+    ONE_PASS,
+    all_finite,
+    batch_statistics,
+    variance_from_moments,
+)
 from kerasbn.normalize import normalize_inference, normalize_with_batch_statistics
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
@@ -377,9 +384,10 @@ class BatchNormalization(keras.layers.Layer):
         # With the one-pass kernel, the statistics come with the normalized output.
         statistics = batch_statistics(inputs, axis, mask, affine=(gamma, beta, self.epsilon),
                                       **options)
+        finite = all_finite(statistics)
         if self.renorm:
-            gamma, beta = self._renormalize(statistics, gamma, beta)
-        self._update_moving_statistics(statistics)
+            gamma, beta = self._renormalize(statistics, gamma, beta, finite)
+        self._update_moving_statistics(statistics, finite)
         y = normalize_with_batch_statistics(inputs, axis, statistics, gamma, beta, self.epsilon,
                                             mask=mask, **options)
         return tf.cast(y, self.compute_dtype)
@@ -458,9 +466,10 @@ class BatchNormalization(keras.layers.Layer):
         return not (self.fused is None and inputs.shape.is_fully_defined()
                     and inputs.shape.num_elements() < FUSED_MIN_ELEMENTS)
 
-    def _renormalize(self, statistics, gamma, beta):
+    def _renormalize(self, statistics, gamma, beta, finite):
         """Batch Renormalization (Ioffe, 2017), as Keras computes it: folds
-        ``(r, d)`` into gamma and beta, then updates the renorm statistics."""
+        ``(r, d)`` into gamma and beta, then updates the renorm statistics
+        (unless the batch statistics are not ``finite``)."""
         count, mean, m2, _ = statistics
         stddev = tf.sqrt(variance_from_moments(count, m2) + self.epsilon)
         renorm_stddev = tf.maximum(self.renorm_stddev, tf.sqrt(self.epsilon))
@@ -474,19 +483,24 @@ class BatchNormalization(keras.layers.Layer):
         if dmax is not None:
             d = tf.clip_by_value(d, -dmax, dmax)
         r, d = tf.stop_gradient(r), tf.stop_gradient(d)
-        rate = tf.where(count > 0.0, 1.0 - self.renorm_momentum, 0.0)
-        self.renorm_mean.assign(self.renorm_mean + rate * (mean - self.renorm_mean))
-        self.renorm_stddev.assign(self.renorm_stddev + rate * (stddev - self.renorm_stddev))
+        update = (count > 0.0) & finite
+        rate = 1.0 - self.renorm_momentum
+        for variable, value in ((self.renorm_mean, mean), (self.renorm_stddev, stddev)):
+            moving = variable.value
+            variable.assign(tf.where(update, moving + rate * (value - moving), moving))
         # gamma * (x_hat * r + d) + beta = x_hat * (gamma r) + (gamma d + beta)
         return gamma * r, gamma * d + beta
 
-    def _update_moving_statistics(self, statistics):
+    def _update_moving_statistics(self, statistics, finite):
         """Feeds the batch statistics, ``(C,)`` (``(G, C)`` for ghost batches), to the averages.
 
         A channel counts when it carries a variance estimate: at least two
         values with ``unbiased_variance``, at least one without. Ghost batches
         are averaged; a channel with no valid batch keeps its statistics, so
-        empty batches never write NaN.
+        empty batches never write NaN. A batch whose statistics are not all
+        ``finite`` (an ``inf`` or NaN anywhere in the layer's input, an
+        overflowed float16 activation) changes nothing, not even the count of
+        ``momentum=None``: one select keeps every average as it was.
         """
         count, mean, m2, _ = statistics
         if self.unbiased_variance:
@@ -501,19 +515,20 @@ class BatchNormalization(keras.layers.Layer):
             mean = tf.reduce_sum(weights * mean, 0) / tf.maximum(groups, 1.0)
             variance = tf.reduce_sum(weights * variance, 0) / tf.maximum(groups, 1.0)
             valid = groups > 0.0
+        update = valid & finite
         if self.momentum is None:
             # Cumulative average: moving += (batch - moving) / (n + 1).
-            updated = tf.cast(tf.reduce_any(valid), tf.float32)
+            updated = tf.cast(tf.reduce_any(update), tf.float32)
             seen = self.num_batches + updated
             rate = updated / tf.maximum(seen, 1.0)
             self.num_batches.assign(seen)
         else:
             rate = 1.0 - self.momentum
-        rate = tf.where(valid, rate, 0.0)
 
         def move(variable, value):
             moving = variable.value  # one read
-            moved = moving + rate * (value - moving)
+            # A select, not a zero rate: 0 * NaN is NaN.
+            moved = tf.where(update, moving + rate * (value - moving), moving)
             variable.assign(moved)
             return moved
 

@@ -120,6 +120,16 @@ def variance_from_moments(count: tf.Tensor, m2: tf.Tensor) -> tf.Tensor:
     return m2 / tf.maximum(count, 1.0)
 
 
+def all_finite(statistics) -> tf.Tensor:
+    """Scalar bool: every channel's (every ghost batch's) mean and M2 is finite.
+
+    One ``inf`` or NaN in a batch makes its statistics non-finite; merged across
+    replicas, it makes them non-finite on every replica of the group, so all
+    of them see the same answer.
+    """
+    return tf.reduce_all(tf.math.is_finite(tf.stack([statistics.mean, statistics.m2])))
+
+
 # Which kernels compute a training step's statistics and output (decided once per call
 # by the layer): the one-pass fused kernel (statistics and output together, local
 # layer), the fused kernels split into statistics, merge and normalization
