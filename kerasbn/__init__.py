@@ -23,4 +23,4 @@ __all__ = [
     "fold_batch_norm",
     "recalibrate_statistics",
 ]
-__version__ = "0.5.1"
+__version__ = "0.6.0"

@@ -16,6 +16,15 @@ where no graph walk can reach the instance afterwards. Inside
 Subclasses of either class are left as they are: their code may depend on
 being what they are. :func:`kerasbn.convert_sync_batchnorm` uses the scope to
 rebuild custom layers and then checks that nothing was missed.
+
+A scope leaves a record on what it built, so that a ``.keras`` file rebuilds
+it the same way without anyone remembering the scope: when the scope closes,
+every layer constructed inside it whose own code builds its BN (a custom
+layer, a model zoo's ``Functional`` subclass; not a plain functional or
+Sequential model, whose BN nodes are saved as kerasbn's layers) and that holds
+a kerasbn BN is marked (:func:`mark`). A marked layer saves as
+``kerasbn>InBatchNormScope``: its own serialization plus the scope's arguments;
+loading it reopens that scope around its ``from_config`` and ``build``.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
+import weakref
 
 import keras
 
@@ -83,21 +93,29 @@ class _Scopes:
         with self.lock:
             if not self.stack:
                 self._install()
-            self.stack.append(settings)
+            self.stack.append({**settings, "built": []})
 
     def pop(self) -> None:
         with self.lock:
-            self.stack.pop()
+            settings = self.stack.pop()
             if not self.stack:
                 self._uninstall()
+        _mark_owners(settings)
+
+    def record(self, layer) -> None:
+        settings = self.current()
+        if settings is not None:
+            settings["built"].append(weakref.ref(layer))
 
     def _install(self):
         self._saved = {
             (_KERAS_BN, "__new__"): _KERAS_BN.__dict__.get("__new__"),
             (BatchNormalization, "__init__"): BatchNormalization.__dict__["__init__"],
+            (keras.layers.Layer, "__new__"): keras.layers.Layer.__dict__.get("__new__"),
         }
         _KERAS_BN.__new__ = staticmethod(_keras_bn_new)
         BatchNormalization.__init__ = _kerasbn_init(BatchNormalization.__dict__["__init__"])
+        keras.layers.Layer.__new__ = staticmethod(_layer_new(keras.layers.Layer.__new__))
 
     def _uninstall(self):
         for (cls, name), original in self._saved.items():
@@ -120,6 +138,17 @@ def _keras_bn_new(cls, *args, **kwargs):
     # is what conversion reads; the kerasbn layer takes that name.
     cls.__init__(instance, *args, **kwargs)
     return replacement(instance, settings["synchronized"], **settings["overrides"])
+
+
+def _layer_new(original):
+    """Every layer built while a scope is open is noted, to be marked when it closes."""
+
+    def __new__(cls, *args, **kwargs):
+        instance = original(cls, *args, **kwargs)
+        _SCOPES.record(instance)
+        return instance
+
+    return __new__
 
 
 def _kerasbn_init(original):
@@ -156,6 +185,11 @@ def batch_norm_scope(synchronized: bool = False, **overrides):
     a model built in the scope computes what the Keras-built one would. Layers
     of kerasbn's own classes get ``overrides`` (and ``synchronized=True`` when
     asked) on top of their arguments.
+
+    When it closes, the layers built inside it that build their own BN (custom
+    layers, a model zoo's models) and hold kerasbn's are marked, so that a
+    ``.keras`` file rebuilds them inside the same scope: save after the block,
+    and load anywhere with no scope open.
 
     What it cannot reach: subclasses of Keras' or kerasbn's BN (they keep their
     own class), and layers built before the scope opened or after it closed
@@ -199,3 +233,91 @@ def batch_norm_scope(synchronized: bool = False, **overrides):
         yield
     finally:
         _SCOPES.pop()
+
+
+# ---------------------------------------------------------------- the record a scope leaves
+def _builds_its_own_batch_norm(layer) -> bool:
+    """A layer whose loading runs its own code to build BN: anything but BN itself and a
+    plain functional or Sequential model (those load each BN node from its saved class)."""
+    cls = type(layer)
+    plain_graph = cls is keras.Sequential or (cls.__name__ == "Functional"
+                                              and cls.__module__.startswith("keras."))
+    return not (plain_graph or isinstance(layer, (_KERAS_BN, BatchNormalization)))
+
+
+def _mark_owners(settings: dict) -> None:
+    record = {"synchronized": settings["synchronized"],
+              "overrides": keras.saving.serialize_keras_object(dict(settings["overrides"]))}
+    for reference in settings["built"]:
+        layer = reference()
+        if layer is None or not _builds_its_own_batch_norm(layer):
+            continue
+        if any(isinstance(sub, BatchNormalization)
+               for sub in layer._flatten_layers(include_self=False, recursive=True)):
+            mark(layer, record)
+
+
+def mark(layer, record: dict) -> None:
+    """Makes ``layer`` save as built inside ``batch_norm_scope(**record)``.
+
+    Its class becomes a subclass of its own (same name, same behaviour, cached per class) that
+    adds only how it is saved and loaded (:class:`InBatchNormScope`); the record lives on the
+    instance. Layers kerasbn built itself are the only ones marked.
+    """
+    original = unmarked_class(type(layer))
+    object.__setattr__(layer, "_kerasbn_batch_norm_scope", record)
+    object.__setattr__(layer, "__class__", _marked_class(original))
+
+
+def unmarked_class(cls) -> type:
+    """The class a marked layer's class stands for (``cls`` itself when not marked)."""
+    return cls.__bases__[1] if issubclass(cls, InBatchNormScope) else cls
+
+
+_MARKED_CLASSES: dict = {}
+
+
+def _marked_class(original) -> type:
+    with _SCOPES.lock:
+        if original not in _MARKED_CLASSES:
+            marked = type(original.__name__, (InBatchNormScope, original),
+                          {"__module__": original.__module__, "__qualname__": original.__qualname__})
+            _register(marked)
+            _register(InBatchNormScope)  # the name keeps loading through the generic class
+            _MARKED_CLASSES[original] = marked
+        return _MARKED_CLASSES[original]
+
+
+def _register(cls):
+    return keras.saving.register_keras_serializable(package="kerasbn", name="InBatchNormScope")(cls)
+
+
+@_register
+class InBatchNormScope:
+    """How a layer built inside :func:`batch_norm_scope` saves and loads: its own serialized
+    form (``layer``) and the scope's arguments (``batch_norm_scope``); loading rebuilds and
+    builds it inside that scope, so the BN its code constructs is kerasbn's again.
+
+    Never constructed directly: :func:`mark` puts it in front of a layer's own class.
+    """
+
+    def get_config(self):
+        original = unmarked_class(type(self))
+        layer = {
+            "module": original.__module__,
+            "class_name": original.__name__,
+            "config": original.get_config(self),
+            "registered_name": keras.saving.get_registered_name(original),
+        }
+        build_config = self.get_build_config()
+        if build_config is not None:
+            layer["build_config"] = build_config
+        return {"layer": layer, "batch_norm_scope": self._kerasbn_batch_norm_scope}
+
+    @classmethod
+    def from_config(cls, config):
+        record = config["batch_norm_scope"]
+        overrides = keras.saving.deserialize_keras_object(record["overrides"])
+        # The scope marks what it rebuilds when it closes, so a second save records it again.
+        with batch_norm_scope(synchronized=record["synchronized"], **overrides):
+            return keras.saving.deserialize_keras_object(config["layer"])

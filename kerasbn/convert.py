@@ -30,9 +30,10 @@ def convert_sync_batchnorm(model, sync_group_size: int | None = None, **override
     synchronized (a subclass of Keras' BN inside a custom layer, say), it
     raises naming each one and why.
 
-    A ``.keras`` file of a converted model whose custom layers hold BN loads
-    back converted only inside ``kerasbn.batch_norm_scope(synchronized=True)``:
-    the loader rebuilds those layers from their code, which builds Keras' BN.
+    A ``.keras`` file of the copy loads back converted, with no scope to
+    remember: the custom layers rebuilt here are marked, so that loading
+    rebuilds them inside the same scope (docs/design.md, "Models others
+    built").
 
     Build the copy under the strategy that will train it:
 

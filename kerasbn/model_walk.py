@@ -11,6 +11,7 @@ import warnings
 import keras
 
 from kerasbn.batch_normalization import BatchNormalization
+from kerasbn.construction import unmarked_class
 
 
 def is_batch_normalization(layer) -> bool:
@@ -102,7 +103,8 @@ def copy_weights(source, target) -> None:
     sources, targets = sublayers(source), sublayers(target)
     pairs = list(zip(sources, targets))
     if len(sources) != len(targets) or any(
-            type(s) is not type(t) and not (is_batch_normalization(s) and is_batch_normalization(t))
+            unmarked_class(type(s)) is not unmarked_class(type(t))
+            and not (is_batch_normalization(s) and is_batch_normalization(t))
             for s, t in pairs):
         raise ValueError(
             f"Layer {source.name!r} ({type(source).__name__}) rebuilt from its config tracks other "
@@ -139,4 +141,7 @@ def clone_model(model, make_layer, set_weights=copy_weights):
 
 
 def clone_layer(layer):
-    return layer.__class__.from_config(layer.get_config())
+    """A new ``layer`` from its config; a layer a ``batch_norm_scope`` marked is rebuilt by its
+    own class, in whatever scope is open now (not in the one it was built in)."""
+    cls = unmarked_class(type(layer))
+    return cls.from_config(cls.get_config(layer))

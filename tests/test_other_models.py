@@ -171,19 +171,59 @@ def test_recalibration_covers_every_bn_with_algorithm_2(name):
         np.testing.assert_allclose(population[id(bn)][1], variance, rtol=1e-4, atol=1e-5, err_msg=bn.name)
 
 
-@pytest.mark.parametrize("name", sorted(zoo_models.SHAPES))
-def test_converted_models_round_trip_through_keras_files(name, tmp_path):
-    model, count = _build(name)
+def _assert_round_trip(model, count, tmp_path, **expected):
+    """``model`` saved and loaded twice, with no scope open: every BN is kerasbn's again, with
+    the arguments ``expected``, the same weights and the same outputs."""
     x = zoo_models.input_batch(model)
-    converted = kerasbn.convert_sync_batchnorm(model)
-    converted.save(tmp_path / "m.keras")
-    # BN inside custom layers is built by the layer's code: load inside the scope that built it.
+    layer_type = kerasbn.SyncBatchNormalization if expected.get("synchronized") else kerasbn.BatchNormalization
+    current = model
+    for round_trip in ("first", "second"):
+        current.save(tmp_path / f"{round_trip}.keras")
+        loaded = keras.saving.load_model(tmp_path / f"{round_trip}.keras")
+        bns = _bns(loaded)
+        assert [type(bn) for bn in bns] == [layer_type] * count, round_trip
+        for name, value in expected.items():
+            assert {getattr(bn, name) for bn in bns} == {value}, (round_trip, name)
+        assert len(loaded.weights) == len(model.weights)
+        for a, b in zip(loaded.weights, model.weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+        for training in (False, True):
+            np.testing.assert_allclose(loaded(x, training=training), model(x, training=training),
+                                       rtol=1e-6, atol=1e-6)
+        current = loaded
+    return loaded
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_converted_models_load_back_converted_with_no_scope(name, tmp_path):
+    model, count = _build(name)
+    converted = kerasbn.convert_sync_batchnorm(model, momentum=0.9)
+    loaded = _assert_round_trip(converted, count, tmp_path, synchronized=True, momentum=0.9)
+    # Converting the loaded model again takes the new arguments, not the recorded ones.
+    again = kerasbn.convert_sync_batchnorm(loaded, sync_group_size=2)
+    assert {bn.sync_group_size for bn in _bns(again)} == {2}
+
+
+@pytest.mark.parametrize("name", ["custom_layer", "nested_model"] + sorted(zoo_models.hub_backbones()))
+def test_models_built_in_the_scope_load_back_as_built(name, tmp_path):
+    keras.utils.set_random_seed(0)
+    with kerasbn.batch_norm_scope(synchronized=True, momentum=0.8,
+                                  gamma_regularizer=keras.regularizers.L2(1e-4)):
+        model, count = ALL[name]()
+    model = zoo_models.trained(model)
+    loaded = _assert_round_trip(model, count, tmp_path, synchronized=True, momentum=0.8)
+    assert all(isinstance(bn.gamma_regularizer, keras.regularizers.L2) for bn in _bns(loaded))
+
+
+def test_a_marked_layer_is_still_its_own_class():
     with kerasbn.batch_norm_scope(synchronized=True):
-        loaded = keras.saving.load_model(tmp_path / "m.keras")
-    assert [type(bn) for bn in _bns(loaded)] == [kerasbn.SyncBatchNormalization] * count
-    for a, b in zip(loaded.weights, converted.weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
-    np.testing.assert_allclose(loaded(x), converted(x), rtol=1e-6, atol=1e-6)
+        block = zoo_models.ResidualBlock(4, name="block")
+        block.build((None, 6, 6, 4))
+    plain = zoo_models.ResidualBlock(4)
+    assert isinstance(block, zoo_models.ResidualBlock)
+    assert type(block).__name__ == "ResidualBlock" and type(plain) is zoo_models.ResidualBlock
+    assert keras.saving.serialize_keras_object(block)["registered_name"] == "kerasbn>InBatchNormScope"
+    assert keras.saving.serialize_keras_object(plain)["registered_name"] == "kerasbn_tests>ResidualBlock"
 
 
 def test_a_scope_builds_kerasbn_layers_everywhere_and_only_inside_it():
