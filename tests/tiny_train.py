@@ -1,6 +1,7 @@
 """The training recipe with a tiny BN network added to its variants, as a test process runs it.
 
     python -m tests.tiny_train --variant tiny [train.py's other flags]
+    python -m tests.tiny_train --tiny-network --variant bn-x5 [...]   # any variant, on the tiny network
 
 Tests of the stop, resume and cluster machinery need real processes, signals,
 checkpoints and workers, not the paper's network: BN-Inception's ~70
@@ -24,7 +25,7 @@ from recipes.inception_bn import variants  # noqa: E402
 
 
 def tiny_network(num_classes, input_shape, width_multiplier=1.0, synchronized=False, bn_momentum=0.99,
-                 name="tiny"):
+                 name="tiny", batch_norm=True, activation="relu"):
     """Conv-BN-ReLU twice, global pooling, a classifier: every part the recipe's tools touch."""
     import keras
 
@@ -33,9 +34,11 @@ def tiny_network(num_classes, input_shape, width_multiplier=1.0, synchronized=Fa
     inputs = keras.Input(input_shape)
     h = inputs
     for i, (filters, strides) in enumerate(((8, 2), (16, 2))):
-        h = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=f"conv{i}")(h)
-        h = kerasbn.BatchNormalization(momentum=bn_momentum, synchronized=synchronized, name=f"conv{i}_bn")(h)
-        h = keras.layers.Activation("relu")(h)
+        h = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=not batch_norm,
+                                name=f"conv{i}")(h)
+        if batch_norm:
+            h = kerasbn.BatchNormalization(momentum=bn_momentum, synchronized=synchronized, name=f"conv{i}_bn")(h)
+        h = keras.layers.Activation(activation)(h)
     h = keras.layers.GlobalAveragePooling2D()(h)
     outputs = keras.layers.Dense(num_classes, dtype="float32", name="classifier")(h)
     return keras.Model(inputs, outputs, name=name)
@@ -43,7 +46,8 @@ def tiny_network(num_classes, input_shape, width_multiplier=1.0, synchronized=Fa
 
 class TinyVariant(variants.Variant):
     def build_model(self, num_classes, input_shape, width_multiplier=1.0, synchronized=False, bn_momentum=0.99):
-        return tiny_network(num_classes, input_shape, width_multiplier, synchronized, bn_momentum)
+        return tiny_network(num_classes, input_shape, width_multiplier, synchronized, bn_momentum,
+                            batch_norm=self.batch_norm, activation=self.activation)
 
 
 TINY = TinyVariant(**{**dataclasses.asdict(variants.VARIANTS["bn-x5"]), "name": "tiny",
@@ -54,8 +58,18 @@ def register() -> None:
     variants.VARIANTS.setdefault("tiny", TINY)
 
 
+def tiny_networks() -> None:
+    """In this process only: every variant keeps its schedule and trains the tiny network."""
+    for name, variant in list(variants.VARIANTS.items()):
+        variants.VARIANTS[name] = TinyVariant(**dataclasses.asdict(variant))
+
+
 if __name__ == "__main__":
     register()
+    argv = sys.argv[1:]
+    if "--tiny-network" in argv:
+        argv.remove("--tiny-network")
+        tiny_networks()
     from recipes.inception_bn import train
 
-    sys.exit(train.main(sys.argv[1:]))
+    sys.exit(train.main(argv))

@@ -59,11 +59,12 @@ def parse_args(argv=None):
     return args, names, train_args
 
 
-def run_variant(name, run_dir: Path, dataset, train_args, log_path: Path | None = None, env=None) -> dict:
-    """Trains one variant in a fresh process, its output to the console or appended to
-    ``log_path``; returns its outcome (``failed``: the exit status of a run that neither
-    finished nor diverged, else None)."""
-    command = [sys.executable, "-m", "recipes.inception_bn.train", "--variant", name, "--dataset", dataset,
+def run_variant(name, run_dir: Path, dataset, train_args, log_path: Path | None = None, env=None,
+                module="recipes.inception_bn.train") -> dict:
+    """Trains one variant in a fresh process (``python -m module``), its output to the console or
+    appended to ``log_path``; returns its outcome (``failed``: the exit status of a run that
+    neither finished nor diverged, else None)."""
+    command = [sys.executable, "-m", module, "--variant", name, "--dataset", dataset,
                "--run-dir", str(run_dir / name), "--quiet", "--no-export", *train_args]
     start = time.perf_counter()
     if log_path is None:
@@ -90,11 +91,7 @@ def run_variants(names, run_dir: Path, dataset, train_args, jobs: int) -> dict:
                 raise SystemExit(f"error: {name} failed (exit {outcomes[name]['failed']}); rerun to resume it")
         return outcomes
 
-    # Each run gets its share of the cores (TensorFlow reads TF_NUM_INTRAOP_THREADS): small
-    # networks gain little or lose from threads within an op (benchmarks/bench_threads.py), and
-    # the runs' start-ups overlap.
-    env = dict(os.environ)
-    env.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, usable_cores() // jobs)))
+    env = thread_environment(jobs)
 
     def run(name):
         log_path = run_dir / name / "train.log"
@@ -112,6 +109,15 @@ def run_variants(names, run_dir: Path, dataset, train_args, jobs: int) -> dict:
     if failed:
         raise SystemExit(f"error: {', '.join(failed)} failed; rerun to resume")
     return outcomes
+
+
+def thread_environment(jobs: int) -> dict:
+    """The environment of ``jobs`` runs at once: each gets its share of the cores (TensorFlow reads
+    TF_NUM_INTRAOP_THREADS): small networks gain little or lose from threads within an op
+    (benchmarks/bench_threads.py), and the runs' start-ups overlap."""
+    env = dict(os.environ)
+    env.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, usable_cores() // jobs)))
+    return env
 
 
 def usable_cores() -> int:

@@ -56,6 +56,10 @@ class Source:
             int32)``: this pipeline's share of the first ``limit`` examples (all when None).
         partitions_for: sources read from files: ``global_batch -> K``, the number of canonical
             partitions of the stream (``partitions.py``); None for sources with random access.
+        test: with a validation split held out of the training set, ``eval`` reads it and
+            ``test`` (same signature) the test set, which no training decision reads; None when
+            ``eval`` is the test set.
+        test_examples: examples in the test set when ``test`` is set.
     """
 
     name: str
@@ -66,6 +70,8 @@ class Source:
     train: object
     eval: object
     partitions_for: object = None
+    test: object = None
+    test_examples: int = 0
 
 
 def _shard(dataset, input_context):
@@ -273,11 +279,20 @@ def imagenet2012(data_dir, image_size: int = 224, prepared_dir=None, partitions_
 
 # Fashion-MNIST -------------------------------------------------------------------------------------
 
-def fashion_mnist(data_dir=None, image_size: int = 28) -> Source:
-    """Fashion-MNIST from the offline idx files (``recipes.fashion_mnist``)."""
+def fashion_mnist(data_dir=None, image_size: int = 28, validation_examples: int = 0) -> Source:
+    """Fashion-MNIST from the offline idx files (``recipes.fashion_mnist``).
+
+    With ``validation_examples``, the last that many training examples are held out: training
+    reads the others, ``eval`` the held-out ones and ``test`` the test set.
+    """
     from recipes.fashion_mnist import load_fashion_mnist
 
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist(data_dir)
+    if not 0 <= validation_examples < len(x_train):
+        raise ValueError(f"--validation-examples must be in [0, {len(x_train)}), got {validation_examples}")
+    held_out = len(x_train) - validation_examples
+    (x_train, y_train), (x_valid, y_valid) = ((x_train[:held_out], y_train[:held_out]),
+                                              (x_train[held_out:], y_train[held_out:]))
 
     def resized(images):
         images = images[..., None]
@@ -298,13 +313,20 @@ def fashion_mnist(data_dir=None, image_size: int = 28) -> Source:
 
         return order.batches_by_position(batch_at, batch_size, start_step, input_context)
 
-    test_images = resized(tf.constant(x_test))
+    def split(images, labels):
+        images = resized(tf.constant(images))
 
-    def evaluate(limit=None, input_context=None):
-        dataset = tf.data.Dataset.from_tensor_slices((test_images, y_test.astype(np.int32)))
-        return first_examples(dataset, limit, input_context)
+        def examples(limit=None, input_context=None):
+            dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
+            return first_examples(dataset, limit, input_context)
 
-    return Source("fashion_mnist", 10, (image_size, image_size, 1), len(x_train), len(x_test), train, evaluate)
+        return examples
+
+    shape = (image_size, image_size, 1)
+    if not validation_examples:
+        return Source("fashion_mnist", 10, shape, len(x_train), len(x_test), train, split(x_test, y_test))
+    return Source("fashion_mnist", 10, shape, len(x_train), len(x_valid), train, split(x_valid, y_valid),
+                  test=split(x_test, y_test), test_examples=len(x_test))
 
 
 # Synthetic -----------------------------------------------------------------------------------------
@@ -342,9 +364,10 @@ def synthetic(image_size: int = 32, num_classes: int = 10, train_examples: int =
 
 
 def load_source(name: str, data_dir=None, image_size: int | None = None, prepared_dir=None,
-                partitions=None) -> Source:
+                partitions=None, validation_examples: int = 0) -> Source:
     """The dataset called ``name`` (one of ``SOURCES``) at ``image_size`` (its default when None);
-    ``partitions``: imagenet2012's canonical partitions (``partitions.py``; the default when None)."""
+    ``partitions``: imagenet2012's canonical partitions (``partitions.py``; the default when None);
+    ``validation_examples``: fashion_mnist's training examples held out for validation."""
     if name not in SOURCES:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(SOURCES)}")
     size = DEFAULT_IMAGE_SIZE[name] if image_size is None else int(image_size)
@@ -355,5 +378,5 @@ def load_source(name: str, data_dir=None, image_size: int | None = None, prepare
     if name == "fashion_mnist":
         if data_dir is not None and not os.path.isdir(data_dir):
             raise DataNotFoundError(f"--data-dir {data_dir} does not exist; it must hold the Fashion-MNIST idx files")
-        return fashion_mnist(data_dir, size)
+        return fashion_mnist(data_dir, size, validation_examples)
     return synthetic(size)

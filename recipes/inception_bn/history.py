@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
@@ -25,9 +26,16 @@ def read_history(path: Path, up_to_step: int | None = None) -> list[dict]:
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, HISTORY_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole or keeps what it held: a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, HISTORY_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)  # atomic: a kill never leaves half a file
+        f.write(text)
+    os.replace(tmp, path)

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import tensorflow as tf
+
+from recipes.inception_bn.history import atomic_write
 
 STREAM_FILE = "stream.json"
 
@@ -61,9 +62,7 @@ class Stream:
                     f"{path.parent} was trained on another stream: {', '.join(differences)}; resume with the "
                     "same global batch (--batch-size x replicas), dataset, --seed and --partitions, or use a new --run-dir")
         if record:
-            tmp = path.with_name(STREAM_FILE + ".tmp")
-            tmp.write_text(json.dumps(dataclasses.asdict(self)))
-            os.replace(tmp, path)
+            atomic_write(path, json.dumps(dataclasses.asdict(self)))
 
 
 def _mix32(x):

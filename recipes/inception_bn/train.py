@@ -35,10 +35,10 @@ if __name__ == "__main__":
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from recipes.inception_bn import failures, order, partitions  # noqa: E402
+from recipes.inception_bn import failures, order, partitions, plateau  # noqa: E402
 from recipes.inception_bn.checkpoints import Checkpoints, resume_message  # noqa: E402
 from recipes.inception_bn.data import DEFAULT_IMAGE_SIZE, SOURCES, network_input  # noqa: E402
-from recipes.inception_bn.history import DIVERGED  # noqa: E402
+from recipes.inception_bn.history import DIVERGED, atomic_write  # noqa: E402
 from recipes.inception_bn.run_log import RunLog  # noqa: E402
 from recipes.inception_bn.stopping import make_agreement  # noqa: E402
 from recipes.inception_bn.variants import VARIANTS, variants_help  # noqa: E402
@@ -87,6 +87,15 @@ def parse_args(argv=None):
                         help="training steps per tf.function call (GPUs then wait less on Python); evaluations, "
                         "checkpoints stay exact at loop boundaries; a stop request ends a loop after the current step")
     parser.add_argument("--eval-examples", type=int, help="evaluate on the first N examples (default: all)")
+    parser.add_argument("--validation-examples", type=int, default=0, metavar="N",
+                        help="fashion_mnist: hold the last N training examples out as the validation set the "
+                        "evaluations read; the test set is then read once, at the end, with the weights of the "
+                        "best validation accuracy (finished.json) (default 0: evaluate on the test set)")
+    parser.add_argument("--plateau-window", type=int, metavar="STEPS",
+                        help="stop when the validation accuracy has not improved (by more than "
+                        "--plateau-min-delta) for STEPS steps; --steps is then the cap (recipes/inception_bn/plateau.py)")
+    parser.add_argument("--plateau-min-delta", type=float, default=plateau.DEFAULT_MIN_DELTA,
+                        help=f"the least gain that counts as an improvement (default {plateau.DEFAULT_MIN_DELTA})")
     parser.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up")
     parser.add_argument("--cpu-replicas", type=int, default=1,
                         help="split the CPU into N logical devices, one replica each (no GPUs needed)")
@@ -145,6 +154,15 @@ def parse_args(argv=None):
         if args.deterministic:
             parser.error("--deterministic cannot be combined with --data-service: the service hands out its "
                          "input to whichever trainer asks first, so the order of the batches is not reproducible")
+    if args.validation_examples < 0:
+        parser.error("--validation-examples must be at least 0")
+    if args.validation_examples and args.dataset != "fashion_mnist":
+        parser.error("--validation-examples holds out part of fashion_mnist's training set; "
+                     f"{args.dataset} evaluates on its own evaluation split")
+    if args.plateau_window is not None and args.plateau_window < 1:
+        parser.error("--plateau-window must be at least 1 step")
+    if not args.plateau_min_delta >= 0:
+        parser.error("--plateau-min-delta must be at least 0")
     if args.partitions is not None and args.dataset != "imagenet2012":
         parser.error(f"--partitions is for imagenet2012's training files; {args.dataset} is read by position")
     return args
@@ -267,7 +285,7 @@ def train(args, stop) -> int:
                 log.record(start_step, float(schedule(start_step)), evaluate_or_stop(evaluate),
                            train=None)
             iterator, meter = iter(train_data), TrainMeter()
-            while step < plan.total_steps:
+            while step < plan.total_steps and plan.plateau_step(log.history) is None:
                 loops = plan.steps_to_next_boundary(step)
                 watchdog.progress(f"training steps {step + 1}-{step + loops}"
                                   + (f" (input from the tf.data service {args.data_service})"
@@ -287,6 +305,7 @@ def train(args, stop) -> int:
                     checkpoints.save(step)  # first: a stop during the evaluation then loses no training
                     watchdog.progress(f"the evaluation at step {step}")
                     log.record(step, learning_rate, evaluate_or_stop(evaluate), train=trained)
+                    keep_if_best(model, log, run_dir)
                     meter.restart_clock()  # images/s counts training time only
         except _EvaluationAbandoned:
             watchdog.progress(f"the checkpoint of step {step} (stopping)")
@@ -295,7 +314,11 @@ def train(args, stop) -> int:
             checkpoints.close()
         if not multi_worker:
             stop.exit_now_when(lambda: f"interrupted after training, at step {step}; {resume_message(checkpoint_dir)}")
-        watchdog.progress("the end of the run (recalibration, export)")
+        watchdog.progress("the end of the run (test, recalibration, export)")
+        tested = test_chosen_weights(source, model, strategy, stop_flag, log, run_dir, step) if source.test else {}
+        if is_chief:
+            reason = "plateau" if plan.plateau_step(log.history) is not None else "steps"
+            atomic_write(run_dir / FINISHED, json.dumps({"step": step, "reason": reason, **tested}, indent=1))
         finish(args, variant, source, plan, model, strategy, evaluate, log, run_dir, args.seed, step)
     except tf.errors.OpError as error:
         if multi_worker and failures.lost_peer(error):
@@ -353,8 +376,9 @@ def load_data(args):
     from recipes.inception_bn.data import DataNotFoundError, load_source
 
     try:
-        return load_source(args.dataset, args.data_dir, args.image_size, args.prepared_dir, args.partitions)
-    except (DataNotFoundError, DatasetNotFoundError) as error:
+        return load_source(args.dataset, args.data_dir, args.image_size, args.prepared_dir, args.partitions,
+                           args.validation_examples)
+    except (DataNotFoundError, DatasetNotFoundError, ValueError) as error:
         raise RecipeError(str(error)) from None
 
 
@@ -369,6 +393,14 @@ class RunPlan:
         self.total_steps = args.steps or int(round(30 * self.steps_per_epoch))
         self.eval_every = args.eval_every
         self.steps_per_loop = args.steps_per_loop
+        self.plateau_window = args.plateau_window
+        self.plateau_min_delta = args.plateau_min_delta
+
+    def plateau_step(self, history) -> int | None:
+        """The evaluation at which the run stopped improving (``--plateau-window``), or None."""
+        if self.plateau_window is None:
+            return None
+        return plateau.stopping_step(*plateau.from_history(history), self.plateau_window, self.plateau_min_delta)
 
     def evaluation_due(self, step: int) -> bool:
         return step % self.eval_every == 0 or step == self.total_steps
@@ -393,7 +425,10 @@ def build_model(variant, source, plan, args, strategy):
 
 
 def announce(log, run_dir, variant, source, plan, schedule, model, start_step, latest):
-    if start_step >= plan.total_steps and latest:
+    if plan.plateau_step(log.history) is not None and latest:
+        log.say(f"{run_dir}: already stopped improving at step {plan.plateau_step(log.history)} "
+                f"(--plateau-window {plan.plateau_window}); finishing.")
+    elif start_step >= plan.total_steps and latest:
         log.say(f"{run_dir}: already trained {start_step} of {plan.total_steps} steps; exporting.")
     elif latest:
         log.say(f"Resuming {run_dir} from step {start_step} of {plan.total_steps} ({latest}).")
@@ -413,9 +448,7 @@ def write_settings(run_dir, args, variant, source, plan, schedule):
                 "initial_learning_rate": float(schedule.initial_learning_rate),
                 "decay_rate": float(variant.decay_rate), "decay_steps": float(schedule.decay_steps),
                 "steps": plan.total_steps, "arguments": vars(args)}
-    tmp = run_dir / "run.json.tmp"
-    tmp.write_text(json.dumps(settings, indent=1, default=str))
-    os.replace(tmp, run_dir / "run.json")
+    atomic_write(run_dir / "run.json", json.dumps(settings, indent=1, default=str))
 
 
 # Steps ------------------------------------------------------------------------------------------
@@ -485,8 +518,10 @@ def make_train_loop(strategy, model, optimizer, weight_decay, plan, jit, stop_fl
     return run
 
 
-def make_evaluate(strategy, model, source, eval_examples, stop_flag, batch_size=256, on_batch=None):
-    """``evaluate(stoppable=False)``: loss, top-1 and top-5 accuracy on the evaluation set.
+def make_evaluate(strategy, model, source, eval_examples, stop_flag, batch_size=256, on_batch=None,
+                  split="eval"):
+    """``evaluate(stoppable=False)``: loss, top-1 and top-5 accuracy on the evaluation set
+    (``split="test"``: on the test set held apart from a validation split).
 
     Every replica of every worker evaluates its share of the first ``eval_examples`` examples
     (all when None), ``batch_size`` at a time, and the sums (loss, top-1, top-5, count) are
@@ -503,11 +538,12 @@ def make_evaluate(strategy, model, source, eval_examples, stop_flag, batch_size=
 
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
     k = min(5, source.num_classes)
-    limit = None if eval_examples is None else min(eval_examples, source.eval_examples)
+    total = source.eval_examples if split == "eval" else source.test_examples
+    limit = None if eval_examples is None else min(eval_examples, total)
     padding = tf.data.Dataset.from_tensors((tf.zeros(source.image_shape, tf.uint8), tf.constant(0), 0.0)).repeat()
 
     def dataset_fn(input_context):
-        examples = source.eval(limit, input_context).map(lambda image, label: (image, label, 1.0))
+        examples = getattr(source, split)(limit, input_context).map(lambda image, label: (image, label, 1.0))
         per_replica = input_context.get_per_replica_batch_size(batch_size * input_context.num_replicas_in_sync)
         return examples.concatenate(padding).batch(per_replica, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
@@ -585,7 +621,36 @@ def stop_if_diverged(meter, step, run_dir, is_chief, learning_rate, checkpoint_d
                       f"The last good checkpoint is in {checkpoint_dir}.")
 
 
+BEST_WEIGHTS, BEST_STEP, FINISHED = "best.weights.h5", "best.json", "finished.json"
+
+
+def keep_if_best(model, log, run_dir):
+    """The chief keeps the weights of the best evaluation so far (the one ``plateau.chosen`` picks)."""
+    if not log.is_chief:
+        return
+    step, _ = plateau.chosen(*plateau.from_history(log.history))
+    if step == log.last_step:
+        model.save_weights(run_dir / BEST_WEIGHTS)
+        atomic_write(run_dir / BEST_STEP, json.dumps({"step": step}))
+
+
 # The end ----------------------------------------------------------------------------------------
+
+def test_chosen_weights(source, model, strategy, stop_flag, log, run_dir, step) -> dict:
+    """With a validation split: the test set's accuracy with the weights of the best validation
+    accuracy (this run's kept ones; the last weights, said so, when a resume lost them)."""
+    chosen_step, validation_accuracy = plateau.chosen(*plateau.from_history(log.history))
+    kept = run_dir / BEST_STEP
+    tested_step = step
+    if kept.exists() and json.loads(kept.read_text())["step"] == chosen_step:
+        model.load_weights(run_dir / BEST_WEIGHTS)
+        tested_step = chosen_step
+    _, test_accuracy, test_top5 = make_evaluate(strategy, model, source, None, stop_flag, split="test")()
+    log.say(f"Test accuracy {test_accuracy:.4f} with the weights of step {tested_step} "
+            f"(best validation accuracy {validation_accuracy:.4f} at step {chosen_step})")
+    return {"chosen_step": chosen_step, "validation_accuracy": validation_accuracy,
+            "tested_step": tested_step, "test_accuracy": test_accuracy, "test_top5": test_top5}
+
 
 def finish(args, variant, source, plan, model, strategy, evaluate, log, run_dir, seed, step):
     """Population statistics (Algorithm 2) if asked, the serving export, and the summary line."""
