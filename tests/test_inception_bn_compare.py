@@ -37,7 +37,8 @@ def test_table_counts_steps_to_the_baselines_best_accuracy(tmp_path):
     names = ["inception", "bn-x5", "bn-x30"]
     table, histories = compare.summarize(tmp_path, names, {"bn-x30": {"diverged": None}})
 
-    assert "inception's best evaluation accuracy, 0.5000, reached at step 150" in table
+    assert "inception's best evaluation accuracy within this comparison's budget (200 steps), 0.5000, " \
+           "reached at step 150. It is the best within the budget, not inception trained to its plateau" in table
     assert _row(table, "inception")[1:6] == ["0.0015", "150", "0.5000", "1.0x", "-"]  # num_classes unknown
     assert _row(table, "bn-x5")[1:5] == ["0.0075", "100", "0.8000", "1.5x"]
     bn_x30 = _row(table, "bn-x30")

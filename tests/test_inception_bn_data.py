@@ -87,6 +87,21 @@ def test_fashion_mnist_pipeline():
     assert eval_images.shape == (10000, 32, 32, 1) and eval_images.dtype == tf.uint8
 
 
+def test_fashion_mnist_validation_split_is_held_out_of_training():
+    from recipes.fashion_mnist import load_fashion_mnist
+
+    (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
+    source = load_source("fashion_mnist", image_size=28, validation_examples=5000)
+    assert (source.train_examples, source.eval_examples, source.test_examples) == (55000, 5000, 10000)
+    assert source.test is not None and load_source("fashion_mnist").test is None
+    validation_images, validation_labels = next(iter(source.eval().batch(5000)))
+    np.testing.assert_array_equal(validation_images.numpy()[..., 0], x_train[55000:])
+    np.testing.assert_array_equal(validation_labels.numpy(), y_train[55000:])
+    test_images, test_labels = next(iter(source.test().batch(10000)))
+    np.testing.assert_array_equal(test_images.numpy()[..., 0], x_test)
+    np.testing.assert_array_equal(test_labels.numpy(), y_test)
+
+
 def test_batched_crops_flips_and_distortion_are_per_image():
     from recipes.inception_bn.data import random_crops_and_flips
 

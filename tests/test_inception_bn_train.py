@@ -299,6 +299,13 @@ def test_missing_imagenet_is_one_line(tmp_path, setup, expected, capsys):
     (["--variant", "bn-x5", "--dataset", "cifar"], "invalid choice"),
     (["--variant", "bn-x5", "--stall-timeout", "-1"], "--stall-timeout must be at least 0 (0: never)"),
     (["--variant", "bn-x5", "--stall-timeout", "nan"], "--stall-timeout must be at least 0 (0: never)"),
+    (["--variant", "bn-x5", "--validation-examples", "100"], "holds out part of fashion_mnist's training set"),
+    (["--variant", "bn-x5", "--dataset", "fashion_mnist", "--validation-examples", "-1"],
+     "--validation-examples must be at least 0"),
+    (["--variant", "bn-x5", "--plateau-window", "0"], "--plateau-window must be at least 1 step"),
+    (["--variant", "bn-x5", "--plateau-min-delta", "nan"], "--plateau-min-delta must be at least 0"),
+    (["--variant", "bn-x5", "--dataset", "fashion_mnist", "--validation-examples", "60000"],
+     "--validation-examples must be in [0, 60000)"),
 ])
 def test_bad_flags(tmp_path, args, expected, capsys):
     status, stderr = _main_in_process(["--run-dir", str(tmp_path), *args], capsys)

@@ -1,0 +1,163 @@
+"""make reproduce: the stopping rule, Table 2 and Figure 2 from recorded curves, and one tiny run of
+the command end to end."""
+
+import json
+
+import pytest
+
+from recipes.inception_bn import compare, plateau, reproduce
+from recipes.inception_bn.history import HISTORY_FIELDS, write_history
+
+# ------------------------------------------------------------------------------ the stopping rule
+
+
+def test_the_rule_stops_a_window_after_the_last_improvement():
+    steps = [100, 200, 300, 400, 500, 600, 700]
+    accuracies = [0.50, 0.60, 0.601, 0.605, 0.59, 0.60, 0.62]
+    # 0.601 and 0.605 beat 0.60 by less than 0.01: the last improvement stays at step 200.
+    assert plateau.stopping_step(steps, accuracies, window=300, min_delta=0.01) == 500
+    assert plateau.stopping_step(steps, accuracies, window=500, min_delta=0.01) is None  # 0.62 came first
+    # Any gain counts with min_delta 0: 0.605 at step 400 restarts the window, 0.62 at 700 again.
+    assert plateau.stopping_step(steps, accuracies, window=200, min_delta=0.0) == 600
+    assert plateau.stopping_step(steps, accuracies, window=300, min_delta=0.0) is None
+    assert plateau.stopping_step(steps[:3], accuracies[:3], window=100, min_delta=0.01) == 300
+
+
+def test_the_rule_never_stops_a_run_that_keeps_improving():
+    steps = list(range(250, 10001, 250))
+    accuracies = [0.1 + 0.02 * i for i in range(len(steps))]
+    assert plateau.stopping_step(steps, accuracies, window=250, min_delta=0.01) is None
+
+
+def test_the_chosen_evaluation_is_the_best_and_the_earliest_of_equals():
+    assert plateau.chosen([10, 20, 30, 40], [0.3, 0.7, 0.7, 0.6]) == (20, 0.7)
+    with pytest.raises(ValueError, match="no evaluation"):
+        plateau.chosen([], [])
+    with pytest.raises(ValueError, match="at least 1 step"):
+        plateau.stopping_step([10], [0.1], window=0)
+    with pytest.raises(ValueError):
+        plateau.stopping_step([10, 20], [0.1], window=5)  # lengths must match
+
+
+# ------------------------------------------------------------------------- the table and figure
+
+def _record(run_dir, seed, name, accuracies, every=100, reason="plateau", test=None, chosen_step=None):
+    directory = reproduce.run_directory(run_dir, seed) / name
+    directory.mkdir(parents=True)
+    rows = [dict.fromkeys(HISTORY_FIELDS, "") | {"step": str(every * (i + 1)), "eval_accuracy": str(a)}
+            for i, a in enumerate(accuracies)]
+    write_history(directory / "history.csv", rows)
+    if reason is not None:
+        (directory / reproduce.FINISHED).write_text(json.dumps(
+            {"step": every * len(accuracies), "reason": reason, "test_accuracy": test,
+             "chosen_step": chosen_step}))
+
+
+def _row(table, name):
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == name:
+            return cells
+    raise AssertionError(f"{name} not in\n{table}")
+
+
+def _curves(run_dir, inception_reason="plateau"):
+    # Seed 0: inception peaks at 0.80 (step 400); seed 1: at 0.70 (step 300).
+    _record(run_dir, 0, "inception", [0.1, 0.5, 0.7, 0.80, 0.79, 0.78], reason=inception_reason, test=0.79)
+    _record(run_dir, 1, "inception", [0.2, 0.6, 0.70, 0.69, 0.70], reason=inception_reason, test=0.68)
+    _record(run_dir, 0, "bn-x5", [0.6, 0.81, 0.85, 0.84], test=0.84)   # reaches 0.80 at 200: 2.0x
+    _record(run_dir, 1, "bn-x5", [0.72, 0.8, 0.82], test=0.83)         # reaches 0.70 at 100: 3.0x
+    _record(run_dir, 0, "bn-x5-sigmoid", [0.3, 0.5, 0.6], test=0.60)   # never reaches 0.80
+    _record(run_dir, 1, "bn-x5-sigmoid", [0.3, 0.71], reason=None)     # still training
+    return reproduce.collect(run_dir, ["inception", "bn-x5", "bn-x5-sigmoid"], [0, 1])
+
+
+def test_table_two_from_recorded_curves(tmp_path):
+    table, numbers = reproduce.summarize(_curves(tmp_path), max_steps=1000)
+    assert "seed 0: 0.8000 at step 400, seed 1: 0.7000 at step 300" in table
+    assert "did not reach its plateau" not in table
+
+    assert _row(table, "inception")[1:4] == ["350 [300-400]", "400, 300", "1.0x [1.0x-1.0x]"]
+    bn_x5 = _row(table, "bn-x5")
+    assert bn_x5[1:5] == ["150 [100-200]", "200, 100", "2.5x [2.0x-3.0x]", "0.8350 +- 0.0071"]
+    assert bn_x5[5] == "0.8400, 0.8300" and bn_x5[6] == "400 (plateau), 300 (plateau)"
+    assert bn_x5[7:9] == ["2.1M", "73.0%"]  # the paper's figures beside ours
+    sigmoid = _row(table, "bn-x5-sigmoid")
+    assert sigmoid[1:5] == ["200", "never, 200", "1.5x", "0.6000"]
+    assert sigmoid[6] == "300 (plateau), - (unfinished)"
+
+    assert numbers["bn-x5"]["per_seed"][1] == {"reach": 100, "speedup": 3.0, "test_accuracy": 0.83,
+                                               "stopped": 300, "reason": "plateau"}
+    assert numbers["bn-x5"]["test_mean"] == pytest.approx(0.835)
+
+
+def test_table_says_when_the_baseline_hit_the_cap(tmp_path):
+    table, numbers = reproduce.summarize(_curves(tmp_path, inception_reason="steps"), max_steps=600)
+    assert "**inception did not reach its plateau in seed(s) 0, 1** (cap 600 steps" in table
+    assert numbers["inception"]["per_seed"][0]["reason"] == "steps"
+
+
+def test_figure_two_is_written(tmp_path):
+    runs = _curves(tmp_path)
+    reproduce.plot(tmp_path / "figure2.png", runs, "title")
+    assert (tmp_path / "figure2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments_are_refused_in_one_line(capsys):
+    for argv, message in ((["--seeds", "0"], "at least two different seeds"),
+                          (["--seeds", "a,b"], "comma-separated integers"),
+                          (["--variants", "inception,nope"], "unknown --variants nope"),
+                          (["--steps", "10"], "--steps is set per run by reproduce")):
+        with pytest.raises(SystemExit) as exit_info:
+            reproduce.parse_args(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_the_budget_goes_to_train_and_the_user_overrides_it():
+    _, names, seeds, train_args = reproduce.parse_args(["--image-size", "28", "--max-steps", "500"])
+    assert names == ["inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid"] and seeds == [0, 1, 2]
+    assert train_args.count("--image-size") == 1 and train_args[train_args.index("--image-size") + 1] == "28"
+    assert train_args[train_args.index("--plateau-window") + 1] == reproduce.BUDGET["--plateau-window"]
+    assert train_args[-2:] == ["--steps", "500"]
+
+
+# --------------------------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_the_command_end_to_end_on_tiny_networks(tmp_path, capsys, monkeypatch):
+    """Two networks (the tiny network with each one's schedule, with and without BN), two seeds, a
+    few dozen steps: every run stops by the rule or the cap, the table and figure are written, both
+    networks of a seed read the same stream, and a rerun trains nothing."""
+    from tests import forkserver
+
+    monkeypatch.setattr(compare.subprocess, "run", forkserver.run)
+    names = ["inception", "bn-x30"]
+    argv = ["--run-dir", str(tmp_path), "--seeds", "0,1", "--variants", ",".join(names),
+            "--train-module", "tests.tiny_train",
+            "--tiny-network", "--max-steps", "60", "--eval-every", "20", "--plateau-window", "20",
+            "--plateau-min-delta", "0.05", "--image-size", "16", "--validation-examples", "500", "--jobs", "2"]
+    assert reproduce.main(argv) == 0
+    out = capsys.readouterr().out
+    table = (tmp_path / "table2.md").read_text()
+    for name in names:
+        assert _row(table, name)[0] == name
+        for seed in (0, 1):
+            done = reproduce.finished(tmp_path, name, seed)
+            assert done["reason"] in ("plateau", "steps") and done["step"] <= 60
+            assert 0.0 <= done["test_accuracy"] <= 1.0 and done["tested_step"] == done["chosen_step"]
+            assert f"== {name} seed {seed}: stopped at step {done['step']} ({done['reason']})" in out
+    for seed in (0, 1):
+        streams = {(reproduce.run_directory(tmp_path, seed) / name / "stream.json").read_text()
+                   for name in names}
+        assert len(streams) == 1, streams
+    assert (tmp_path / "figure2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(json.loads((tmp_path / "table2.json").read_text())) == names
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(compare.subprocess, "run", no_training)
+    assert reproduce.main(argv) == 0
+    assert "== bn-x30 seed 1: finished at step" in capsys.readouterr().out
+    assert (tmp_path / "table2.md").read_text() == table
