@@ -2,6 +2,7 @@
 histories written as train.py writes them, and its plot."""
 
 import json
+import sys
 
 import pytest
 
@@ -94,3 +95,37 @@ def test_parallel_runs_name_every_failed_variant_and_its_log(tmp_path, capsys, m
     assert message.startswith("error: ") and message.endswith("failed; rerun to resume")
     out = capsys.readouterr().out
     assert "== inception: failed in" in out and "== bn-x5: failed in" in out
+
+
+def test_nothing_new_starts_after_a_run_is_interrupted():
+    started = []
+
+    def run(item):
+        started.append(item)
+        if item == "b":
+            raise compare.RunInterrupted("b was interrupted")
+        return item
+
+    for jobs in (1, 2):
+        started.clear()
+        with pytest.raises(compare.RunInterrupted, match="b was interrupted"):
+            compare.in_parallel(run, ["a", "b", "c", "d", "e"], jobs)
+        # With two at a time, "c" may have started beside "b"; nothing after it.
+        assert started[:2] == ["a", "b"] and set(started) <= {"a", "b", "c"}, started
+    assert compare.in_parallel(run, ["a", "c"], 2) == ["a", "c"]
+
+
+def test_an_interrupted_variant_ends_the_comparison_with_130(tmp_path, capsys, monkeypatch):
+    # The first variant's train.py stopped on SIGINT (exit 130): the second never starts.
+    from tests import forkserver
+
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        return forkserver.run([sys.executable, "-c", "import sys; sys.exit(130)"], **kwargs)
+
+    monkeypatch.setattr(compare.subprocess, "run", run)
+    status = compare.main(["--run-dir", str(tmp_path), "--dataset", "synthetic", "--variants", "inception,bn-x5"])
+    assert status == 130 and len(commands) == 1
+    assert "inception was interrupted" in capsys.readouterr().err

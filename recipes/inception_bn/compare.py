@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -59,6 +61,39 @@ def parse_args(argv=None):
     return args, names, train_args
 
 
+# A run stopped by Ctrl-C or SIGTERM: it saved and exited 130 (killed by the signal if it came early).
+INTERRUPTED = (130, -signal.SIGINT, -signal.SIGTERM)
+
+
+class RunInterrupted(Exception):
+    """A run was stopped by a signal: nothing more starts, and the command exits 130."""
+
+
+def in_parallel(function, items, jobs: int) -> list:
+    """``[function(item) for item in items]``, ``jobs`` at a time. Once one raises (a run
+    interrupted) or Ctrl-C reaches this process, no further item starts; those under way end
+    (the terminal's signal reached them too) and the exception is raised."""
+    halt = threading.Event()
+
+    def guarded(item):
+        if halt.is_set():
+            return None
+        try:
+            return function(item)
+        except BaseException:
+            halt.set()
+            raise
+
+    pool = ThreadPoolExecutor(jobs)
+    try:
+        return list(pool.map(guarded, items))
+    except BaseException:
+        halt.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def run_variant(name, run_dir: Path, dataset, train_args, log_path: Path | None = None, env=None,
                 module="recipes.inception_bn.train") -> dict:
     """Trains one variant in a fresh process (``python -m module``), its output to the console or
@@ -74,6 +109,8 @@ def run_variant(name, run_dir: Path, dataset, train_args, log_path: Path | None 
         with open(log_path, "a") as log:
             result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     seconds = time.perf_counter() - start
+    if result.returncode in INTERRUPTED:
+        raise RunInterrupted(f"{name} was interrupted ({run_dir / name})")
     diverged = run_dir / name / DIVERGED
     failed = result.returncode if result.returncode != 0 and not diverged.exists() else None
     return {"seconds": seconds, "diverged": json.loads(diverged.read_text()) if diverged.exists() else None,
@@ -102,8 +139,7 @@ def run_variants(names, run_dir: Path, dataset, train_args, jobs: int) -> dict:
         print(f"== {name}: {status} in {outcome['seconds']:.0f} s{'; ' + done[-1] if done else ''}", flush=True)
         return outcome
 
-    with ThreadPoolExecutor(jobs) as pool:
-        outcomes = dict(zip(names, pool.map(run, names)))
+    outcomes = dict(zip(names, in_parallel(run, names, jobs), strict=True))
     failed = [f"{name} (exit {o['failed']}; its output: {run_dir / name / 'train.log'})"
               for name, o in outcomes.items() if o["failed"] is not None]
     if failed:
@@ -214,7 +250,11 @@ def main(argv=None) -> int:
     args, names, train_args = parse_args(argv)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    outcomes = run_variants(names, run_dir, args.dataset, train_args, args.jobs)
+    try:
+        outcomes = run_variants(names, run_dir, args.dataset, train_args, args.jobs)
+    except (RunInterrupted, KeyboardInterrupt) as stopped:
+        print(f"\n{stopped or 'interrupted'}; rerun the same command to resume", file=sys.stderr)
+        return 130
     table, histories = summarize(run_dir, names, outcomes)
     (run_dir / "compare.md").write_text(table)
     plot(run_dir / "compare.png", histories, args.title or f"BN-Inception variants on {args.dataset}")

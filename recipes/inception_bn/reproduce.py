@@ -24,7 +24,6 @@ import statistics
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from recipes.inception_bn import compare, plateau
@@ -140,8 +139,7 @@ def run_all(run_dir: Path, names, seeds, train_args, jobs: int, train_module: st
     reporter = threading.Thread(target=report_progress, daemon=True)
     reporter.start()
     try:
-        with ThreadPoolExecutor(jobs) as pool:
-            failures = [f for f in pool.map(train, pending) if f]
+        failures = [f for f in compare.in_parallel(train, pending, jobs) if f]
     finally:
         stop_progress.set()
     if failures:
@@ -299,7 +297,11 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     print(f"== Table 2 and Figure 2 on Fashion-MNIST: {', '.join(names)}; seeds {', '.join(map(str, seeds))}; "
           f"train.py {' '.join(train_args)}", flush=True)
-    run_all(run_dir, names, seeds, train_args, args.jobs, args.train_module)
+    try:
+        run_all(run_dir, names, seeds, train_args, args.jobs, args.train_module)
+    except (compare.RunInterrupted, KeyboardInterrupt) as stopped:
+        print(f"\n{stopped or 'interrupted'}; rerun the same command to resume", file=sys.stderr)
+        return 130
     table, numbers = summarize(collect(run_dir, names, seeds), args.max_steps)
     atomic_write(run_dir / "table2.md", table)
     atomic_write(run_dir / "table2.json", json.dumps(numbers, indent=1, default=str))
