@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kerasbn-installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test reproduce test-floor bench lint venv fashion-mnist package-check
+.PHONY: demo test reproduce test-processes test-floor bench lint venv fashion-mnist package-check
 
 venv: $(STAMP)
 
@@ -31,6 +31,14 @@ demo: $(STAMP) fashion-mnist
 
 test: $(STAMP) fashion-mnist
 	$(PY) -m pytest
+
+# The process scenarios (stops and kills at any instant, lost and frozen machines, one run on any
+# split) once more with every process a fresh interpreter, started as a user starts it: `make test`
+# forks them from a server that imported TensorFlow once. CI runs both.
+PROCESS_TESTS := tests/test_inception_bn_train.py tests/test_lost_machine.py tests/test_one_run.py \
+	tests/test_orchestrators.py
+test-processes: $(STAMP) fashion-mnist
+	KERASBN_TEST_FRESH_INTERPRETERS=1 $(PY) -m pytest $(PROCESS_TESTS)
 
 # The paper's Table 2 and Figure 2 on Fashion-MNIST, every network to its plateau, 3 seeds (about an
 # hour on 2 cores; rerunning continues). runs/reproduce/table2.md and figure2.png.

@@ -63,7 +63,7 @@ def train_step(model, strategy, batch, size):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, model(x, training=True),
                                                                              from_logits=True)) / (batch * replicas)
-        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables, strict=True))
         return loss
 
     @tf.function

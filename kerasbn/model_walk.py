@@ -101,7 +101,7 @@ def copy_weights(source, target) -> None:
     if not isinstance(source, keras.layers.Layer):
         return
     sources, targets = sublayers(source), sublayers(target)
-    pairs = list(zip(sources, targets))
+    pairs = list(zip(sources, targets, strict=False))  # the lengths are compared first below
     if len(sources) != len(targets) or any(
             unmarked_class(type(s)) is not unmarked_class(type(t))
             and not (is_batch_normalization(s) and is_batch_normalization(t))
@@ -118,7 +118,7 @@ def copy_weights(source, target) -> None:
         if [w.shape for w in own_source] != [w.shape for w in own_target]:
             raise ValueError(f"Layer {s.name!r} rebuilt from its config has other weights than "
                              "the original; they cannot be copied.")
-        for w, v in zip(own_target, own_source):
+        for w, v in zip(own_target, own_source, strict=True):
             w.assign(v)
 
 

@@ -103,7 +103,7 @@ def recalibrate_statistics(model, data, steps: int | None = None, verbose: int |
             return twin(inputs, training=True, mask=mask)
         return call
 
-    for layer, twin in zip(layers, twins):
+    for layer, twin in zip(layers, twins, strict=True):
         layer.call = twin_call(twin)
     try:
         seen = _run(model, data, steps, strategy, verbose)
@@ -112,7 +112,7 @@ def recalibrate_statistics(model, data, steps: int | None = None, verbose: int |
             del layer.call
     if seen == 0:
         raise ValueError("recalibrate_statistics: `data` yielded no batches.")
-    for layer, twin in zip(layers, twins):
+    for layer, twin in zip(layers, twins, strict=True):
         if float(twin.num_batches.numpy()) == 0:
             warnings.warn(f"recalibrate_statistics: layer {layer.name!r} saw no batch with two "
                           "or more values per channel; its statistics are unchanged.",

@@ -46,3 +46,13 @@ def pytest_collection_modifyitems(items):
         return (0, slow.kwargs.get("cores", 1)) if slow else (1, 0)
 
     items.sort(key=order)
+
+
+@pytest.fixture
+def tiny_variant(monkeypatch):
+    """The recipe's variant table with ``tiny`` (tests/tiny_train.py) in it, for this test only."""
+    from recipes.inception_bn import variants
+    from tests.tiny_train import TINY
+
+    monkeypatch.setitem(variants.VARIANTS, "tiny", TINY)
+    return TINY

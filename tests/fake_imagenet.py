@@ -25,7 +25,7 @@ def write(root, values_per_class, validation=4, validation_value=100):
     """ILSVRC2012_img_train.tar of per-class tars (class ``c``'s images the greys
     ``values_per_class[c]``), ILSVRC2012_img_val.tar of ``validation`` flat JPEGs."""
     with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:
-        for synset, values in zip(SYNSETS, values_per_class):
+        for synset, values in zip(SYNSETS, values_per_class, strict=True):
             inner_bytes = io.BytesIO()
             with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
                 for i, value in enumerate(values):

@@ -128,7 +128,7 @@ def _child(request, fds, path) -> None:
     try:
         _server = _Parent(path)
         subprocess.run = run
-        for target, fd in zip((0, 1, 2), fds):
+        for target, fd in zip((0, 1, 2), fds, strict=True):
             os.dup2(fd, target)
         for fd in fds:
             if fd > 2:
@@ -188,6 +188,13 @@ def _exit_code(value) -> int:
 # The client -------------------------------------------------------------------------------------
 
 SHARED = "KERASBN_TEST_FORKSERVER"  # the socket of a server shared by every process given it
+# Set to 1: no fork server; every process is a fresh interpreter, started as a user starts it
+# (.ci/run runs the process scenarios so once, after the fast suite).
+FRESH = "KERASBN_TEST_FRESH_INTERPRETERS"
+
+
+def fresh_interpreters() -> bool:
+    return os.environ.get(FRESH) == "1"
 
 
 class _Server:
@@ -228,6 +235,8 @@ def share() -> None:
     """Starts a server for this process and every process it starts afterwards (pytest-xdist's
     workers: one server, TensorFlow imported once, for all of them), without waiting for it."""
     global _server
+    if fresh_interpreters():
+        return
     with _server_lock:
         _server = _Server(dict(os.environ), wait=False)
         os.environ[SHARED] = _server.path
@@ -245,7 +254,7 @@ def _the_server(env) -> _Server:
 
 
 def _forkable(args, env) -> tuple[str, str, list] | None:
-    if not isinstance(args, (list, tuple)) or len(args) < 2 or args[0] != sys.executable:
+    if fresh_interpreters() or not isinstance(args, (list, tuple)) or len(args) < 2 or args[0] != sys.executable:
         return None
     if (env or os.environ).get("KERAS_BACKEND", "tensorflow") != "tensorflow":
         return None

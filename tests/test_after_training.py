@@ -1,8 +1,6 @@
 """recalibrate_statistics, fold_batch_norm, export_for_serving."""
 
-import doctest
 import sys
-import warnings
 
 import keras
 import numpy as np
@@ -13,7 +11,6 @@ import kerasbn
 import kerasbn.folding
 import kerasbn.population
 from tests import forkserver, reference
-from tests.distributed import ROOT
 
 RNG = np.random.RandomState(0)
 
@@ -144,7 +141,7 @@ def test_recalibration_is_algorithm_2(as_dataset):
     np.testing.assert_allclose(second.moving_mean, np.mean(means2, 0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(second.moving_variance, np.mean(vars2, 0), rtol=1e-4)
     # Weights frozen, settings restored, the layers still train as before.
-    for before, w in zip(weights_before, model.trainable_weights):
+    for before, w in zip(weights_before, model.trainable_weights, strict=True):
         np.testing.assert_array_equal(before, w.numpy())
     assert first.momentum == 0.9 and second.momentum == 0.99
     assert "call" not in vars(first) and "call" not in vars(second)
@@ -248,11 +245,3 @@ def test_folded_model_through_onnx():
     got = session.run(None, {"x": x})[0]
     expected = model(x, training=False).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-
-
-def test_docstring_examples():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for module in (kerasbn.folding, kerasbn.population):
-            assert doctest.testmod(module).failed == 0
-    assert ROOT.exists()

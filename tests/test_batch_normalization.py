@@ -95,9 +95,9 @@ def test_fused_path_equals_general_path(shape, axis):
                 y = layer(x, training=True)
                 loss = tf.reduce_sum(y * dy)
             outputs.append([y, *tape.gradient(loss, [x, layer.gamma, layer.beta])])
-        for a, b in zip(*outputs):
+        for a, b in zip(*outputs, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    for a, b in zip(fused.weights, general.weights):
+    for a, b in zip(fused.weights, general.weights, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(fused(x), general(x), rtol=1e-5, atol=1e-5)
 
@@ -115,7 +115,7 @@ def test_inference_uses_moving_statistics(shape, axis):
         layer.moving_mean.numpy(), layer.moving_variance.numpy(), EPS,
     )
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
-    for b, w in zip(before, layer.non_trainable_weights):
+    for b, w in zip(before, layer.non_trainable_weights, strict=True):
         np.testing.assert_array_equal(b, w.numpy())
 
 
@@ -238,7 +238,7 @@ def test_keras_renorm_model_weights_load_into_the_kerasbn_model(fused):
     for _ in range(3):
         np.testing.assert_allclose(ours(x, training=True), theirs(x, training=True),
                                    rtol=1e-4, atol=1e-4)
-    for a, b in zip(ours.layers[2].weights, theirs.layers[2].weights):
+    for a, b in zip(ours.layers[2].weights, theirs.layers[2].weights, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ours(x, training=False), theirs(x, training=False), rtol=1e-5, atol=1e-5)
 
@@ -321,7 +321,7 @@ def test_empty_batch_leaves_statistics_unchanged_and_finite(shape, fused):
     before = [w.numpy().copy() for w in layer.weights]
     y = layer(np.zeros(shape, "float32"), training=True)
     assert y.shape == shape
-    for b, w in zip(before, layer.weights):
+    for b, w in zip(before, layer.weights, strict=True):
         np.testing.assert_array_equal(b, w.numpy())
 
 
@@ -367,7 +367,7 @@ def test_tf_function_and_xla_match_eager(fused):
         ye, ge = step(eager, x)
         yx, gx = xla(x)
         np.testing.assert_allclose(ye, yx, rtol=1e-4, atol=1e-4)
-        for a, b in zip(ge, gx):
+        for a, b in zip(ge, gx, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(eager.moving_variance, compiled.moving_variance, rtol=1e-5)
 
@@ -458,7 +458,7 @@ def test_masked_and_ghost_gradients_match_autodiff_of_the_naive_formula(ghost):
         y = (xs - mu) / tf.sqrt(var + EPS) * gamma + beta
         loss = tf.reduce_sum(tf.reshape(y, x.shape) * dy)
     expected = tape.gradient(loss, [x64, gamma, beta])
-    for got, want in zip(grads, expected):
+    for got, want in zip(grads, expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
 
 
@@ -476,7 +476,7 @@ def test_renorm_gradients_match_keras():
             tape.watch(x)
             loss = tf.reduce_sum(layer(x, training=True) ** 3)
         results.append(tape.gradient(loss, [x, layer.gamma, layer.beta]))
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
 
 

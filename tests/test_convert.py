@@ -1,6 +1,5 @@
 """kerasbn.convert_sync_batchnorm keeps arguments, weights and outputs."""
 
-import doctest
 
 import keras
 import numpy as np
@@ -60,7 +59,7 @@ def test_conversion_keeps_weights_arguments_and_outputs(make):
     converted = kerasbn.convert_sync_batchnorm(model, momentum=0.8)
     originals, replaced = _bn_layers(model), _bn_layers(converted)
     assert len(originals) == len(replaced) >= 1
-    for old, new in zip(originals, replaced):
+    for old, new in zip(originals, replaced, strict=True):
         assert type(new) is kerasbn.SyncBatchNormalization
         old_config, new_config = old.get_config(), new.get_config()
         for key in ("epsilon", "center", "scale", "name"):
@@ -73,7 +72,7 @@ def test_conversion_keeps_weights_arguments_and_outputs(make):
                 np.testing.assert_array_equal(w.numpy(), match[0].numpy())
     np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
     # The original is untouched.
-    for b, w in zip(before, model.weights):
+    for b, w in zip(before, model.weights, strict=True):
         np.testing.assert_array_equal(b, w.numpy())
     assert not any(isinstance(layer, kerasbn.SyncBatchNormalization) for layer in _bn_layers(model))
 
@@ -95,7 +94,3 @@ def test_subclassed_models_and_non_models_are_refused():
         kerasbn.convert_sync_batchnorm(Custom())
     with pytest.raises(TypeError, match="keras.Model"):
         kerasbn.convert_sync_batchnorm(keras.layers.BatchNormalization())
-
-
-def test_docstring_example():
-    assert doctest.testmod(kerasbn.convert).failed == 0

@@ -33,7 +33,7 @@ def test_tfds_imagenet2012_from_the_manual_dir(fake_imagenet, tmp_path):
     # through the random crops, and the device's distortion keeps them apart.
     for batch in (tf.cast(images, tf.float32) / 255 * 2 - 1, network_input(images, factors, 1.0)):
         means = tf.reduce_mean(batch, [1, 2, 3]).numpy()
-        for mean, label in zip(means, labels.numpy()):
+        for mean, label in zip(means, labels.numpy(), strict=True):
             assert (mean > 0.0) == (label == 1)
     eval_images, eval_labels = next(iter(source.eval().batch(8)))
     assert eval_images.shape == (4, 32, 32, 3)
@@ -110,7 +110,7 @@ def test_batched_crops_flips_and_distortion_are_per_image():
     crops = random_crops_and_flips(images, pad=2).numpy()
     padded = np.pad(images.numpy(), [(0, 0), (2, 2), (2, 2), (0, 0)])
     windows = set()
-    for image, crop in zip(padded, crops):
+    for image, crop in zip(padded, crops, strict=True):
         # Each output is one 6x6 window of its own padded image, mirrored or not.
         found = [(dy, dx, flip) for dy in range(5) for dx in range(5) for flip in (False, True)
                  if np.array_equal(crop, (image[dy:dy + 6, dx:dx + 6, :][:, ::-1] if flip
@@ -139,7 +139,7 @@ def test_batched_device_distortion_equals_the_per_image_ops(channels):
     images = tf.random.uniform((16, 8, 8, channels), 0.15, 0.85)
     factors = distortion_factors(16, 1.0)
     batched = apply_distortion(images, factors).numpy()
-    for image, f, out in zip(images, factors, batched):
+    for image, f, out in zip(images, factors, batched, strict=True):
         np.testing.assert_allclose(out, _per_image_reference(image, f).numpy(), atol=2e-5)
     assert np.std(batched.mean((1, 2, 3))) > 0.01  # factors differ between images
 

@@ -122,7 +122,7 @@ def test_the_papers_variants():
     for name, lr in paper.items():
         v = V.VARIANTS[name]
         assert v.learning_rate == pytest.approx(lr)
-        assert v.lrn == (not v.batch_norm) and v.momentum == 0.9
+        assert v.batch_norm == (name != "inception") and v.momentum == 0.9
         accelerated = name in ("bn-x5", "bn-x30", "bn-x5-sigmoid")
         assert v.decay_epochs == pytest.approx(base.decay_epochs / (6 if accelerated else 1))
         assert v.weight_decay == pytest.approx(base.weight_decay / (5 if accelerated else 1))

@@ -97,7 +97,7 @@ def _stopped_at(proc, run_dir):
 
 
 @pytest.mark.slow
-def test_stops_and_kills_at_any_instant_resume_losing_nothing_and_export_a_serving_model(tmp_path, capsys):
+def test_stops_and_kills_at_any_instant_resume_losing_nothing_and_export_a_serving_model(tmp_path, capsys, tiny_variant):
     """One run, stopped five ways, each checked against the checkpoint state file on disk."""
     run_dir = tmp_path / "run"
     # Loops of 100 steps (a second or more here), evaluations of 1000 examples.
@@ -191,9 +191,6 @@ def test_stops_and_kills_at_any_instant_resume_losing_nothing_and_export_a_servi
     *earlier, last = _history(run_dir)
     write_history(run_dir / "history.csv", earlier)
     from recipes.inception_bn import train
-    from tests import tiny_train
-
-    tiny_train.register()
     capsys.readouterr()
     status = train.main(["--run-dir", str(run_dir), *args, "--steps", str(total), "--no-export"])  # in this process
     assert status == 0 and f"already trained {total} of {total} steps" in capsys.readouterr().out
@@ -225,7 +222,7 @@ def test_two_workers_stopped_inside_a_long_loop_save_the_same_step_and_the_rerun
             p.kill()
     assert "2 replica(s) x batch 8 = 16, synchronized BN" in announced[1] and results[1][0] == ""
     saved = []
-    for proc, (_, stderr) in zip(procs, results):
+    for proc, (_, stderr) in zip(procs, results, strict=True):
         assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
         (line,) = [line for line in stderr.splitlines() if line.startswith("interrupted at step")]
         saved.append(int(line.split()[3].rstrip(";")))
@@ -303,6 +300,7 @@ def test_missing_imagenet_is_one_line(tmp_path, setup, expected, capsys):
     (["--variant", "bn-x5", "--dataset", "fashion_mnist", "--validation-examples", "-1"],
      "--validation-examples must be at least 0"),
     (["--variant", "bn-x5", "--plateau-window", "0"], "--plateau-window must be at least 1 step"),
+    (["--variant", "bn-x5", "--deterministic", "--jit"], "--deterministic cannot be combined with --jit"),
     (["--variant", "bn-x5", "--plateau-min-delta", "nan"], "--plateau-min-delta must be at least 0"),
     (["--variant", "bn-x5", "--dataset", "fashion_mnist", "--validation-examples", "60000"],
      "--validation-examples must be in [0, 60000)"),
@@ -399,7 +397,7 @@ def test_steps_per_loop_trains_exactly_as_one_step_per_call():
     loop = make_train_loop(strategy, model, optimizer, 4e-5, SimpleNamespace(global_batch=8, replicas=1), False)
     results = []
     for loops in ([1] * 6, [3, 3]):  # one step a call runs without the while loop: both paths agree
-        for variable, value in zip([*model.weights, *optimizer.variables], initial):
+        for variable, value in zip([*model.weights, *optimizer.variables], initial, strict=True):
             variable.assign(value)
         iterator = iter(strategy.distribute_datasets_from_function(
             lambda ctx: tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)))
@@ -408,7 +406,7 @@ def test_steps_per_loop_trains_exactly_as_one_step_per_call():
     (loss_1, weights_1, steps_1), (loss_3, weights_3, steps_3) = results
     assert steps_1 == steps_3 == 6
     assert loss_1 == pytest.approx(loss_3, rel=1e-5)
-    for a, b in zip(weights_1, weights_3):
+    for a, b in zip(weights_1, weights_3, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert not np.allclose(weights_1[0], initial[0])  # it trained
 

@@ -44,8 +44,8 @@ def _global_batches(source, replicas, pipelines=1, start_step=0, steps=5, seed=3
 
 
 def _assert_same_batches(expected, actual, what):
-    for step, (want, got) in enumerate(zip(expected, actual)):
-        for name, a, b in zip(("images", "distortion factors", "labels"), want, got):
+    for step, (want, got) in enumerate(zip(expected, actual, strict=True)):
+        for name, a, b in zip(("images", "distortion factors", "labels"), want, got, strict=True):
             assert np.array_equal(a, b), f"{what}: step {step} has other {name}"
 
 
@@ -225,12 +225,12 @@ def test_partitions_read_their_own_files_once_per_epoch_on_any_split(tmp_path):
             np.testing.assert_array_equal(np.sort(epoch), own)
         assert not np.array_equal(epochs[0], epochs[1])
     for replicas, pipelines in [(2, 1), (4, 2), (4, 4)]:
-        assert all(np.array_equal(a[1], b[1]) for a, b in zip(one, global_batches(replicas, pipelines, steps=12))), \
+        assert all(np.array_equal(a[1], b[1]) for a, b in zip(one[:12], global_batches(replicas, pipelines, steps=12), strict=True)), \
             f"{replicas} replicas on {pipelines} pipelines read another stream"
     for step, (replicas, pipelines) in [(5, (1, 1)), (13, (4, 2))]:  # mid-file; a later epoch, another split
         resumed = global_batches(replicas, pipelines, start_step=step, steps=5)
         assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-                   for a, b in zip(one[step:], resumed)), f"resumed at step {step} on {replicas}"
+                   for a, b in zip(one[step:step + 5], resumed, strict=True)), f"resumed at step {step} on {replicas}"
 
 
 def test_partitions_that_cannot_work_are_one_clear_error():
@@ -273,7 +273,7 @@ def test_the_batches_are_the_examples_at_their_positions():
     epoch0 = next(reference)
     by_id = {}
     positions = example_ids(3, source.train_examples, np.arange(source.train_examples)).numpy()
-    for image, example in zip(epoch0[0].numpy(), positions):
+    for image, example in zip(epoch0[0].numpy(), positions, strict=True):
         by_id[int(example)] = image
     assert sorted(by_id) == list(range(source.train_examples))
     for example in wanted_ids:  # across the boundary of epochs 1 and 2
@@ -329,7 +329,7 @@ STEPS = 40
 
 
 @pytest.mark.slow(cores=2)
-def test_one_run_stopped_killed_or_split_ends_with_the_uninterrupted_weights(tmp_path, capsys):
+def test_one_run_stopped_killed_or_split_ends_with_the_uninterrupted_weights(tmp_path, capsys, tiny_variant):
     # One global batch of 16 on every split, --deterministic, synchronized BN unless --no-sync-bn:
     # - stopped by SIGTERM and SIGKILL and resumed: bit-identical to the uninterrupted run;
     # - on 2 and 4 replicas, and on 2 loopback workers for half the steps then resumed on the one
@@ -375,9 +375,6 @@ def test_one_run_stopped_killed_or_split_ends_with_the_uninterrupted_weights(tmp
 
     # A resume on another stream (global batch 8 where 16 trained): refused in one line naming both.
     # In this process, before training; without --deterministic, which would stay on here.
-    from tests import tiny_train
-
-    tiny_train.register()
     status, stderr = _main_in_process(["--run-dir", str(tmp_path / "1"), "--variant", "tiny", "--dataset",
                                        "fashion_mnist", "--batch-size", "8", "--steps", str(2 * STEPS)], capsys)
     assert status == 2 and "Traceback" not in stderr, stderr
@@ -400,11 +397,8 @@ def test_what_the_stream_cannot_keep_is_refused(tmp_path, args, expected, capsys
     assert status == 2 and expected in stderr and "Traceback" not in stderr
 
 
-def test_imagenet_partitions_that_do_not_divide_the_global_batch_are_one_line(tmp_path, capsys, request):
+def test_imagenet_partitions_that_do_not_divide_the_global_batch_are_one_line(tmp_path, capsys, request, tiny_variant):
     # In this process, before training: the chosen partitions are checked against the global batch.
-    from tests import tiny_train
-
-    tiny_train.register()
     status, stderr = _main_in_process(
         ["--run-dir", str(tmp_path / "run"), "--variant", "tiny", "--dataset", "imagenet2012", "--prepared-dir",
          str(request.getfixturevalue("prepared_imagenet")), "--image-size", "32", "--batch-size", "4",

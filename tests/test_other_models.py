@@ -37,13 +37,13 @@ def test_conversion_is_complete_and_keeps_weights_and_outputs(name):
     converted = kerasbn.convert_sync_batchnorm(model)
     originals, replaced = _bns(model), _bns(converted)
     assert len(originals) == len(replaced) == count
-    for old, new in zip(originals, replaced):
+    for old, new in zip(originals, replaced, strict=True):
         assert type(new) is kerasbn.SyncBatchNormalization, new.name
         for key in ("epsilon", "momentum", "center", "scale", "axis"):
             assert new.get_config()[key] == old.get_config()[key], (new.name, key)
         for w in old.weights:
             np.testing.assert_array_equal(getattr(new, w.name).numpy(), w.numpy())
-    for b, w in zip(before, model.weights):  # the original is untouched
+    for b, w in zip(before, model.weights, strict=True):  # the original is untouched
         np.testing.assert_array_equal(b, w.numpy())
     np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(converted(x, training=True), model(x, training=True), rtol=1e-4, atol=1e-4)
@@ -253,7 +253,7 @@ def test_a_model_built_in_the_scope_computes_what_the_keras_one_does():
     keras.utils.set_random_seed(0)
     with kerasbn.batch_norm_scope():
         ours, _ = zoo_models.custom_layer()
-    for a, b in zip(ours.weights, reference.weights):
+    for a, b in zip(ours.weights, reference.weights, strict=True):
         a.assign(b)
     x = zoo_models.input_batch(reference)
     for training in (True, False):

@@ -95,7 +95,7 @@ def _check_against_reference(result, sizes, group_size=None, momentum=0.5, **dat
         expected_mean.append((1 - momentum) * mu)
         expected_var.append(momentum + (1 - momentum) * var * m / (m - 1))
     # One consistent set of moving statistics: the mean over groups, on every replica.
-    for copy_mean, copy_var in zip(result["moving_mean"], result["moving_variance"]):
+    for copy_mean, copy_var in zip(result["moving_mean"], result["moving_variance"], strict=True):
         np.testing.assert_allclose(copy_mean, np.mean(expected_mean, 0), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(copy_var, np.mean(expected_var, 0), rtol=1e-4)
 
@@ -162,7 +162,7 @@ def test_unsynchronized_layers_keep_one_consistent_set_of_statistics(scenario):
         flat = reference.channels_last(x, -1)
         means.append(0.5 * flat.mean(0))
         variances.append(0.5 + 0.5 * flat.var(0, ddof=1))
-    for copy_mean, copy_var in zip(result["moving_mean"], result["moving_variance"]):
+    for copy_mean, copy_var in zip(result["moving_mean"], result["moving_variance"], strict=True):
         np.testing.assert_allclose(copy_mean, np.mean(means, 0), rtol=1e-5)
         np.testing.assert_allclose(copy_var, np.mean(variances, 0), rtol=1e-5)
     assert result["collectives_per_replica"] == 0

@@ -62,7 +62,7 @@ def train_one(batch_norm, data, steps, batch_size, learning_rate, record_every, 
     def step(x, y):
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True))
-        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables, strict=True))
 
     @tf.function
     def observe():
@@ -95,9 +95,9 @@ def plot(path, results):
         axes[0].plot(rows[:, 0], rows[:, 1], label=name)
     axes[0].set(title="(a) test accuracy", xlabel="training steps", ylim=(0.5, 0.9))
     axes[0].legend()
-    for ax, (name, rows) in zip(axes[1:], results.items()):
+    for ax, (name, rows) in zip(axes[1:], results.items(), strict=True):
         rows = np.array(rows)
-        for column, p in zip((2, 3, 4), PERCENTILES):
+        for column, p in zip((2, 3, 4), PERCENTILES, strict=True):
             ax.plot(rows[:, 0], rows[:, column], label=f"{p}th percentile")
         ax.set(title=f"({'b' if ax is axes[1] else 'c'}) {name}: one sigmoid's input", xlabel="training steps")
         ax.legend()

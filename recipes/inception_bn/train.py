@@ -154,6 +154,9 @@ def parse_args(argv=None):
         if args.deterministic:
             parser.error("--deterministic cannot be combined with --data-service: the service hands out its "
                          "input to whichever trainer asks first, so the order of the batches is not reproducible")
+    if args.deterministic and args.jit:
+        parser.error("--deterministic cannot be combined with --jit: TensorFlow has no deterministic XLA "
+                     "implementation of MaxPool's gradient, which every variant's network runs; drop one of them")
     if args.validation_examples < 0:
         parser.error("--validation-examples must be at least 0")
     if args.validation_examples and args.dataset != "fashion_mnist":
@@ -464,7 +467,7 @@ def train_replica(model, optimizer, loss_fn, weight_decay, global_batch, replica
         loss = tf.reduce_sum(per_example) / global_batch + l2_penalty(model, weight_decay) / replicas
         scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
     gradients = tape.gradient(scaled, model.trainable_variables)
-    optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+    optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
     correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
     return tf.reduce_sum(per_example), correct
 
