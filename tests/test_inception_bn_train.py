@@ -364,7 +364,8 @@ def test_training_loops_stop_at_every_evaluation_and_at_the_end():
 
     from recipes.inception_bn.train import RunPlan
 
-    args = SimpleNamespace(sync_bn=None, batch_size=8, steps=14, eval_every=6, steps_per_loop=4)
+    args = SimpleNamespace(sync_bn=None, batch_size=8, steps=14, eval_every=6, steps_per_loop=4,
+                           plateau_window=None, plateau_min_delta=0.0)
     plan = RunPlan(args, None, SimpleNamespace(train_examples=800), replicas=1)
     step, boundaries = 0, []
     while step < plan.total_steps:

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from recipes.inception_bn.failures import EXIT_RETRYABLE, StallWatchdog, first_line, lost_tasks
+from recipes.inception_bn.ending import RETRYABLE as EXIT_RETRYABLE
+from recipes.inception_bn.failures import StallWatchdog, first_line, lost_tasks
 from tests import forkserver
 from tests.distributed import ROOT, TIMEOUT, _env, free_ports, start_cluster, tf_config
 from tests.test_inception_bn_train import RECIPE, TINY, _checkpoint_steps, _history, _wait_for

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recipes.inception_bn import failures, stopping, train
+from recipes.inception_bn import ending, train
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "recipes.md").read_text()
 # What the recipe returns: 130 (stopped, saved) and 138 (a lost peer, a stall) ask for a rerun;
 # 137 and 143 are SIGKILL and SIGTERM before it took the signals; 2 is a usage or data error.
-RETRYABLE = {stopping.EXIT_STATUS, failures.EXIT_RETRYABLE, 128 + 9, 128 + 15}
+RETRYABLE = {ending.INTERRUPTED, ending.RETRYABLE, 128 + 9, 128 + 15}
 
 
 def _blocks(language):
@@ -38,7 +38,7 @@ def _train_command(container):
 
 
 def test_the_recipe_uses_the_statuses_the_docs_name(capsys):
-    assert stopping.EXIT_STATUS == 130 and failures.EXIT_RETRYABLE == 138
+    assert ending.INTERRUPTED == 130 and ending.RETRYABLE == 138
     assert _usage_error_status(capsys) == 2
     assert "**130** stopped" in DOC and "**138** a peer lost or a stall" in DOC and "**2** a usage" in DOC
 

@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from recipes.inception_bn import ending
 from recipes.inception_bn.data import SOURCES
 from recipes.inception_bn.history import DIVERGED, read_history
 from recipes.inception_bn.variants import PAPER_VARIANTS, VARIANTS, get_variant
@@ -62,7 +63,7 @@ def parse_args(argv=None):
 
 
 # A run stopped by Ctrl-C or SIGTERM: it saved and exited 130 (killed by the signal if it came early).
-INTERRUPTED = (130, -signal.SIGINT, -signal.SIGTERM)
+INTERRUPTED = (ending.INTERRUPTED, -signal.SIGINT, -signal.SIGTERM)
 
 
 class RunInterrupted(Exception):
@@ -254,7 +255,7 @@ def main(argv=None) -> int:
         outcomes = run_variants(names, run_dir, args.dataset, train_args, args.jobs)
     except (RunInterrupted, KeyboardInterrupt) as stopped:
         print(f"\n{stopped or 'interrupted'}; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return ending.INTERRUPTED
     table, histories = summarize(run_dir, names, outcomes)
     (run_dir / "compare.md").write_text(table)
     plot(run_dir / "compare.png", histories, args.title or f"BN-Inception variants on {args.dataset}")

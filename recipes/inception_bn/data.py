@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import tensorflow as tf
 
-from recipes.inception_bn import order, partitions
+from recipes.inception_bn import order
+from recipes.inception_bn.partitions import choose_partitions, pipeline_records
 
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 SOURCES = ("imagenet2012", "fashion_mnist", "synthetic")
@@ -37,6 +40,22 @@ DEFAULT_IMAGE_SIZE = {"imagenet2012": 224, "fashion_mnist": 28, "synthetic": 32}
 
 class DataNotFoundError(FileNotFoundError):
     """The dataset is not where the user said; the message says what must be there."""
+
+
+class TrainInput(Protocol):
+    """``Source.train``: this pipeline's replicas' batches of ``(images uint8, factors float32,
+    labels int32)`` from global step ``start_step`` on, ``batch_size`` per replica, repeated;
+    ``partitions``: for sources read from files, the run's (``order.DataOrder``)."""
+
+    def __call__(self, batch_size: int, distortion: float, seed: int, input_context=None, start_step: int = 0,
+                 partitions: int | None = None) -> tf.data.Dataset: ...
+
+
+class Examples(Protocol):
+    """``Source.eval`` and ``Source.test``: this pipeline's share of the first ``limit`` examples
+    (all when None), unbatched ``(image uint8, label int32)``."""
+
+    def __call__(self, limit: int | None = None, input_context=None) -> tf.data.Dataset: ...
 
 
 @dataclasses.dataclass
@@ -67,10 +86,10 @@ class Source:
     image_shape: tuple
     train_examples: int
     eval_examples: int
-    train: object
-    eval: object
-    partitions_for: object = None
-    test: object = None
+    train: TrainInput
+    eval: Examples
+    partitions_for: Callable[[int], int] | None = None
+    test: Examples | None = None
     test_examples: int = 0
 
 
@@ -241,12 +260,13 @@ def imagenet2012(data_dir, image_size: int = 224, prepared_dir=None, partitions_
         return example["image"], example["label"]
 
     def partitions_for(global_batch):
-        return partitions.choose_partitions(global_batch, len(train_files), partitions_requested)
+        return choose_partitions(global_batch, len(train_files), partitions_requested)
 
-    def train(batch_size, distortion, seed, input_context=None, start_step=0):
-        replicas = order.pipeline_split(input_context)[2]
-        records = partitions.pipeline_records(train_files, train_counts, seed, partitions_for(batch_size * replicas),
-                                              batch_size, start_step, input_context)
+    def train(batch_size, distortion, seed, input_context=None, start_step=0, partitions=None):
+        if partitions is None:  # outside a run (its order.DataOrder passes them): the default
+            partitions = partitions_for(batch_size * order.pipeline_split(input_context)[2])
+        records = pipeline_records(train_files, train_counts, seed, partitions, batch_size, start_step,
+                                   input_context)
 
         def draws(positions):
             # Every draw of a replica's batch in a few batched ops; per image only its own work.
@@ -301,7 +321,7 @@ def fashion_mnist(data_dir=None, image_size: int = 28, validation_examples: int 
     train_images, train_labels = tf.constant(x_train), tf.constant(y_train.astype(np.int32))
     pad = max(1, image_size // 14)
 
-    def train(batch_size, distortion, seed, input_context=None, start_step=0):
+    def train(batch_size, distortion, seed, input_context=None, start_step=0, partitions=None):
         # Random access by stream position (recipes/inception_bn/order.py): the examples and every
         # draw of this replica's share of each global batch, and nothing else. Cropped a batch at a
         # time on uint8: per-image copies and per-image ops took CPU time from the training they feed.
@@ -345,7 +365,7 @@ def synthetic(image_size: int = 32, num_classes: int = 10, train_examples: int =
         image = tf.saturate_cast(tf.round((tf.gather(templates, label) + noise) * 255.0), tf.uint8)
         return image, label
 
-    def train(batch_size, distortion, seed, input_context=None, start_step=0):
+    def train(batch_size, distortion, seed, input_context=None, start_step=0, partitions=None):
         del distortion  # the patterns are the signal: no photometric distortion
         def batch_at(positions):
             ids = order.example_ids(seed, train_examples, positions)

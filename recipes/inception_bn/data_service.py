@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -65,28 +63,9 @@ def check_address(address: str) -> str:
     return address
 
 
-def wait_for_stop() -> str:
-    """Blocks until SIGTERM or SIGINT; returns the signal's name.
-
-    ``server.join()`` is one long C++ call: a Python signal handler would run only after it
-    returns, which it never does, so the process ignored SIGTERM. The signals are blocked in
-    every thread (before TensorFlow starts any) and taken here with ``sigwait``.
-    """
-    from recipes.inception_bn.stopping import STOP_SIGNALS
-
-    if hasattr(signal, "sigwait"):
-        return signal.Signals(signal.sigwait(STOP_SIGNALS)).name
-    stopped = threading.Event()  # no sigwait (Windows): Python handlers; Event.wait() lets them run
-    names = []
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, lambda number, _: (names.append(signal.Signals(number).name), stopped.set()))
-    while not stopped.wait(1.0):
-        pass
-    return names[0]
-
-
 def main(argv=None) -> int:
-    from recipes.inception_bn.stopping import block_stop_signals
+    from recipes.inception_bn import ending
+    from recipes.inception_bn.stopping import StopRequest, block_stop_signals
 
     block_stop_signals()  # first, so that no TensorFlow thread takes SIGTERM or SIGINT
     parser = argparse.ArgumentParser(prog="python -m recipes.inception_bn.data_service",
@@ -115,14 +94,15 @@ def main(argv=None) -> int:
             config["worker_address"] = args.worker_address
         server = service.WorkerServer(service.WorkerConfig(**config))
         print(f"worker serving for dispatcher {args.dispatcher}", flush=True)
-    name = wait_for_stop()
+    # server.join() would be one long C++ call, during which no Python handler runs: the signals
+    # are blocked in every thread (before TensorFlow starts any) and taken by the stop request's.
+    with StopRequest(announce=False) as stop:
+        name = stop.wait()
     # A hard exit, as a lost machine's: the dispatcher journals every change before it answers
     # (--work-dir), so nothing it acknowledged is lost, and no server thread can hold the exit up.
-    print(f"{args.role} stopped by {name}"
-          + (f"; restart it with the same --work-dir {args.work_dir} to keep its jobs"
-             if args.role == "dispatcher" and args.work_dir else ""), flush=True)
-    sys.stderr.flush()
-    os._exit(0)
+    ending.end_process(ending.DONE, f"{args.role} stopped by {name}"
+                       + (f"; restart it with the same --work-dir {args.work_dir} to keep its jobs"
+                          if args.role == "dispatcher" and args.work_dir else ""), sys.stdout)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,5 @@
-"""A lost or hung machine ends the run on every worker: one line, a retryable exit status.
-
-Exit statuses of the recipe (docs/recipes.md, "Exit statuses and orchestrators"):
-
-- 0: done.
-- 2: a usage or data error, or a diverged run: rerunning the same command fails the same way.
-- 130: stopped by SIGTERM/SIGINT, the step reached saved (a third signal exits with 130 unsaved).
-- 138: a peer was lost, or no step completed for ``--stall-timeout`` seconds: rerunning every
-  worker resumes from the checkpoint the state file names (Kubeflow's "retryable" code).
-- 1: anything else (a bug): the traceback is printed.
+"""A lost or hung machine ends the run on every worker: one line, the retryable exit status 138
+(``recipes/inception_bn/ending.py`` defines every status).
 
 A lost peer: TensorFlow's coordination service notices a dead or frozen worker (its heartbeat,
 about 10 s) and aborts the collectives every survivor is waiting in; the error surfaces in the
@@ -25,15 +17,14 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
-import os
 import re
-import sys
 import threading
 import time
 import traceback
 from pathlib import Path
 
-EXIT_RETRYABLE = 138
+from recipes.inception_bn import ending
+
 DEFAULT_STALL_TIMEOUT = 600.0  # seconds; PyTorch's default NCCL collective timeout is the same 10 min
 
 # The errors TensorFlow raises in a survivor when a peer is gone: the coordination service's
@@ -135,30 +126,19 @@ def lost_peer_message(error: BaseException, run_dir: Path, own_task: str, step: 
             f"rerun every worker's command: {resume}" + (f" (traceback in {log})" if log else ""))
 
 
-def exit_retryable(line: str) -> None:
-    """Prints ``line`` and ends the process now, status 138: after a lost peer, TensorFlow's
-    shut-down waits on the cluster (a barrier, open channels), which can hold a normal exit up."""
-    try:
-        sys.stdout.flush()
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
-    os._exit(EXIT_RETRYABLE)
-
-
 class StallWatchdog:
     """Ends the process (status 138) when no progress is reported for ``timeout`` seconds.
 
     ``progress(waiting_for)`` marks progress and says what comes next (for the message);
     ``timeout`` 0 or None disables it. ``on_stall(line)`` exits; the default prints the line and
-    exits with status 138, after writing every thread's stack to the error log.
+    ends the process with status 138 (``ending.end_process``), after writing every thread's stack
+    to the error log.
     """
 
     def __init__(self, timeout: float | None, run_dir: Path, own_task: str, resume_fn, on_stall=None):
         self.timeout = timeout or 0
         self._run_dir, self._own_task, self._resume_fn = run_dir, own_task, resume_fn
-        self._on_stall = on_stall or exit_retryable
+        self._on_stall = on_stall or (lambda line: ending.end_process(ending.RETRYABLE, line))
         self._lock = threading.Lock()
         self._last = time.monotonic()
         self._waiting_for = "the run to start"

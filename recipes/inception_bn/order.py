@@ -65,6 +65,50 @@ class Stream:
             atomic_write(path, json.dumps(dataclasses.asdict(self)))
 
 
+class DataOrder:
+    """The one owner of a run's training order: it decides the partitions ImageNet's files are read
+    in, checks that every input pipeline can read them, checks and records the stream a resume
+    must continue, and gives each pipeline - local, or a tf.data service job - its start. The rest
+    of the recipe only asks it.
+
+    Args:
+        source: the ``data.Source``.
+        seed: the run's ``--seed``.
+        global_batch: examples per step over all replicas.
+        replicas: replicas in sync.
+        pipelines: local input pipelines (one per worker).
+        partitions_requested: ``--partitions`` (None: the source's default).
+
+    Raises:
+        ValueError: the partitions cannot be shared by the pipelines.
+    """
+
+    def __init__(self, source, seed: int, global_batch: int, replicas: int, pipelines: int):
+        self.source, self.seed, self.replicas = source, seed, replicas
+        self.partitions = None
+        if source.partitions_for is not None:  # read from files: K canonical partitions
+            self.partitions = source.partitions_for(global_batch)
+            from recipes.inception_bn.partitions import check_pipelines
+
+            check_pipelines(self.partitions, pipelines)
+        self.stream = Stream(seed, source.train_examples, global_batch, self.partitions)
+
+    def check_resume(self, run_dir, resuming: bool, record: bool) -> None:
+        """StreamMismatch unless a resume continues the stream recorded in ``run_dir``; the chief records it."""
+        self.stream.check_resume(run_dir, resuming, record)
+
+    def local_input(self, input_context, per_replica: int, distortion: float, start_step: int):
+        """This worker's pipeline: its replicas' shares of every global batch from ``start_step``."""
+        return self.source.train(per_replica, distortion, self.seed, input_context, start_step,
+                                 partitions=self.partitions)
+
+    def service_input(self, per_replica: int, distortion: float, start_step: int):
+        """The one pipeline a tf.data service job runs for every trainer: a stream of per-replica
+        batches, so global step ``s`` starts at its batch ``s * replicas``."""
+        return self.source.train(per_replica, distortion, self.seed, None, start_step * self.replicas,
+                                 partitions=self.partitions)
+
+
 def _mix32(x):
     """A 32-bit integer hash (the "lowbias32" finaliser) in int64 arithmetic that cannot overflow."""
     shift, xor, mask = tf.bitwise.right_shift, tf.bitwise.bitwise_xor, tf.bitwise.bitwise_and

@@ -114,9 +114,9 @@ def pipeline_records(files, counts, seed: int, partitions: int, per_replica: int
     order of its positions (``order.pipeline_positions(...).unbatch()``)."""
     pipelines, pipeline, replicas = order.pipeline_split(input_context)
     global_batch = per_replica * replicas
-    if global_batch % partitions:
-        raise ValueError(f"{partitions} partitions do not split the global batch {global_batch}")
-    check_pipelines(partitions, pipelines)
+    if global_batch % partitions or partitions % pipelines:
+        raise ValueError(f"{partitions} partitions split neither the global batch {global_batch} nor "
+                         f"{pipelines} pipelines (order.DataOrder chooses them)")
     per_partition = global_batch // partitions
     own = range(pipeline * partitions // pipelines, (pipeline + 1) * partitions // pipelines)
     streams = [partition_records(files, seed, k, partitions, start_step * per_partition, counts) for k in own]

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from recipes.inception_bn import compare, plateau
+from recipes.inception_bn import compare, ending, plateau
 from recipes.inception_bn.history import atomic_write, read_history
 from recipes.inception_bn.variants import PAPER_VARIANTS, VARIANTS
 
@@ -291,7 +291,7 @@ def main(argv=None) -> int:
         load_fashion_mnist(args.data_dir)
     except DatasetNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return ending.REFUSED
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
         run_all(run_dir, names, seeds, train_args, args.jobs, args.train_module)
     except (compare.RunInterrupted, KeyboardInterrupt) as stopped:
         print(f"\n{stopped or 'interrupted'}; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return ending.INTERRUPTED
     table, numbers = summarize(collect(run_dir, names, seeds), args.max_steps)
     atomic_write(run_dir / "table2.md", table)
     atomic_write(run_dir / "table2.json", json.dumps(numbers, indent=1, default=str))

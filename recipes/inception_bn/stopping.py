@@ -18,14 +18,14 @@ no coordination service). The same holds for one process.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
 
+from recipes.inception_bn import ending
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FORCE_AFTER = 3
-EXIT_STATUS = 130
 _CAN_SIGWAIT = hasattr(signal, "pthread_sigmask") and hasattr(signal, "sigwait")
 
 
@@ -42,7 +42,9 @@ def block_stop_signals() -> None:
 class StopRequest:
     """The stop request of one process; use as a context manager around the run."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
+        self.announce = announce
+        self.first_signal = None
         self.signals = 0
         self._event = threading.Event()
         self._lock = threading.Lock()
@@ -115,6 +117,14 @@ class StopRequest:
     def requested(self) -> bool:
         return self._event.is_set()
 
+    def wait(self) -> str:
+        """Blocks until the first request; returns its signal's name (a server's main thread,
+        whose work runs in threads of its own). Waits in steps so that the Python handler
+        fallback (no ``sigwait``) can run."""
+        while not self._event.wait(1.0):
+            pass
+        return self.first_signal
+
     def _on_signal(self, signum):
         with self._lock:
             self.signals += 1
@@ -122,13 +132,15 @@ class StopRequest:
             exit_now = self._exit_now
         name = signal.Signals(signum).name
         if count == 1:
+            self.first_signal = name
             self._event.set()
             if exit_now is not None:
                 self._exit(exit_now())
             if self.flag is not None:
                 self.flag.assign(1)
-            _say(f"\n{name}: stopping at the next safe point, saving first; "
-                 f"{FORCE_AFTER - 1} more signals force an exit without saving")
+            if self.announce:
+                _say(f"\n{name}: stopping at the next safe point, saving first; "
+                     f"{FORCE_AFTER - 1} more signals force an exit without saving")
         elif count < FORCE_AFTER:
             _say(f"{name}: already stopping; {FORCE_AFTER - count} more forces an exit without saving")
         else:
@@ -137,8 +149,7 @@ class StopRequest:
 
     @staticmethod
     def _exit(message: str):
-        _say(f"\n{message}")
-        os._exit(EXIT_STATUS)
+        ending.end_process(ending.INTERRUPTED, f"\n{message}")
 
 
 def _say(line: str) -> None:

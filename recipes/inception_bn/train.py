@@ -35,25 +35,19 @@ if __name__ == "__main__":
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from recipes.inception_bn import failures, order, partitions, plateau  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import kerasbn  # noqa: E402
+from recipes.inception_bn import ending, failures, order, plateau  # noqa: E402
 from recipes.inception_bn.checkpoints import Checkpoints, resume_message  # noqa: E402
 from recipes.inception_bn.data import DEFAULT_IMAGE_SIZE, SOURCES, network_input  # noqa: E402
+from recipes.inception_bn.ending import Interrupted, PeerLost, Refused  # noqa: E402
 from recipes.inception_bn.history import DIVERGED, atomic_write  # noqa: E402
 from recipes.inception_bn.run_log import RunLog  # noqa: E402
 from recipes.inception_bn.stopping import make_agreement  # noqa: E402
 from recipes.inception_bn.variants import VARIANTS, variants_help  # noqa: E402
-
-
-class RecipeError(Exception):
-    """A problem the user can fix; reported as one line."""
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped training; the message says what was kept."""
-
-
-class PeerLost(Exception):
-    """Another worker of the cluster is gone; the message says what the rerun resumes from."""
 
 
 def parse_args(argv=None):
@@ -176,13 +170,11 @@ def parse_args(argv=None):
 def make_strategy(cpu_replicas: int = 1):
     """MultiWorkerMirroredStrategy from TF_CONFIG, else MirroredStrategy over the GPUs
     (or ``cpu_replicas`` logical CPUs), else the default strategy."""
-    import tensorflow as tf
-
     if os.environ.get("TF_CONFIG"):
         try:
             json.loads(os.environ["TF_CONFIG"])
         except ValueError as error:
-            raise RecipeError(f"TF_CONFIG is not valid JSON: {error}") from None
+            raise Refused(f"TF_CONFIG is not valid JSON: {error}") from None
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
@@ -205,160 +197,294 @@ def worker_role(strategy):
     return chief, resolver.task_id, f"{resolver.task_type} {resolver.task_id}"
 
 
+def input_pipelines(strategy) -> int:
+    """One input pipeline per worker (``distribute_datasets_from_function``); one without a strategy."""
+    if not isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
+        return 1
+    return strategy.num_replicas_in_sync // len(strategy.extended.worker_devices)
+
+
 # Training ---------------------------------------------------------------------------------------
 
 def l2_penalty(model, weight_decay):
     """``c/2 * sum(w^2)`` over convolution and classifier kernels (not biases, not BN)."""
-    import tensorflow as tf
-
     kernels = [w for w in model.trainable_weights
                if any(k in w.path for k in ("kernel", "depthwise_kernel", "pointwise_kernel"))]
     return weight_decay * 0.5 * tf.add_n([tf.reduce_sum(tf.square(tf.cast(w, tf.float32))) for w in kernels])
 
 
-def train(args, stop) -> int:
-    """The run, top to bottom: set up, restore, train with evaluations and checkpoints, finish."""
-    import keras
-    import tensorflow as tf
+def train(args, stop) -> None:
+    """The run, as its outline: set up, restore, train (with evaluations and checkpoints), finish.
 
-    started = time.time()
-    if args.deterministic:  # first: it applies to the kernels created from here on
-        tf.config.experimental.enable_op_determinism()
-    variant = VARIANTS[args.variant]
-    run_dir = prepare_run_dir(args.run_dir)
-    strategy = make_strategy(args.cpu_replicas)
-    is_chief, task_index, own_task = worker_role(strategy)
-    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    stop_flag = tf.Variable(0, trainable=False, name="stop_requested")  # this worker's, not mirrored
-    stop.bind(stop_flag)
-    agreed_stop = make_agreement(strategy, stop_flag)
-    checkpoint_dir = run_dir / "checkpoints"
-    stop.resume_message(lambda: resume_message(checkpoint_dir))
-    if not multi_worker:  # one process: nothing trained yet, nothing to save
-        stop.exit_now_when(lambda: f"interrupted before training started; {resume_message(checkpoint_dir)}")
-    if args.mixed_precision:
-        on_gpu = bool(tf.config.list_physical_devices("GPU"))
-        keras.mixed_precision.set_global_policy("mixed_float16" if on_gpu else "mixed_bfloat16")
-    keras.utils.set_random_seed(args.seed)
-    source = load_data(args)
-    plan = RunPlan(args, variant, source, strategy.num_replicas_in_sync)
-    model, optimizer, schedule = build_model(variant, source, plan, args, strategy)
-
-    checkpoints = Checkpoints(tf.train.Checkpoint(model=model, optimizer=optimizer), run_dir, is_chief,
-                              task_index, barrier=agreed_stop if multi_worker else None)
-    start_step = step = int(optimizer.iterations.numpy())
-    watchdog = failures.StallWatchdog(args.stall_timeout, run_dir, own_task, lambda: resume_message(checkpoint_dir))
+    What ends it early is raised as an ``ending.RunEnded`` (refused, interrupted, a lost peer) and
+    turned into its exit status and line by :func:`main`; the stall watchdog and the signal thread's
+    forced exit end the process through ``ending.end_process``.
+    """
+    run = Run(args, stop)
     try:
-        if multi_worker and plan.replicas > 1:
-            _check_same_step(strategy, start_step)
-        try:
-            stream_partitions = None
-            if source.partitions_for is not None:  # read from files: K canonical partitions
-                stream_partitions = source.partitions_for(plan.global_batch)
-                # One input pipeline per worker (distribute_datasets_from_function).
-                partitions.check_pipelines(stream_partitions,
-                                           plan.replicas // len(strategy.extended.worker_devices))
-            order.Stream(args.seed, source.train_examples, plan.global_batch, stream_partitions).check_resume(
-                run_dir, resuming=bool(checkpoints.latest), record=is_chief)
-        except ValueError as error:  # StreamMismatch, or partitions the run cannot read
-            raise RecipeError(str(error)) from None
-        log = RunLog(run_dir, is_chief, plan.total_steps, plan.steps_per_epoch, args.quiet,
-                     resumed_at=start_step if checkpoints.latest else None)
-        announce(log, run_dir, variant, source, plan, schedule, model, start_step, checkpoints.latest)
-        if is_chief:
-            write_settings(run_dir, args, variant, source, plan, schedule)
+        run.restore()
+        run.loop()
+        run.finish()
+    except tf.errors.OpError as error:
+        if not run.lost_peer(error):
+            raise
+        raise PeerLost(run.lost_peer_message(error)) from None
+    finally:
+        run.watchdog.stop()
 
-        # The stream's order is a function of the step and --seed (recipes/inception_bn/order.py).
-        train_data = strategy.distribute_datasets_from_function(
-            lambda ctx: training_input(source, args, variant, plan, ctx, run_dir, start_step))
+
+class _StopAgreed(Exception):
+    """Every worker agreed to stop: after a training loop, or during an evaluation (whose checkpoint
+    is saved; the rerun evaluates it)."""
+
+
+class Run:
+    """One training run: its settings (flags, variant, data, plan), its parts (strategy, model,
+    checkpoints, data order, log) and its phases, each a method ``train`` calls in turn."""
+    def __init__(self, args, stop):
+        self.started = time.time()
+        if args.deterministic:  # first: it applies to the kernels created from here on
+            tf.config.experimental.enable_op_determinism()
+        self.args, self.stop = args, stop
+        self.variant = VARIANTS[args.variant]
+        self.run_dir = prepare_run_dir(args.run_dir)
+        self.strategy = make_strategy(args.cpu_replicas)
+        self.is_chief, self.task_index, self.own_task = worker_role(self.strategy)
+        self.multi_worker = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        self.stop_flag = tf.Variable(0, trainable=False, name="stop_requested")  # this worker's, not mirrored
+        stop.bind(self.stop_flag)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        stop.resume_message(self.resume_message)
+        if not self.multi_worker:  # one process: nothing trained yet, nothing to save
+            stop.exit_now_when(lambda: f"interrupted before training started; {self.resume_message()}")
+        if args.mixed_precision:
+            on_gpu = bool(tf.config.list_physical_devices("GPU"))
+            keras.mixed_precision.set_global_policy("mixed_float16" if on_gpu else "mixed_bfloat16")
+        keras.utils.set_random_seed(args.seed)
+        self.source = load_data(args)
+        self.plan = RunPlan(args, self.variant, self.source, self.strategy.num_replicas_in_sync)
+        try:
+            self.order = order.DataOrder(self.source, args.seed, self.plan.global_batch, self.plan.replicas,
+                                         input_pipelines(self.strategy))
+        except ValueError as error:  # partitions the run's pipelines cannot share
+            raise Refused(str(error)) from None
+        self.model, self.optimizer, self.schedule = build_model(self.variant, self.source, self.plan, args,
+                                                                self.strategy)
+        self.checkpoints = Checkpoints(
+            tf.train.Checkpoint(model=self.model, optimizer=self.optimizer), self.run_dir, self.is_chief,
+            self.task_index, barrier=make_agreement(self.strategy, self.stop_flag) if self.multi_worker else None)
+        self.step = int(self.optimizer.iterations.numpy())
+        self.watchdog = failures.StallWatchdog(args.stall_timeout, self.run_dir, self.own_task, self.resume_message)
+
+    def resume_message(self) -> str:
+        return resume_message(self.checkpoint_dir)
+
+    # Restore ----------------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Every worker at the step the checkpoint holds, on the stream it was trained on; the log
+        and the settings written; the input pipelines and the step functions made."""
+        start_step, latest = self.step, self.checkpoints.latest
+        if self.multi_worker and self.plan.replicas > 1:
+            _check_same_step(self.strategy, start_step)
+        try:
+            self.order.check_resume(self.run_dir, resuming=bool(latest), record=self.is_chief)
+        except order.StreamMismatch as error:
+            raise Refused(str(error)) from None
+        self.log = RunLog(self.run_dir, self.is_chief, self.plan.total_steps, self.plan.steps_per_epoch,
+                          self.args.quiet, resumed_at=start_step if latest else None)
+        self.announce(start_step, latest)
+        if self.is_chief:
+            self.write_settings()
+        self.train_data = self.strategy.distribute_datasets_from_function(
+            lambda context: self.training_input(context, start_step))
+
         # The device's share of the input pipeline runs inside the step (recipes/inception_bn/data.py).
         def prepare(images, factors):
-            return network_input(images, factors, variant.distortion, model.compute_dtype)
+            return network_input(images, factors, self.variant.distortion, self.model.compute_dtype)
 
-        train_loop = make_train_loop(strategy, model, optimizer, variant.weight_decay, plan, args.jit, stop_flag,
-                                     prepare)
-        evaluate = make_evaluate(strategy, model, source, args.eval_examples, stop_flag,
-                                 on_batch=lambda: watchdog.progress(f"the evaluation at step {step}"))
+        self.train_loop = make_train_loop(self.strategy, self.model, self.optimizer, self.variant.weight_decay,
+                                          self.plan, self.args.jit, self.stop_flag, prepare)
+        self.evaluate = make_evaluate(self.strategy, self.model, self.source, self.args.eval_examples,
+                                      self.stop_flag,
+                                      on_batch=lambda: self.watchdog.progress(f"the evaluation at step {self.step}"))
 
-        stop.exit_now_when(None)  # from here a stop saves first
-        watchdog.start(f"the first training loop from step {start_step} (tracing it first)")
+    def training_input(self, input_context, start_step):
+        """This worker's training batches: local, or from the tf.data service (which shards)."""
+        per_replica = input_context.get_per_replica_batch_size(self.plan.global_batch)
+        if self.args.data_service is None:
+            return self.order.local_input(input_context, per_replica, self.variant.distortion, start_step)
+        from recipes.inception_bn import data_service
+
+        # One pipeline for every trainer: the same stream positions from the same step, dealt to the
+        # trainers in the order they ask (dynamic sharding; not reproducible).
+        return data_service.distribute(self.order.service_input(per_replica, self.variant.distortion, start_step),
+                                       self.args.data_service, data_service.job_name(self.run_dir, start_step))
+
+    # The loop ---------------------------------------------------------------------------------------
+    def loop(self) -> None:
+        """Train until ``--steps`` or the plateau: an evaluation and a checkpoint at every boundary,
+        a stop request saved at the step every worker agreed on."""
+        self.stop.exit_now_when(None)  # from here a stop saves first
+        self.watchdog.start(f"the first training loop from step {self.step} (tracing it first)")
         try:
-            if checkpoints.latest and plan.evaluation_due(start_step) and log.last_step != start_step:
+            if self.checkpoints.latest and self.plan.evaluation_due(self.step) and self.log.last_step != self.step:
                 # Stopped between the checkpoint and its evaluation: evaluate now, so no row is missing.
-                log.record(start_step, float(schedule(start_step)), evaluate_or_stop(evaluate),
-                           train=None)
-            iterator, meter = iter(train_data), TrainMeter()
-            while step < plan.total_steps and plan.plateau_step(log.history) is None:
-                loops = plan.steps_to_next_boundary(step)
-                watchdog.progress(f"training steps {step + 1}-{step + loops}"
-                                  + (f" (input from the tf.data service {args.data_service})"
-                                     if args.data_service else ""))
-                steps_done, loss_sum, correct_sum, stop_votes = train_loop(iterator, tf.constant(loops))
-                step += int(steps_done)
-                learning_rate = float(schedule(step))
-                meter.add(float(loss_sum), float(correct_sum), int(steps_done) * plan.global_batch)
-                stop_if_diverged(meter, step, run_dir, is_chief, learning_rate, checkpoints.directory)
-                log.progress(step, meter.loss, meter.accuracy, learning_rate)
-                if float(stop_votes) > 0:  # every worker ended its loop after this same step
-                    watchdog.progress(f"the checkpoint of step {step} (stopping)")
-                    raise Interrupted(checkpoints.save_for_stop(step))
-                if plan.evaluation_due(step):
-                    trained = meter.take()
-                    watchdog.progress(f"the checkpoint of step {step}")
-                    checkpoints.save(step)  # first: a stop during the evaluation then loses no training
-                    watchdog.progress(f"the evaluation at step {step}")
-                    log.record(step, learning_rate, evaluate_or_stop(evaluate), train=trained)
-                    keep_if_best(model, log, run_dir)
+                self.record_evaluation(trained=None)
+            iterator, meter = iter(self.train_data), TrainMeter()
+            while self.step < self.plan.total_steps and self.plan.plateau_step(self.log.history) is None:
+                stop_votes = self.train_steps(iterator, meter)
+                if stop_votes > 0:  # every worker ended its loop after this same step
+                    raise _StopAgreed
+                if self.plan.evaluation_due(self.step):
+                    self.watchdog.progress(f"the checkpoint of step {self.step}")
+                    self.checkpoints.save(self.step)  # first: a stop during the evaluation then loses no training
+                    self.record_evaluation(trained=meter.take())
                     meter.restart_clock()  # images/s counts training time only
-        except _EvaluationAbandoned:
-            watchdog.progress(f"the checkpoint of step {step} (stopping)")
-            raise Interrupted(checkpoints.save_for_stop(step)) from None
+        except _StopAgreed:
+            self.watchdog.progress(f"the checkpoint of step {self.step} (stopping)")
+            raise Interrupted(self.checkpoints.save_for_stop(self.step)) from None
         finally:
-            checkpoints.close()
-        if not multi_worker:
-            stop.exit_now_when(lambda: f"interrupted after training, at step {step}; {resume_message(checkpoint_dir)}")
-        watchdog.progress("the end of the run (test, recalibration, export)")
-        tested = test_chosen_weights(source, model, strategy, stop_flag, log, run_dir, step) if source.test else {}
-        if is_chief:
-            reason = "plateau" if plan.plateau_step(log.history) is not None else "steps"
-            atomic_write(run_dir / FINISHED, json.dumps({"step": step, "reason": reason, **tested}, indent=1))
-        finish(args, variant, source, plan, model, strategy, evaluate, log, run_dir, args.seed, step)
-    except tf.errors.OpError as error:
-        if multi_worker and failures.lost_peer(error):
-            cluster = strategy.cluster_resolver.cluster_spec().as_dict()
-            addresses = {address: f"{job} {index}" for job, tasks in cluster.items()
-                         for index, address in enumerate(tasks)}
-            raise PeerLost(failures.lost_peer_message(
-                error, run_dir, own_task, step, resume_message(checkpoint_dir), addresses,
-                leader="chief 0" if "chief" in cluster else "worker 0", since=started)) from None
-        raise
-    finally:
-        watchdog.stop()
-    return 0
+            self.checkpoints.close()
+        if not self.multi_worker:
+            self.stop.exit_now_when(
+                lambda: f"interrupted after training, at step {self.step}; {self.resume_message()}")
 
+    def train_steps(self, iterator, meter) -> float:
+        """Steps to the next boundary (evaluation, end) in one call; returns the stop votes."""
+        loops = self.plan.steps_to_next_boundary(self.step)
+        self.watchdog.progress(f"training steps {self.step + 1}-{self.step + loops}"
+                               + (f" (input from the tf.data service {self.args.data_service})"
+                                  if self.args.data_service else ""))
+        steps_done, loss_sum, correct_sum, stop_votes = self.train_loop(iterator, tf.constant(loops))
+        self.step += int(steps_done)
+        learning_rate = float(self.schedule(self.step))
+        meter.add(float(loss_sum), float(correct_sum), int(steps_done) * self.plan.global_batch)
+        self.stop_if_diverged(meter, learning_rate)
+        self.log.progress(self.step, meter.loss, meter.accuracy, learning_rate)
+        return float(stop_votes)
 
-def training_input(source, args, variant, plan, input_context, run_dir, start_step):
-    """This input pipeline's training batches: local, or from the tf.data service (which shards)."""
-    batch = input_context.get_per_replica_batch_size(plan.global_batch)
-    if args.data_service is None:
-        return source.train(batch, variant.distortion, args.seed, input_context, start_step)
-    from recipes.inception_bn import data_service
+    def record_evaluation(self, trained) -> None:
+        """Evaluates (a stop request abandons it on every worker), logs, and keeps the best weights."""
+        self.watchdog.progress(f"the evaluation at step {self.step}")
+        result = self.evaluate(stoppable=True)
+        if result is None:
+            raise _StopAgreed
+        self.log.record(self.step, float(self.schedule(self.step)), result, train=trained)
+        self.keep_if_best()
 
-    # One pipeline of per-replica batches for every trainer: the same stream positions from the same
-    # step, but dealt to the trainers in the order they ask (dynamic sharding; not reproducible).
-    dataset = source.train(batch, variant.distortion, args.seed, None, start_step * plan.replicas)
-    return data_service.distribute(dataset, args.data_service, data_service.job_name(run_dir, start_step))
+    def stop_if_diverged(self, meter, learning_rate) -> None:
+        if meter.loss_sum == meter.loss_sum and abs(meter.loss_sum) != float("inf"):
+            return
+        if self.is_chief:
+            (self.run_dir / DIVERGED).write_text(json.dumps({"step": self.step, "loss": str(meter.loss)}))
+        raise Refused(f"the training loss became {meter.loss} at step {self.step}: the learning rate "
+                      f"({learning_rate:.3g}) is too high for this network (diverged). "
+                      f"The last good checkpoint is in {self.checkpoints.directory}.")
 
+    def keep_if_best(self) -> None:
+        """With a validation split, the chief keeps the weights of the best evaluation so far (the
+        one ``plateau.chosen`` picks): the ones the test set reads at the end."""
+        if not self.is_chief or self.source.test is None:
+            return
+        step, _ = plateau.chosen(*plateau.from_history(self.log.history))
+        if step == self.log.last_step:
+            self.model.save_weights(self.run_dir / BEST_WEIGHTS)
+            atomic_write(self.run_dir / BEST_STEP, json.dumps({"step": step}))
 
-class _EvaluationAbandoned(Exception):
-    """A stop was requested during an evaluation (its checkpoint is saved; the rerun evaluates it)."""
+    # The end ----------------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """The test set with the chosen weights (with a validation split), population statistics
+        (Algorithm 2) if asked, the serving export, and the summary line."""
+        self.watchdog.progress("the end of the run (test, recalibration, export)")
+        tested = self.test_chosen_weights() if self.source.test else {}
+        if self.is_chief:
+            reason = "plateau" if self.plan.plateau_step(self.log.history) is not None else "steps"
+            atomic_write(self.run_dir / FINISHED,
+                         json.dumps({"step": self.step, "reason": reason, **tested}, indent=1))
+        args, log = self.args, self.log
+        recalibrated = bool(args.recalibrate_steps and self.variant.batch_norm)
+        if recalibrated:
+            before = self.evaluate()[1]
+            with self.strategy.scope():
+                # Batched globally, as tf.distribute expects: every replica sees --batch-size images.
+                batches = self.source.train(self.plan.global_batch, self.variant.distortion, args.seed + 1).map(
+                    lambda images, factors, labels: (network_input(images, factors, self.variant.distortion),
+                                                     labels))
+                kerasbn.recalibrate_statistics(self.model, batches, steps=args.recalibrate_steps, verbose=0)
+            after = self.evaluate()[1]
+            log.say(f"Population statistics from {args.recalibrate_steps} training batches (Algorithm 2): "
+                    f"eval accuracy {after:.4f} (moving averages: {before:.4f})")
+            if log.is_chief:
+                atomic_write(self.run_dir / "recalibrated.json", json.dumps(
+                    {"step": self.step, "batches": args.recalibrate_steps, "eval_accuracy": after,
+                     "eval_accuracy_moving_averages": before}))
+        if args.export and log.is_chief:
+            export_dir = self.run_dir / "export"
+            exported = kerasbn.export_for_serving(self.model, export_dir)
+            left = sum(isinstance(layer, kerasbn.BatchNormalization) for layer in exported.layers)
+            log.say(f"SavedModel (BN folded, {left} BN layers left) in {export_dir}")
+        if log.history:
+            final = after if recalibrated else float(log.history[-1]["eval_accuracy"])
+            log.say(f"Done: step {log.history[-1]['step']}, eval accuracy {final:.4f}"
+                    f"{' (population statistics)' if recalibrated else ''}; "
+                    f"history in {log.history_path}, TensorBoard logs in {log.logs_dir}")
 
+    def test_chosen_weights(self) -> dict:
+        """With a validation split: the test set's accuracy with the weights of the best validation
+        accuracy (this run's kept ones; the last weights, said so, when a resume lost them)."""
+        chosen_step, validation_accuracy = plateau.chosen(*plateau.from_history(self.log.history))
+        kept = self.run_dir / BEST_STEP
+        tested_step = self.step
+        if kept.exists() and json.loads(kept.read_text())["step"] == chosen_step:
+            self.model.load_weights(self.run_dir / BEST_WEIGHTS)
+            tested_step = chosen_step
+        _, test_accuracy, test_top5 = make_evaluate(self.strategy, self.model, self.source, None, self.stop_flag,
+                                                    split="test")()
+        self.log.say(f"Test accuracy {test_accuracy:.4f} with the weights of step {tested_step} "
+                     f"(best validation accuracy {validation_accuracy:.4f} at step {chosen_step})")
+        return {"chosen_step": chosen_step, "validation_accuracy": validation_accuracy,
+                "tested_step": tested_step, "test_accuracy": test_accuracy, "test_top5": test_top5}
 
-def evaluate_or_stop(evaluate):
-    result = evaluate(stoppable=True)
-    if result is None:
-        raise _EvaluationAbandoned
-    return result
+    # Lost peers -------------------------------------------------------------------------------------
+    def lost_peer(self, error) -> bool:
+        return self.multi_worker and failures.lost_peer(error)
+
+    def lost_peer_message(self, error) -> str:
+        cluster = self.strategy.cluster_resolver.cluster_spec().as_dict()
+        addresses = {address: f"{job} {index}" for job, tasks in cluster.items()
+                     for index, address in enumerate(tasks)}
+        return failures.lost_peer_message(error, self.run_dir, self.own_task, self.step, self.resume_message(),
+                                          addresses, leader="chief 0" if "chief" in cluster else "worker 0",
+                                          since=self.started)
+
+    # What the run says ----------------------------------------------------------------------------
+    def announce(self, start_step, latest) -> None:
+        log, plan, variant, schedule = self.log, self.plan, self.variant, self.schedule
+        if plan.plateau_step(log.history) is not None and latest:
+            log.say(f"{self.run_dir}: already stopped improving at step {plan.plateau_step(log.history)} "
+                    f"(--plateau-window {plan.plateau_window}); finishing.")
+        elif start_step >= plan.total_steps and latest:
+            log.say(f"{self.run_dir}: already trained {start_step} of {plan.total_steps} steps; exporting.")
+        elif latest:
+            log.say(f"Resuming {self.run_dir} from step {start_step} of {plan.total_steps} ({latest}).")
+        log.say(f"{variant.name}: {variant.description}")
+        log.say(f"{self.model.count_params() / 1e6:.2f}M weights; {self.source.name} {self.source.image_shape}, "
+                f"{self.source.num_classes} classes; {plan.replicas} replica(s) x batch "
+                f"{plan.global_batch // plan.replicas} = {plan.global_batch}"
+                f"{', synchronized BN' if plan.synchronized and variant.batch_norm else ''}; "
+                f"lr {schedule.initial_learning_rate:g} decaying x{variant.decay_rate} every "
+                f"{schedule.decay_steps:.0f} steps; {plan.total_steps} steps "
+                f"({plan.total_steps / plan.steps_per_epoch:.2f} epochs)")
+
+    def write_settings(self) -> None:
+        plan, variant = self.plan, self.variant
+        settings = {"variant": variant.name, "dataset": self.source.name, "num_classes": self.source.num_classes,
+                    "replicas": plan.replicas, "global_batch": plan.global_batch,
+                    "synchronized_bn": bool(plan.synchronized and variant.batch_norm),
+                    "initial_learning_rate": float(self.schedule.initial_learning_rate),
+                    "decay_rate": float(variant.decay_rate), "decay_steps": float(self.schedule.decay_steps),
+                    "steps": plan.total_steps, "arguments": vars(self.args)}
+        atomic_write(self.run_dir / "run.json", json.dumps(settings, indent=1, default=str))
 
 
 # Set-up -----------------------------------------------------------------------------------------
@@ -370,7 +496,7 @@ def prepare_run_dir(path) -> Path:
         with tempfile.TemporaryFile(dir=run_dir):
             pass
     except OSError as error:
-        raise RecipeError(f"--run-dir {run_dir} cannot be written: {error.strerror or error}") from None
+        raise Refused(f"--run-dir {run_dir} cannot be written: {error.strerror or error}") from None
     return run_dir
 
 
@@ -382,12 +508,11 @@ def load_data(args):
         return load_source(args.dataset, args.data_dir, args.image_size, args.prepared_dir, args.partitions,
                            args.validation_examples)
     except (DataNotFoundError, DatasetNotFoundError, ValueError) as error:
-        raise RecipeError(str(error)) from None
+        raise Refused(str(error)) from None
 
 
 class RunPlan:
     """Batch sizes, the step count, and where training loops stop (evaluations, the end)."""
-
     def __init__(self, args, variant, source, replicas: int):
         self.replicas = replicas
         self.synchronized = replicas > 1 if args.sync_bn is None else args.sync_bn
@@ -414,7 +539,6 @@ class RunPlan:
 
 
 def build_model(variant, source, plan, args, strategy):
-    import keras
 
     with strategy.scope():
         model = variant.build_model(source.num_classes, source.image_shape, args.width_multiplier,
@@ -427,39 +551,10 @@ def build_model(variant, source, plan, args, strategy):
     return model, optimizer, schedule
 
 
-def announce(log, run_dir, variant, source, plan, schedule, model, start_step, latest):
-    if plan.plateau_step(log.history) is not None and latest:
-        log.say(f"{run_dir}: already stopped improving at step {plan.plateau_step(log.history)} "
-                f"(--plateau-window {plan.plateau_window}); finishing.")
-    elif start_step >= plan.total_steps and latest:
-        log.say(f"{run_dir}: already trained {start_step} of {plan.total_steps} steps; exporting.")
-    elif latest:
-        log.say(f"Resuming {run_dir} from step {start_step} of {plan.total_steps} ({latest}).")
-    log.say(f"{variant.name}: {variant.description}")
-    log.say(f"{model.count_params() / 1e6:.2f}M weights; {source.name} {source.image_shape}, "
-            f"{source.num_classes} classes; {plan.replicas} replica(s) x batch {plan.global_batch // plan.replicas} "
-            f"= {plan.global_batch}{', synchronized BN' if plan.synchronized and variant.batch_norm else ''}; "
-            f"lr {schedule.initial_learning_rate:g} decaying x{variant.decay_rate} every "
-            f"{schedule.decay_steps:.0f} steps; {plan.total_steps} steps "
-            f"({plan.total_steps / plan.steps_per_epoch:.2f} epochs)")
-
-
-def write_settings(run_dir, args, variant, source, plan, schedule):
-    settings = {"variant": variant.name, "dataset": source.name, "num_classes": source.num_classes,
-                "replicas": plan.replicas, "global_batch": plan.global_batch,
-                "synchronized_bn": bool(plan.synchronized and variant.batch_norm),
-                "initial_learning_rate": float(schedule.initial_learning_rate),
-                "decay_rate": float(variant.decay_rate), "decay_steps": float(schedule.decay_steps),
-                "steps": plan.total_steps, "arguments": vars(args)}
-    atomic_write(run_dir / "run.json", json.dumps(settings, indent=1, default=str))
-
-
 # Steps ------------------------------------------------------------------------------------------
 
 def train_replica(model, optimizer, loss_fn, weight_decay, global_batch, replicas, images, labels):
     """One replica's share of a training step; returns its summed loss and correct count."""
-    import tensorflow as tf
-
     with tf.GradientTape() as tape:
         logits = tf.cast(model(images, training=True), tf.float32)
         per_example = loss_fn(labels, logits)
@@ -484,9 +579,6 @@ def make_train_loop(strategy, model, optimizer, weight_decay, plan, jit, stop_fl
     runs the step's function alone: a while loop around it makes the first call (tracing and
     graph optimization) markedly slower (CHANGELOG 0.5.0).
     """
-    import keras
-    import tensorflow as tf
-
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
     if stop_flag is None:
         stop_flag = tf.Variable(0, trainable=False)
@@ -535,10 +627,6 @@ def make_evaluate(strategy, model, source, eval_examples, stop_flag, batch_size=
     with ``stoppable``, a stop request abandons the evaluation (returns None) on every worker at the
     same batch. ``on_batch()`` is called after each step (the stall watchdog's progress).
     """
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
     k = min(5, source.num_classes)
     total = source.eval_examples if split == "eval" else source.test_examples
@@ -583,7 +671,6 @@ def make_evaluate(strategy, model, source, eval_examples, stop_flag, batch_size=
 
 class TrainMeter:
     """Training loss and accuracy since the last evaluation, and the images/s."""
-
     def __init__(self):
         self._reset()
 
@@ -614,81 +701,13 @@ class TrainMeter:
         return values
 
 
-def stop_if_diverged(meter, step, run_dir, is_chief, learning_rate, checkpoint_dir):
-    if meter.loss_sum == meter.loss_sum and abs(meter.loss_sum) != float("inf"):
-        return
-    if is_chief:
-        (run_dir / DIVERGED).write_text(json.dumps({"step": step, "loss": str(meter.loss)}))
-    raise RecipeError(f"the training loss became {meter.loss} at step {step}: the learning rate "
-                      f"({learning_rate:.3g}) is too high for this network (diverged). "
-                      f"The last good checkpoint is in {checkpoint_dir}.")
-
-
 BEST_WEIGHTS, BEST_STEP, FINISHED = "best.weights.h5", "best.json", "finished.json"
-
-
-def keep_if_best(model, log, run_dir):
-    """The chief keeps the weights of the best evaluation so far (the one ``plateau.chosen`` picks)."""
-    if not log.is_chief:
-        return
-    step, _ = plateau.chosen(*plateau.from_history(log.history))
-    if step == log.last_step:
-        model.save_weights(run_dir / BEST_WEIGHTS)
-        atomic_write(run_dir / BEST_STEP, json.dumps({"step": step}))
 
 
 # The end ----------------------------------------------------------------------------------------
 
-def test_chosen_weights(source, model, strategy, stop_flag, log, run_dir, step) -> dict:
-    """With a validation split: the test set's accuracy with the weights of the best validation
-    accuracy (this run's kept ones; the last weights, said so, when a resume lost them)."""
-    chosen_step, validation_accuracy = plateau.chosen(*plateau.from_history(log.history))
-    kept = run_dir / BEST_STEP
-    tested_step = step
-    if kept.exists() and json.loads(kept.read_text())["step"] == chosen_step:
-        model.load_weights(run_dir / BEST_WEIGHTS)
-        tested_step = chosen_step
-    _, test_accuracy, test_top5 = make_evaluate(strategy, model, source, None, stop_flag, split="test")()
-    log.say(f"Test accuracy {test_accuracy:.4f} with the weights of step {tested_step} "
-            f"(best validation accuracy {validation_accuracy:.4f} at step {chosen_step})")
-    return {"chosen_step": chosen_step, "validation_accuracy": validation_accuracy,
-            "tested_step": tested_step, "test_accuracy": test_accuracy, "test_top5": test_top5}
-
-
-def finish(args, variant, source, plan, model, strategy, evaluate, log, run_dir, seed, step):
-    """Population statistics (Algorithm 2) if asked, the serving export, and the summary line."""
-    import kerasbn
-
-    recalibrated = bool(args.recalibrate_steps and variant.batch_norm)
-    if recalibrated:
-        before = evaluate()[1]
-        with strategy.scope():
-            # Batched globally, as tf.distribute expects: every replica sees --batch-size images, as in training.
-            batches = source.train(plan.global_batch, variant.distortion, seed + 1).map(
-                lambda images, factors, labels: (network_input(images, factors, variant.distortion), labels))
-            kerasbn.recalibrate_statistics(model, batches, steps=args.recalibrate_steps, verbose=0)
-        after = evaluate()[1]
-        log.say(f"Population statistics from {args.recalibrate_steps} training batches (Algorithm 2): "
-                f"eval accuracy {after:.4f} (moving averages: {before:.4f})")
-        if log.is_chief:
-            (run_dir / "recalibrated.json").write_text(json.dumps(
-                {"step": step, "batches": args.recalibrate_steps, "eval_accuracy": after,
-                 "eval_accuracy_moving_averages": before}))
-    if args.export and log.is_chief:
-        export_dir = run_dir / "export"
-        exported = kerasbn.export_for_serving(model, export_dir)
-        left = sum(isinstance(layer, kerasbn.BatchNormalization) for layer in exported.layers)
-        log.say(f"SavedModel (BN folded, {left} BN layers left) in {export_dir}")
-    if log.history:
-        final = after if recalibrated else float(log.history[-1]["eval_accuracy"])
-        log.say(f"Done: step {log.history[-1]['step']}, eval accuracy {final:.4f}"
-                f"{' (population statistics)' if recalibrated else ''}; "
-                f"history in {log.history_path}, TensorBoard logs in {log.logs_dir}")
-
-
 def _check_same_step(strategy, step):
     """Every worker must resume at the same step (the run directory is shared); say so if not."""
-    import tensorflow as tf
 
     # strategy.reduce has SUM and MEAN only: all steps are equal iff R * sum(s^2) == sum(s)^2.
     value = tf.constant([float(step), float(step) ** 2], tf.float64)
@@ -697,7 +716,7 @@ def _check_same_step(strategy, step):
     total, squares = all_reduce().numpy()
     replicas = strategy.num_replicas_in_sync
     if abs(replicas * squares - total ** 2) > 0.5:
-        raise RecipeError(f"workers restored different steps (mean {total / replicas:.1f}, this one {step}): "
+        raise Refused(f"workers restored different steps (mean {total / replicas:.1f}, this one {step}): "
                           "--run-dir must be on a filesystem every worker shares")
 
 
@@ -708,16 +727,7 @@ def main(argv=None) -> int:
     require_recipe_extra()
     args = parse_args(argv)
     with StopRequest() as stop:
-        try:
-            return train(args, stop)
-        except RecipeError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        except Interrupted as stopped:
-            print(f"\n{stopped}; rerun the same command to resume", file=sys.stderr)
-            return 130
-        except PeerLost as lost:
-            failures.exit_retryable(str(lost))
+        return ending.main(lambda: train(args, stop))
 
 
 if __name__ == "__main__":
