@@ -35,8 +35,8 @@ test: $(STAMP) fashion-mnist
 # The process scenarios (stops and kills at any instant, lost and frozen machines, one run on any
 # split) once more with every process a fresh interpreter, started as a user starts it: `make test`
 # forks them from a server that imported TensorFlow once. CI runs both.
-PROCESS_TESTS := tests/test_inception_bn_train.py tests/test_lost_machine.py tests/test_one_run.py \
-	tests/test_orchestrators.py
+PROCESS_TESTS := tests/recipes/test_inception_bn_train.py tests/recipes/test_lost_machine.py \
+	tests/recipes/test_one_run.py tests/recipes/test_orchestrators.py
 test-processes: $(STAMP) fashion-mnist
 	KERASBN_TEST_FRESH_INTERPRETERS=1 $(PY) -m pytest $(PROCESS_TESTS)
 
@@ -50,9 +50,7 @@ reproduce: $(STAMP) fashion-mnist
 FLOOR_VENV := .venv-floor
 FLOOR_TF := $(shell sed -n 's/^ *tensorflow>=\([0-9.]*\).*/\1/p' setup.cfg)
 FLOOR_KERAS := $(shell sed -n 's/^ *keras>=\([0-9.]*\).*/\1/p' setup.cfg)
-RECIPE_TESTS := --ignore-glob='tests/test_inception_bn_*' --ignore=tests/test_figure1.py \
-	--ignore=tests/test_recipes_data.py --ignore=tests/test_lost_machine.py \
-	--ignore=tests/test_orchestrators.py --ignore=tests/test_one_run.py
+RECIPE_TESTS := --ignore=tests/recipes
 
 $(FLOOR_VENV)/.installed-$(FLOOR_TF)-$(FLOOR_KERAS): setup.cfg
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
@@ -82,4 +80,4 @@ package-check: $(STAMP)
 	$(PY) -m twine check --strict $(PACKAGE_DIR)/dist/*
 	$(PYTHON) -m venv $(PACKAGE_DIR)/venv
 	$(PACKAGE_DIR)/venv/bin/python -m pip install -q $(PACKAGE_DIR)/dist/*.whl
-	cd $(PACKAGE_DIR) && venv/bin/python ../../tests/installed_wheel_check.py
+	cd $(PACKAGE_DIR) && venv/bin/python ../../tests/helpers/installed_wheel_check.py

@@ -13,7 +13,7 @@ def pytest_configure(config):
     pytest-xdist's controller runs none: it imports no TensorFlow and starts the tests' fork
     server before its workers, which share it (TensorFlow's import paid once, not per worker)."""
     if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
-        from tests import forkserver
+        from tests.helpers import forkserver
 
         forkserver.share()
         return
@@ -50,9 +50,9 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture
 def tiny_variant(monkeypatch):
-    """The recipe's variant table with ``tiny`` (tests/tiny_train.py) in it, for this test only."""
+    """The recipe's variant table with ``tiny`` (tests/helpers/tiny_train.py) in it, for this test only."""
     from recipes.inception_bn import variants
-    from tests.tiny_train import TINY
+    from tests.helpers.tiny_train import TINY
 
     monkeypatch.setitem(variants.VARIANTS, "tiny", TINY)
     return TINY

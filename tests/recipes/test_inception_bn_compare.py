@@ -8,6 +8,7 @@ import pytest
 
 from recipes.inception_bn import compare
 from recipes.inception_bn.history import HISTORY_FIELDS, write_history
+from tests.helpers.tables import table_row
 
 
 def _run(run_dir, name, accuracies, every=50, initial_lr=None, num_classes=None):
@@ -23,14 +24,6 @@ def _run(run_dir, name, accuracies, every=50, initial_lr=None, num_classes=None)
         (variant_dir / "run.json").write_text(json.dumps(settings))
 
 
-def _row(table, name):
-    for line in table.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0] == name:
-            return cells
-    raise AssertionError(f"{name} not in\n{table}")
-
-
 def test_table_counts_steps_to_the_baselines_best_accuracy(tmp_path):
     _run(tmp_path, "inception", [0.1, 0.3, 0.5, 0.45], initial_lr=0.0015)  # best 0.5 at step 150
     _run(tmp_path, "bn-x5", [0.4, 0.55, 0.7, 0.8], initial_lr=0.0075)     # reaches 0.5 at step 100
@@ -40,9 +33,9 @@ def test_table_counts_steps_to_the_baselines_best_accuracy(tmp_path):
 
     assert "inception's best evaluation accuracy within this comparison's budget (200 steps), 0.5000, " \
            "reached at step 150. It is the best within the budget, not inception trained to its plateau" in table
-    assert _row(table, "inception")[1:6] == ["0.0015", "150", "0.5000", "1.0x", "-"]  # num_classes unknown
-    assert _row(table, "bn-x5")[1:5] == ["0.0075", "100", "0.8000", "1.5x"]
-    bn_x30 = _row(table, "bn-x30")
+    assert table_row(table, "inception")[1:6] == ["0.0015", "150", "0.5000", "1.0x", "-"]  # num_classes unknown
+    assert table_row(table, "bn-x5")[1:5] == ["0.0075", "100", "0.8000", "1.5x"]
+    bn_x30 = table_row(table, "bn-x30")
     # Without run.json the learning rate falls back to the first evaluation's.
     assert bn_x30[1:5] == ["0.0099", "-", "0.4500", "-"] and "never reached the target in 200 steps" in bn_x30[6]
     assert set(histories) == set(names)
@@ -53,7 +46,7 @@ def test_table_notes_a_diverged_run(tmp_path):
     _run(tmp_path, "inception-x5", [0.1])
     outcomes = {"inception-x5": {"diverged": {"step": 73, "loss": "nan"}}}
     table, _ = compare.summarize(tmp_path, ["inception", "inception-x5"], outcomes)
-    assert "diverged at step 73 (loss nan)" in _row(table, "inception-x5")[6]
+    assert "diverged at step 73 (loss nan)" in table_row(table, "inception-x5")[6]
 
 
 def test_table_says_how_long_a_run_stalled_at_chance(tmp_path):
@@ -63,10 +56,10 @@ def test_table_says_how_long_a_run_stalled_at_chance(tmp_path):
     _run(tmp_path, "bn-x30", [0.5, 0.7], num_classes=10)
     _run(tmp_path, "stuck", [0.1, 0.1], num_classes=10)
     table, _ = compare.summarize(tmp_path, ["inception", "inception-x30", "bn-x30", "stuck"], {})
-    assert _row(table, "inception")[5] == "50"
-    assert _row(table, "inception-x30")[5] == "200"
-    assert _row(table, "bn-x30")[5] == "-"
-    assert _row(table, "stuck")[5] == "100" and "never reached the target in 100 steps" in _row(table, "stuck")[6]
+    assert table_row(table, "inception")[5] == "50"
+    assert table_row(table, "inception-x30")[5] == "200"
+    assert table_row(table, "bn-x30")[5] == "-"
+    assert table_row(table, "stuck")[5] == "100" and "never reached the target in 100 steps" in table_row(table, "stuck")[6]
 
 
 def test_plot_writes_a_png(tmp_path):
@@ -81,7 +74,7 @@ def test_parallel_runs_name_every_failed_variant_and_its_log(tmp_path, capsys, m
     # Two variants at once (--jobs 2), both refused by train.py: compare waits for both, then names
     # each failure with the file holding its output. Each is a real process, forked by the tests'
     # fork server (TensorFlow imported once).
-    from tests import forkserver
+    from tests.helpers import forkserver
 
     monkeypatch.setattr(compare.subprocess, "run", forkserver.run)
     with pytest.raises(SystemExit) as stopped:
@@ -117,7 +110,7 @@ def test_nothing_new_starts_after_a_run_is_interrupted():
 
 def test_an_interrupted_variant_ends_the_comparison_with_130(tmp_path, capsys, monkeypatch):
     # The first variant's train.py stopped on SIGINT (exit 130): the second never starts.
-    from tests import forkserver
+    from tests.helpers import forkserver
 
     commands = []
 

@@ -16,7 +16,7 @@ a plain subprocess for anything else (another Keras backend, another interpreter
 ``subprocess.run([sys.executable, ...])`` (the comparison's one process per variant) is forked by
 the same server, and :func:`run` can stand in for ``subprocess.run`` in the test process too.
 
-    python -m tests.forkserver SOCKET    # the server; started on first use, one per test process
+    python -m tests.helpers.forkserver SOCKET    # the server; started on first use, one per test process
 """
 
 from __future__ import annotations
@@ -201,9 +201,9 @@ class _Server:
     def __init__(self, env, wait=True):
         self.directory = tempfile.mkdtemp(prefix="kerasbn-forkserver-")
         self.path = os.path.join(self.directory, "socket")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
         env = {k: v for k, v in env.items() if k not in ("TF_CONFIG", SHARED)}
-        self.process = subprocess.Popen([sys.executable, "-m", "tests.forkserver", self.path], cwd=root, env=env,
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.helpers.forkserver", self.path], cwd=root, env=env,
                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
         atexit.register(self.close)
         if wait and self.process.stdout.readline().strip() != "ready":

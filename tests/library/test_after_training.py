@@ -10,7 +10,7 @@ import tensorflow as tf
 import kerasbn
 import kerasbn.folding
 import kerasbn.population
-from tests import forkserver, reference
+from tests.helpers import forkserver, reference
 
 RNG = np.random.RandomState(0)
 

@@ -14,8 +14,16 @@ import pytest
 import tensorflow as tf
 
 import kerasbn
-from tests import forkserver, reference
-from tests.distributed import ROOT, TIMEOUT, _check, _env, once_per_run, run_script, run_workers
+from tests.helpers import forkserver, reference
+from tests.helpers.distributed import (
+    ROOT,
+    TIMEOUT,
+    _check,
+    _env,
+    once_per_run,
+    run_script,
+    run_workers,
+)
 
 pytestmark = pytest.mark.slow
 EPS = 1e-3
@@ -42,7 +50,7 @@ def scenario(tmp_path_factory):
         batch = {str(directory / f"{n}.npz"): ["--replicas", str(r), *argv]
                  for n, (r, argv) in SCENARIOS.items() if r == replicas}
         (directory / "batch.json").write_text(json.dumps(batch))
-        _check(forkserver.run([sys.executable, str(ROOT / "tests" / "sync_worker.py"), "--replicas", str(replicas),
+        _check(forkserver.run([sys.executable, str(ROOT / "tests" / "helpers" / "sync_worker.py"), "--replicas", str(replicas),
                                "--batch", str(directory / "batch.json")],
                               capture_output=True, text=True, timeout=TIMEOUT, env=_env()),
                f"sync_worker.py --replicas {replicas} --batch")
@@ -57,7 +65,7 @@ def scenario(tmp_path_factory):
 
 
 def _global_data(sizes, loc=3.0, spread=2.0, channels=4, shape=(3, 3)):
-    from tests.sync_worker import make_data
+    from tests.helpers.sync_worker import make_data
 
     return make_data(sizes, shape, channels, loc, spread)
 

@@ -7,7 +7,7 @@ import pytest
 
 import kerasbn
 import kerasbn.model_walk
-from tests import reference
+from tests.helpers import reference
 
 
 def _trained(model, shape):

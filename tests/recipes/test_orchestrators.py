@@ -10,7 +10,7 @@ import yaml
 
 from recipes.inception_bn import ending, train
 
-DOC = (Path(__file__).resolve().parent.parent / "docs" / "recipes.md").read_text()
+DOC = (Path(__file__).resolve().parents[2] / "docs" / "recipes.md").read_text()
 # What the recipe returns: 130 (stopped, saved) and 138 (a lost peer, a stall) ask for a rerun;
 # 137 and 143 are SIGKILL and SIGTERM before it took the signals; 2 is a usage or data error.
 RETRYABLE = {ending.INTERRUPTED, ending.RETRYABLE, 128 + 9, 128 + 15}

@@ -1,9 +1,9 @@
 """Converted models of every shape, one training-mode forward on 2 replicas.
 
-Usage: python tests/convert_worker.py --out result.npz  (or ``measure(strategy)`` in a process
+Usage: python tests/helpers/convert_worker.py --out result.npz  (or ``measure(strategy)`` in a process
 whose two logical CPUs were set up before TensorFlow initialized: tests/conftest.py does)
 
-For each model of ``tests.zoo_models`` (and the keras-hub backbones when keras-hub is
+For each model of ``tests.helpers.zoo_models`` (and the keras-hub backbones when keras-hub is
 installed), saves the largest difference between the 2-replica training-mode output and the
 original model's training-mode output on the whole global batch, relative to the output's
 scale, and the same for the moving statistics after that step; and, as a control, the same
@@ -15,12 +15,12 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tests.distributed import make_strategy  # noqa: E402
+from tests.helpers.distributed import make_strategy  # noqa: E402
 
 
 def _two_replica_forward(strategy, model, x):
@@ -48,7 +48,7 @@ def measure(strategy) -> dict:
     import keras
 
     import kerasbn
-    from tests import zoo_models
+    from tests.helpers import zoo_models
 
     builders = {**zoo_models.SHAPES, **zoo_models.hub_backbones()}
     result = {}

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tests import forkserver
+from tests.helpers import forkserver
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 300
 
 
@@ -36,7 +36,7 @@ def run_script(script, args, tmp_path):
     """Runs ``script`` once (MirroredStrategy scenarios); returns its npz."""
     out = tmp_path / "result.npz"
     result = forkserver.run(
-        [sys.executable, str(ROOT / "tests" / script), *args, "--out", str(out)],
+        [sys.executable, str(ROOT / "tests" / "helpers" / script), *args, "--out", str(out)],
         capture_output=True, text=True, timeout=TIMEOUT, env=_env(),
     )
     _check(result, f"{script} {' '.join(args)}")
@@ -88,7 +88,7 @@ def run_workers(script, args, tmp_path, workers=2):
 
     Returns the list of each worker's npz (index = task index).
     """
-    start_cluster(lambda index: [sys.executable, str(ROOT / "tests" / script), *args,
+    start_cluster(lambda index: [sys.executable, str(ROOT / "tests" / "helpers" / script), *args,
                                  "--out", str(tmp_path / f"worker{index}.npz")], workers)
     return [dict(np.load(tmp_path / f"worker{i}.npz")) for i in range(workers)]
 

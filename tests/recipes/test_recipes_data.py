@@ -51,9 +51,9 @@ def test_demo_runs_end_to_end_on_fashion_mnist(tmp_path):
     import sys
     from pathlib import Path
 
-    from tests import forkserver
+    from tests.helpers import forkserver
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     # The baseline and BN-x30, two of the seven variants: the others run the same code.
     variants = ("inception", "bn-x30")
     result = forkserver.run([sys.executable, "-m", "recipes.demo", "--run-dir", str(tmp_path), "--steps", "10",

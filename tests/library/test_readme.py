@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import kerasbn
-from tests.distributed import ROOT
+from tests.helpers.distributed import ROOT
 
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 

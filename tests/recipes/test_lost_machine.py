@@ -14,9 +14,15 @@ import pytest
 
 from recipes.inception_bn.ending import RETRYABLE as EXIT_RETRYABLE
 from recipes.inception_bn.failures import StallWatchdog, first_line, lost_tasks
-from tests import forkserver
-from tests.distributed import ROOT, TIMEOUT, _env, free_ports, start_cluster, tf_config
-from tests.test_inception_bn_train import RECIPE, TINY, _checkpoint_steps, _history, _wait_for
+from tests.helpers import forkserver
+from tests.helpers.distributed import ROOT, TIMEOUT, _env, free_ports, start_cluster, tf_config
+from tests.recipes.test_inception_bn_train import (
+    RECIPE,
+    TINY,
+    _checkpoint_steps,
+    _history,
+    _wait_for,
+)
 
 # Seconds from the loss to every survivor's exit. TensorFlow's coordination service declares a
 # task lost after 10 s without a heartbeat; measured here: 0.2 s (chief killed: connection

@@ -12,15 +12,15 @@ import time
 import numpy as np
 import pytest
 
-from tests import forkserver
-from tests.distributed import ROOT, TIMEOUT, _env, free_ports, start_cluster, tf_config
+from tests.helpers import forkserver
+from tests.helpers.distributed import ROOT, TIMEOUT, _env, free_ports, start_cluster, tf_config
 
 SMALL = ["--dataset", "synthetic", "--image-size", "32", "--width-multiplier", "0.125", "--batch-size", "8"]
 # The stop/resume/cluster machinery on the recipe's own main, with a two-convolution network
-# (tests/tiny_train.py): what these tests check is processes, signals and checkpoints, and
+# (tests/helpers/tiny_train.py): what these tests check is processes, signals and checkpoints, and
 # BN-Inception would add ~10 s of tracing to every process.
 TINY = ["--variant", "tiny", "--dataset", "synthetic", "--image-size", "32", "--batch-size", "8"]
-RECIPE = ["-m", "tests.tiny_train"]
+RECIPE = ["-m", "tests.helpers.tiny_train"]
 
 
 def _train(run_dir, *args, env=None, check=True):
@@ -174,7 +174,7 @@ def test_stops_and_kills_at_any_instant_resume_losing_nothing_and_export_a_servi
     # weights in a freshly built model, run in inference mode.
     import tensorflow as tf
 
-    from tests.tiny_train import TINY as tiny
+    from tests.helpers.tiny_train import TINY as tiny
 
     model = tiny.build_model(10, (32, 32, 3))
     tf.train.Checkpoint(model=model).restore(str(run_dir / "checkpoints" / f"ckpt-{total}")).expect_partial()
@@ -246,7 +246,7 @@ def test_two_workers_stopped_inside_a_long_loop_save_the_same_step_and_the_rerun
     import tensorflow as tf
 
     from recipes.inception_bn.data import load_source, network_input
-    from tests.tiny_train import TINY as tiny
+    from tests.helpers.tiny_train import TINY as tiny
 
     model = tiny.build_model(10, (32, 32, 3))
     tf.train.Checkpoint(model=model).restore(str(tmp_path / "checkpoints" / f"ckpt-{step + 2}")).expect_partial()
@@ -324,7 +324,7 @@ def test_divergence_stops_with_a_clear_message(tmp_path, capsys, monkeypatch):
     import dataclasses
 
     from recipes.inception_bn import train, variants
-    from tests.tiny_train import TINY as tiny
+    from tests.helpers.tiny_train import TINY as tiny
 
     monkeypatch.setitem(variants.VARIANTS, "tiny", dataclasses.replace(tiny, learning_rate=1e30))
     status, stderr = _main_in_process(["--run-dir", str(tmp_path), *TINY, "--steps", "50", "--eval-every", "50",
@@ -384,7 +384,7 @@ def test_steps_per_loop_trains_exactly_as_one_step_per_call():
     import tensorflow as tf
 
     from recipes.inception_bn.train import make_train_loop
-    from tests.tiny_train import TINY as tiny
+    from tests.helpers.tiny_train import TINY as tiny
 
     rng = np.random.RandomState(0)
     images = rng.uniform(-1, 1, (48, 32, 32, 3)).astype("float32")
@@ -419,7 +419,7 @@ def test_a_stop_request_ends_the_training_loop_after_the_current_step():
     import tensorflow as tf
 
     from recipes.inception_bn.train import make_train_loop
-    from tests.tiny_train import TINY as tiny
+    from tests.helpers.tiny_train import TINY as tiny
 
     strategy = tf.distribute.get_strategy()
     model = tiny.build_model(10, (32, 32, 3))
@@ -442,7 +442,7 @@ def test_a_stop_request_ends_the_training_loop_after_the_current_step():
 @pytest.mark.slow
 def test_evaluation_on_three_replicas_counts_every_example_once(tmp_path):
     # 997 = 20 global batches of 48 and 37 left; 5: most replicas never get an example.
-    from tests.distributed import run_script
+    from tests.helpers.distributed import run_script
 
     result = run_script("eval_worker.py", ["--replicas", "3", "--examples", "997,5", "--batch", "16"], tmp_path)
     for i, examples in enumerate((997, 5)):

@@ -10,7 +10,7 @@ MODULES = ["kerasbn.batch_normalization", "kerasbn.construction", "kerasbn.conve
 
 
 def test_every_module_with_examples_is_listed():
-    from tests.distributed import ROOT
+    from tests.helpers.distributed import ROOT
 
     shown = {".".join(p.relative_to(ROOT).with_suffix("").parts)
              for folder in ("kerasbn", "recipes") for p in (ROOT / folder).rglob("*.py")

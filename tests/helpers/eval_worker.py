@@ -1,9 +1,9 @@
 """The recipe's distributed evaluation against a single-device evaluation of the same weights.
 
 Usage (MirroredStrategy over N logical CPUs; devices are fixed when TensorFlow starts):
-    python tests/eval_worker.py --replicas 3 --examples 997,5 --batch 16 --out result.npz
+    python tests/helpers/eval_worker.py --replicas 3 --examples 997,5 --batch 16 --out result.npz
 
-Builds the tests' tiny BN network (tests/tiny_train.py) under the strategy (seeded weights, BN statistics moved off their
+Builds the tests' tiny BN network (tests/helpers/tiny_train.py) under the strategy (seeded weights, BN statistics moved off their
 initial values), runs ``make_evaluate`` over the first ``--examples`` synthetic evaluation images,
 then evaluates the same images on one device in float64 numpy from the same logits' weights, and
 saves both.
@@ -14,7 +14,7 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 
 import numpy as np  # noqa: E402
 
@@ -27,7 +27,7 @@ def main():
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    from tests.distributed import make_strategy
+    from tests.helpers.distributed import make_strategy
 
     strategy, _ = make_strategy(args.replicas)
     import keras
@@ -35,7 +35,7 @@ def main():
 
     from recipes.inception_bn.data import load_source, network_input
     from recipes.inception_bn.train import make_evaluate
-    from tests.tiny_train import TINY
+    from tests.helpers.tiny_train import TINY
 
     keras.utils.set_random_seed(0)
     source = load_source("synthetic", image_size=32)

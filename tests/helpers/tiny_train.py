@@ -1,7 +1,7 @@
 """The training recipe with a tiny BN network added to its variants, as a test process runs it.
 
-    python -m tests.tiny_train --variant tiny [train.py's other flags]
-    python -m tests.tiny_train --tiny-network --variant bn-x5 [...]   # any variant, on the tiny network
+    python -m tests.helpers.tiny_train --variant tiny [train.py's other flags]
+    python -m tests.helpers.tiny_train --tiny-network --variant bn-x5 [...]   # any variant, on the tiny network
 
 Tests of the stop, resume and cluster machinery need real processes, signals,
 checkpoints and workers, not the paper's network: BN-Inception's ~70

@@ -1,6 +1,6 @@
 """recalibrate_statistics under MirroredStrategy (2 logical CPUs), in its own process.
 
-    python tests/recalibrate_worker.py --out result.npz
+    python tests/helpers/recalibrate_worker.py --out result.npz
 """
 
 import argparse
@@ -8,12 +8,12 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tests.distributed import make_strategy  # noqa: E402
+from tests.helpers.distributed import make_strategy  # noqa: E402
 
 
 def main(argv=None):

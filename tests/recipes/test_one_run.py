@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests import forkserver
-from tests.distributed import ROOT, TIMEOUT, _env, start_cluster
-from tests.test_inception_bn_train import (
+from tests.helpers import forkserver
+from tests.helpers.distributed import ROOT, TIMEOUT, _env, start_cluster
+from tests.recipes.test_inception_bn_train import (
     _checkpoint_steps,
     _main_in_process,
     _named_checkpoint,
@@ -89,7 +89,7 @@ def _grey_of(example):
 
 @pytest.fixture(scope="module")
 def prepared_imagenet(tmp_path_factory):
-    from tests import fake_imagenet
+    from tests.helpers import fake_imagenet
 
     root = tmp_path_factory.mktemp("sharded-imagenet")
     values = [_grey_of(i) for i in range(IMAGENET_EXAMPLES)]
@@ -289,7 +289,7 @@ def _weights(run_dir, step):
             if name.startswith(("model/", "optimizer/")) and "save_counter" not in name}
 
 
-ONE_RUN = ["-m", "tests.tiny_train", "--variant", "tiny", "--dataset", "fashion_mnist", "--eval-examples", "64",
+ONE_RUN = ["-m", "tests.helpers.tiny_train", "--variant", "tiny", "--dataset", "fashion_mnist", "--eval-examples", "64",
            "--eval-every", "10", "--quiet", "--no-export", "--deterministic"]
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from recipes.inception_bn import compare, plateau, reproduce
 from recipes.inception_bn.history import HISTORY_FIELDS, write_history
+from tests.helpers.tables import table_row
 
 # ------------------------------------------------------------------------------ the stopping rule
 
@@ -53,14 +54,6 @@ def _record(run_dir, seed, name, accuracies, every=100, reason="plateau", test=N
              "chosen_step": chosen_step}))
 
 
-def _row(table, name):
-    for line in table.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0] == name:
-            return cells
-    raise AssertionError(f"{name} not in\n{table}")
-
-
 def _curves(run_dir, inception_reason="plateau"):
     # Seed 0: inception peaks at 0.80 (step 400); seed 1: at 0.70 (step 300).
     _record(run_dir, 0, "inception", [0.1, 0.5, 0.7, 0.80, 0.79, 0.78], reason=inception_reason, test=0.79)
@@ -77,12 +70,12 @@ def test_table_two_from_recorded_curves(tmp_path):
     assert "seed 0: 0.8000 at step 400, seed 1: 0.7000 at step 300" in table
     assert "did not reach its plateau" not in table
 
-    assert _row(table, "inception")[1:4] == ["350 [300-400]", "400, 300", "1.0x [1.0x-1.0x]"]
-    bn_x5 = _row(table, "bn-x5")
+    assert table_row(table, "inception")[1:4] == ["350 [300-400]", "400, 300", "1.0x [1.0x-1.0x]"]
+    bn_x5 = table_row(table, "bn-x5")
     assert bn_x5[1:5] == ["150 [100-200]", "200, 100", "2.5x [2.0x-3.0x]", "0.8350 +- 0.0071"]
     assert bn_x5[5] == "0.8400, 0.8300" and bn_x5[6] == "400 (plateau), 300 (plateau)"
     assert bn_x5[7:9] == ["2.1M", "73.0%"]  # the paper's figures beside ours
-    sigmoid = _row(table, "bn-x5-sigmoid")
+    sigmoid = table_row(table, "bn-x5-sigmoid")
     assert sigmoid[1:5] == ["200", "never, 200", "1.5x", "0.6000"]
     assert sigmoid[6] == "300 (plateau), - (unfinished)"
 
@@ -129,19 +122,19 @@ def test_the_command_end_to_end_on_tiny_networks(tmp_path, capsys, monkeypatch):
     """Two networks (the tiny network with each one's schedule, with and without BN), two seeds, a
     few dozen steps: every run stops by the rule or the cap, the table and figure are written, both
     networks of a seed read the same stream, and a rerun trains nothing."""
-    from tests import forkserver
+    from tests.helpers import forkserver
 
     monkeypatch.setattr(compare.subprocess, "run", forkserver.run)
     names = ["inception", "bn-x30"]
     argv = ["--run-dir", str(tmp_path), "--seeds", "0,1", "--variants", ",".join(names),
-            "--train-module", "tests.tiny_train",
+            "--train-module", "tests.helpers.tiny_train",
             "--tiny-network", "--max-steps", "60", "--eval-every", "20", "--plateau-window", "20",
             "--plateau-min-delta", "0.05", "--image-size", "16", "--validation-examples", "500", "--jobs", "2"]
     assert reproduce.main(argv) == 0
     out = capsys.readouterr().out
     table = (tmp_path / "table2.md").read_text()
     for name in names:
-        assert _row(table, name)[0] == name
+        assert table_row(table, name)[0] == name
         for seed in (0, 1):
             done = reproduce.finished(tmp_path, name, seed)
             assert done["reason"] in ("plateau", "steps") and done["step"] <= 60

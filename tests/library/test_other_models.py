@@ -10,8 +10,8 @@ import pytest
 
 import kerasbn
 from kerasbn import model_walk
-from tests import forkserver, zoo_models
-from tests.distributed import ROOT, _env
+from tests.helpers import forkserver, zoo_models
+from tests.helpers.distributed import ROOT, _env
 
 ALL = {**zoo_models.SHAPES, **zoo_models.hub_backbones()}
 needs_hub = pytest.mark.skipif(not zoo_models.hub_backbones(), reason="keras-hub is not installed")
@@ -77,12 +77,12 @@ def test_a_custom_layer_without_a_config_is_refused_by_name():
 def test_converted_models_on_two_replicas_match_the_global_batch():
     import tensorflow as tf
 
-    from tests import convert_worker
+    from tests.helpers import convert_worker
 
     # The two logical CPUs tests/conftest.py configured. In-process, other tests' strategies over
     # the same devices may have used TensorFlow's collective instance keys already (a second
     # strategy restarts them: "Shape mismatch in the collective instance"), so this one reduces
-    # through one device; tests/test_sync.py covers the collective transport in fresh processes.
+    # through one device; tests/library/test_sync.py covers the collective transport in fresh processes.
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"],
                                               cross_device_ops=tf.distribute.ReductionToOneDevice())
     result = convert_worker.measure(strategy)

@@ -12,7 +12,7 @@ from recipes.inception_bn.data import (
     load_source,
     network_input,
 )
-from tests import fake_imagenet as fake
+from tests.helpers import fake_imagenet as fake
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +183,8 @@ def test_train_on_fake_imagenet_end_to_end_on_two_replicas_in_mixed_precision(fa
     import subprocess  # noqa: F401
     import sys
 
-    from tests import forkserver
-    from tests.distributed import ROOT, TIMEOUT, _env
+    from tests.helpers import forkserver
+    from tests.helpers.distributed import ROOT, TIMEOUT, _env
 
     run_dir = tmp_path / "run"
     result = forkserver.run(

@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import pytest
 
-from tests import forkserver
+from tests.helpers import forkserver
 
 KERAS_TEST = (Path(keras.__file__).parent / "src" / "layers" / "normalization"
               / "batch_normalization_test.py")
@@ -47,7 +47,7 @@ def test_keras_batch_normalization_test_file_passes_whole(tmp_path):
          "--rootdir", str(tmp_path), str(test_file)],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
         env={**__import__("os").environ, "KERAS_BACKEND": "tensorflow",
-             "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+             "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     assert result.returncode == 0, f"Keras' BN tests on kerasbn: {summary}\n{result.stdout[-6000:]}"

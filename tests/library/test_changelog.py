@@ -5,7 +5,7 @@ from pathlib import Path
 
 import kerasbn
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_newest_changelog_section_is_the_package_version():

@@ -1,8 +1,8 @@
 """model.fit of a small convolutional model with synchronized BN, in its own process.
 
-    python tests/fit_worker.py --replicas 2 --out result.npz        # MirroredStrategy
-    python tests/fit_worker.py --multi-worker --out result.npz      # TF_CONFIG set
-    python tests/fit_worker.py --replicas 2 --out a.npz --out-converted b.npz  # both builds, one process
+    python tests/helpers/fit_worker.py --replicas 2 --out result.npz        # MirroredStrategy
+    python tests/helpers/fit_worker.py --multi-worker --out result.npz      # TF_CONFIG set
+    python tests/helpers/fit_worker.py --replicas 2 --out a.npz --out-converted b.npz  # both builds, one process
 """
 
 import argparse
@@ -10,12 +10,12 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tests.distributed import make_strategy  # noqa: E402
+from tests.helpers.distributed import make_strategy  # noqa: E402
 
 
 def main(argv=None):

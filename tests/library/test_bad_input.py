@@ -113,7 +113,7 @@ def test_another_keras_backend_is_named_at_first_use(backend):
     import subprocess
     import sys
 
-    from tests.distributed import _env
+    from tests.helpers.distributed import _env
 
     missing = [m for m in ("jax", "scipy") if importlib.util.find_spec(m) is None]
     if missing:  # Keras' numpy backend imports both too

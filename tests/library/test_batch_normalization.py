@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import kerasbn
-from tests import reference
+from tests.helpers import reference
 
 EPS = 1e-3
 SHAPES_AND_AXES = [

@@ -1,11 +1,11 @@
 """One distributed BN step, run in its own process (devices are fixed at TF start).
 
 Usage (MirroredStrategy over N logical CPUs):
-    python tests/sync_worker.py --replicas 4 --sizes 5,3,0,4 --out result.npz
+    python tests/helpers/sync_worker.py --replicas 4 --sizes 5,3,0,4 --out result.npz
 Several scenarios in one process (TensorFlow's start-up paid once; same --replicas):
-    python tests/sync_worker.py --replicas 2 --batch scenarios.json
+    python tests/helpers/sync_worker.py --replicas 2 --batch scenarios.json
 Usage (MultiWorkerMirroredStrategy: TF_CONFIG set, one process per worker):
-    python tests/sync_worker.py --multi-worker --sizes 5,3 --out result.npz
+    python tests/helpers/sync_worker.py --multi-worker --sizes 5,3 --out result.npz
 
 Every process draws the same global data from one seed, runs one training
 step of the layer under ``strategy.run`` in a ``tf.function`` (forward,
@@ -22,12 +22,12 @@ import sys
 from collections import Counter
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tests.distributed import make_strategy  # noqa: E402
+from tests.helpers.distributed import make_strategy  # noqa: E402
 
 COLLECTIVE_OPS = ("CollectiveReduceV2", "CollectiveReduce", "CollectiveGatherV2",
                   "CollectiveGather", "NcclAllReduce", "CollectiveAllToAllV2")

@@ -1,0 +1,1 @@
+"""Shared by the tests: reference computations, model zoos, worker scripts, the fork server."""

@@ -1,0 +1,1 @@
+"""Tests of kerasbn, the library."""
