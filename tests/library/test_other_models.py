@@ -286,3 +286,15 @@ def test_hub_backbones_convert_completely():
         converted = model_walk.batch_norm_layers(kerasbn.convert_sync_batchnorm(model))
         assert [type(bn) for bn in converted] == [kerasbn.SyncBatchNormalization] * count, name
 
+
+
+def test_folding_a_converted_model_keeps_the_record(tmp_path):
+    """BN inside a custom layer cannot fold: the folded copy keeps it synchronized, saved and loaded."""
+    model, _ = _build("custom_layer")
+    converted = kerasbn.convert_sync_batchnorm(model)
+    folded = kerasbn.fold_batch_norm(converted)
+    folded.save(tmp_path / "folded.keras")
+    loaded = keras.saving.load_model(tmp_path / "folded.keras")
+    assert [type(bn) for bn in _bns(loaded)] == [kerasbn.SyncBatchNormalization] * 3  # the block's three
+    x = zoo_models.input_batch(model)
+    np.testing.assert_allclose(loaded(x), converted(x), rtol=1e-5, atol=1e-5)
