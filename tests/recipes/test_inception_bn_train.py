@@ -484,7 +484,10 @@ def test_training_through_a_data_service_survives_a_lost_worker_and_a_restarted_
     journal = ["dispatcher", "--port", str(port), "--work-dir", str(tmp_path / "journal")]
     service = [_start_service_process(*journal)]
     seconds = {}
-    stall_timeout = 10  # above this machine's longest gap between loops here (tracing, the restart)
+    # Above the longest gap between loops here (tracing, the dispatcher's restart): a forked
+    # dispatcher restarts in about a second; a fresh interpreter imports TensorFlow first, which
+    # took 11 s on a loaded 2-core machine.
+    stall_timeout = 40 if forkserver.fresh_interpreters() else 10
     try:
         service += [_start_service_process("worker", "--dispatcher", f"127.0.0.1:{port}") for _ in range(2)]
         run_dir = tmp_path / "run"
