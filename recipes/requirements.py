@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+from recipes.inception_bn import ending
+
 # Module name -> the distribution the `recipes` extra installs.
 RECIPE_MODULES = {
     "tensorflow_datasets": "tensorflow-datasets",
@@ -35,4 +37,4 @@ def require_recipe_extra() -> None:
     if missing:
         print(f"error: the recipes need kerasbn's `recipes` extra (missing: {', '.join(missing)}); "
               "from the repository: pip install -e '.[recipes]'", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(ending.REFUSED)

@@ -23,7 +23,6 @@ show the higher rates need BN.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import keras
 
@@ -193,7 +192,3 @@ def get_variant(name: str) -> Variant:
 def variants_help() -> str:
     return "\n".join(f"  {v.name:<14} {v.description} (lr {v.learning_rate:g} at batch {REFERENCE_BATCH})"
                      for v in VARIANTS.values())
-
-
-def steps_for_epochs(epochs: float, epoch_size: int, global_batch: int) -> int:
-    return max(1, math.ceil(epochs * epoch_size / global_batch))
