@@ -235,7 +235,11 @@ def summarize(runs: dict, max_steps: int) -> tuple[str, dict]:
                                 for s in per_seed.values())
         stops = ", ".join(f"{s['stopped'] or '-'} ({s['reason']})" for s in per_seed.values())
         paper_steps, paper_max = PAPER.get(name, ("", ""))
-        lines.append(f"| {name} | {_spread([s['reach'] for s in per_seed.values()], steps)} | {reach_cells} | "
+        reach = _spread([s["reach"] for s in per_seed.values()], steps)
+        never = sum(s["reach"] is None for s in per_seed.values())
+        if never and reach != "-":  # the median and range are over the seeds that reached it
+            reach += f" ({never} of {len(per_seed)} never)"
+        lines.append(f"| {name} | {reach} | {reach_cells} | "
                      f"{_spread([s['speedup'] for s in per_seed.values()], lambda v: f'{v:.1f}x')} | {test_cell} | "
                      f"{tests_cells} | {stops} | {paper_steps} | {paper_max} |")
     lines += ["", f"Seeds: {', '.join(map(str, seeds))}. Every number comes from `seed-S/NETWORK/history.csv` "

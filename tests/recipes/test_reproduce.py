@@ -76,7 +76,7 @@ def test_table_two_from_recorded_curves(tmp_path):
     assert bn_x5[5] == "0.8400, 0.8300" and bn_x5[6] == "400 (plateau), 300 (plateau)"
     assert bn_x5[7:9] == ["2.1M", "73.0%"]  # the paper's figures beside ours
     sigmoid = table_row(table, "bn-x5-sigmoid")
-    assert sigmoid[1:5] == ["200", "never, 200", "1.5x", "0.6000"]
+    assert sigmoid[1:5] == ["200 (1 of 2 never)", "never, 200", "1.5x", "0.6000"]
     assert sigmoid[6] == "300 (plateau), - (unfinished)"
 
     assert numbers["bn-x5"]["per_seed"][1] == {"reach": 100, "speedup": 3.0, "test_accuracy": 0.83,
