@@ -81,6 +81,15 @@ def _check_renorm_clipping(renorm_clipping) -> dict:
     return clipping
 
 
+def _move_average(variable, value, rate, update):
+    """``variable += rate * (value - variable)`` where ``update``; elsewhere it stays, returned."""
+    moving = variable.value  # one read
+    # A select, not a zero rate: 0 * NaN is NaN.
+    moved = tf.where(update, moving + rate * (value - moving), moving)
+    variable.assign(moved)
+    return moved
+
+
 @keras.saving.register_keras_serializable(package="kerasbn")
 class BatchNormalization(keras.layers.Layer):
     """Batch normalization (Ioffe & Szegedy, 2015), local or synchronized.
@@ -485,9 +494,8 @@ class BatchNormalization(keras.layers.Layer):
         r, d = tf.stop_gradient(r), tf.stop_gradient(d)
         update = (count > 0.0) & finite
         rate = 1.0 - self.renorm_momentum
-        for variable, value in ((self.renorm_mean, mean), (self.renorm_stddev, stddev)):
-            moving = variable.value
-            variable.assign(tf.where(update, moving + rate * (value - moving), moving))
+        _move_average(self.renorm_mean, mean, rate, update)
+        _move_average(self.renorm_stddev, stddev, rate, update)
         # gamma * (x_hat * r + d) + beta = x_hat * (gamma r) + (gamma d + beta)
         return gamma * r, gamma * d + beta
 
@@ -524,20 +532,12 @@ class BatchNormalization(keras.layers.Layer):
             self.num_batches.assign(seen)
         else:
             rate = 1.0 - self.momentum
-
-        def move(variable, value):
-            moving = variable.value  # one read
-            # A select, not a zero rate: 0 * NaN is NaN.
-            moved = tf.where(update, moving + rate * (value - moving), moving)
-            variable.assign(moved)
-            return moved
-
-        move(self.moving_mean, mean)
+        _move_average(self.moving_mean, mean, rate, update)
         if self.renorm:
-            moving_stddev = move(self.moving_stddev, tf.sqrt(variance + self.epsilon))
+            moving_stddev = _move_average(self.moving_stddev, tf.sqrt(variance + self.epsilon), rate, update)
             self.moving_variance.assign(tf.nn.relu(tf.square(moving_stddev) - self.epsilon))
         else:
-            move(self.moving_variance, variance)
+            _move_average(self.moving_variance, variance, rate, update)
 
     # ------------------------------------------------------------ the rest
     def compute_output_shape(self, input_shape):

@@ -292,6 +292,8 @@ class Run:
             raise Refused(str(error)) from None
         self.log = RunLog(self.run_dir, self.is_chief, self.plan.total_steps, self.plan.steps_per_epoch,
                           self.args.quiet, resumed_at=start_step if latest else None)
+        # Where the run stopped improving (--plateau-window), or None: it changes only with a new evaluation.
+        self.plateau_at = self.plan.plateau_step(self.log.history)
         self.announce(start_step, latest)
         if self.is_chief:
             self.write_settings()
@@ -331,7 +333,7 @@ class Run:
                 # Stopped between the checkpoint and its evaluation: evaluate now, so no row is missing.
                 self.record_evaluation(trained=None)
             iterator, meter = iter(self.train_data), TrainMeter()
-            while self.step < self.plan.total_steps and self.plan.plateau_step(self.log.history) is None:
+            while self.step < self.plan.total_steps and self.plateau_at is None:
                 stop_votes = self.train_steps(iterator, meter)
                 if stop_votes > 0:  # every worker ended its loop after this same step
                     raise _StopAgreed
@@ -370,6 +372,7 @@ class Run:
         if result is None:
             raise _StopAgreed
         self.log.record(self.step, float(self.schedule(self.step)), result, train=trained)
+        self.plateau_at = self.plan.plateau_step(self.log.history)
         self.keep_if_best()
 
     def stop_if_diverged(self, meter, learning_rate) -> None:
@@ -398,7 +401,7 @@ class Run:
         self.watchdog.progress("the end of the run (test, recalibration, export)")
         tested = self.test_chosen_weights() if self.source.test else {}
         if self.is_chief:
-            reason = "plateau" if self.plan.plateau_step(self.log.history) is not None else "steps"
+            reason = "steps" if self.plateau_at is None else "plateau"
             atomic_write(self.run_dir / FINISHED,
                          json.dumps({"step": self.step, "reason": reason, **tested}, indent=1))
         args, log = self.args, self.log
@@ -460,8 +463,8 @@ class Run:
     # What the run says ----------------------------------------------------------------------------
     def announce(self, start_step, latest) -> None:
         log, plan, variant, schedule = self.log, self.plan, self.variant, self.schedule
-        if plan.plateau_step(log.history) is not None and latest:
-            log.say(f"{self.run_dir}: already stopped improving at step {plan.plateau_step(log.history)} "
+        if self.plateau_at is not None and latest:
+            log.say(f"{self.run_dir}: already stopped improving at step {self.plateau_at} "
                     f"(--plateau-window {plan.plateau_window}); finishing.")
         elif start_step >= plan.total_steps and latest:
             log.say(f"{self.run_dir}: already trained {start_step} of {plan.total_steps} steps; exporting.")
