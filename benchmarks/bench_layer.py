@@ -19,7 +19,7 @@ streaming bandwidth, at the step's working-set size, that the step reaches.
 
 Precision (``--precision``): the bare kernel's relative variance error against
 float64 as a channel's ``n * |mean| / spread`` grows (std 1), next to kerasbn's
-on the same data: the evidence for ``kerasbn.moments.UNSHIFTED_LIMIT``, the
+on the same data: the evidence for ``kerasbn.kernels.tf_moments.UNSHIFTED_LIMIT``, the
 point past which kerasbn shifts the input before the CPU kernel reads it.
 
     .venv/bin/python benchmarks/bench_layer.py [--repeats 30] [--shapes small] [--variants] [--precision]
@@ -38,6 +38,7 @@ import tensorflow as tf  # noqa: E402
 from common import markdown_table, time_alternating  # noqa: E402
 
 import kerasbn  # noqa: E402
+from kerasbn.kernels import tf_fused  # noqa: E402
 
 TRAIN_SHAPES = [(64, 28, 28, 64), (256, 1024)]
 # Around the size where fused=None switches to the fused kernels (FUSED_MIN_ELEMENTS).
@@ -142,7 +143,7 @@ def inference_row(shape, repeats):
 
 
 # Each layer option's training step on TRAIN_SHAPES[0], and the kernels it takes
-# (kerasbn.moments: one_pass, fused = the split kernels, elementwise).
+# (kerasbn.kernels.tensorflow_backend: one_pass, fused = the split kernels, elementwise).
 VARIANTS = [
     ("default", {}, "one_pass"),
     ("momentum=None", {"momentum": None}, "one_pass"),
@@ -180,8 +181,8 @@ PRECISION_RATIOS = [0, 1e6, 1e7, 1e8]
 
 
 def kernel_variance(x):
-    """The bare kernel's variance: kerasbn.fused.moments is one FusedBatchNormV3 call, no shift."""
-    _, variance = kerasbn.fused.moments(tf.constant(x), x.ndim - 1)
+    """The bare kernel's variance: kerasbn.kernels.tf_fused.moments is one FusedBatchNormV3 call, no shift."""
+    _, variance = tf_fused.moments(tf.constant(x), x.ndim - 1)
     return variance.numpy()
 
 

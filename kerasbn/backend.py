@@ -1,23 +1,32 @@
-"""kerasbn runs on Keras' TensorFlow backend only; any other backend is named at first use."""
+"""Which Keras backends kerasbn runs on; any other is named at first use."""
 
 from __future__ import annotations
 
 import keras
 
+SUPPORTED_BACKENDS = ("tensorflow", "jax")
+
 
 class BackendError(RuntimeError):
-    """kerasbn was used with a Keras backend other than TensorFlow."""
+    """kerasbn (or one of its tools) was used on a Keras backend it cannot run on."""
 
 
-def require_tensorflow_backend(what: str) -> None:
-    """Raises :class:`BackendError` unless Keras runs on TensorFlow.
+def require_backend(what: str, backends: tuple[str, ...] = SUPPORTED_BACKENDS) -> str:
+    """Returns Keras' backend, or raises :class:`BackendError` unless it is one of ``backends``.
 
     Checked at first use (a layer's construction, a tool's call), not at import, so a
     program that imports kerasbn without using it runs on any backend.
     """
     backend = keras.backend.backend()
-    if backend != "tensorflow":
+    if backend not in backends:
+        names = " and ".join(repr(b) for b in backends)
         raise BackendError(
-            f"{what} needs Keras' TensorFlow backend; Keras is running on {backend!r}. kerasbn runs "
-            "TensorFlow's kernels and tf.distribute: set KERAS_BACKEND=tensorflow (or "
-            '"backend": "tensorflow" in ~/.keras/keras.json) before Keras is imported.')
+            f"{what} runs on Keras' {names} backend{'s' if len(backends) > 1 else ''}; Keras is "
+            f"running on {backend!r}. Set KERAS_BACKEND={backends[0]} (or \"backend\" in "
+            "~/.keras/keras.json) before Keras is imported.")
+    return backend
+
+
+def require_tensorflow_backend(what: str) -> None:
+    """Raises :class:`BackendError` unless Keras runs on TensorFlow (tf.distribute, tf.data)."""
+    require_backend(what, ("tensorflow",))

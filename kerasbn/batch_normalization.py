@@ -5,24 +5,13 @@ from __future__ import annotations
 import numbers
 
 import keras
-import tensorflow as tf
-from keras import constraints, initializers, regularizers
+from keras import constraints, initializers, ops, regularizers
 
-from kerasbn import cross_replica, fused
-from kerasbn.backend import require_tensorflow_backend
-from kerasbn.moments import (
-    ELEMENTWISE,
-    FUSED,
-    ONE_PASS,
-    all_finite,
-    batch_statistics,
-    variance_from_moments,
-)
-from kerasbn.normalize import normalize_inference, normalize_with_batch_statistics
+from kerasbn import kernels
+from kerasbn.backend import require_backend
+from kerasbn.statistics import all_finite, move_average, population_estimate, variance_from_moments
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
-# Below this many values per call, fused=None keeps to the element-wise path.
-FUSED_MIN_ELEMENTS = 2**17
 
 
 def _check_fraction(name: str, value, allow_none: bool = False) -> float | None:
@@ -79,15 +68,6 @@ def _check_renorm_clipping(renorm_clipping) -> dict:
             f"dmax should be non-negative in the `renorm_clipping` argument; received dmax={dmax}."
         )
     return clipping
-
-
-def _move_average(variable, value, rate, update):
-    """``variable += rate * (value - variable)`` where ``update``; elsewhere it stays, returned."""
-    moving = variable.value  # one read
-    # A select, not a zero rate: 0 * NaN is NaN.
-    moved = tf.where(update, moving + rate * (value - moving), moving)
-    variable.assign(moved)
-    return moved
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
@@ -156,12 +136,19 @@ class BatchNormalization(keras.layers.Layer):
             (defaults inf, 0, inf); ``r`` is clipped to ``[rmin, rmax]`` and
             ``d`` to ``[-dmax, dmax]``.
         renorm_momentum: float in [0, 1), momentum of the renorm statistics.
-        synchronized: if True, under a ``tf.distribute`` strategy the batch
-            statistics are those of the global batch across replicas, merged
-            with one collective per layer (see ``SyncBatchNormalization``).
-        sync_group_size: int or None; with ``synchronized=True``, replicas
-            share statistics within consecutive groups of this many replicas
-            (it must divide the replica count); None means all replicas.
+        synchronized: if True, the batch statistics are those of the global
+            batch across devices: the replicas of a ``tf.distribute`` strategy
+            (one collective per layer forward, one backward; see
+            ``SyncBatchNormalization``), or on JAX the devices of
+            ``keras.distribution.DataParallel``. If False, each device
+            normalizes its own share of the batch, on both backends.
+        sync_group_size: int or None; with ``synchronized=True``, devices
+            share statistics within consecutive groups of this many devices
+            (it must divide the device count); None means all devices.
+        axis_name: JAX only, for code that maps the layer over devices itself
+            (``jax.shard_map``, ``jax.pmap`` around ``stateless_call``): the
+            mapped axis to synchronize over, as Flax's ``axis_name``; needs
+            ``synchronized=True``. Not needed under ``keras.distribution``.
         fused: None (default) uses TensorFlow's fused batch-norm kernels
             (oneDNN on CPU, cuDNN on GPU) whenever the case allows it
             (float16/bfloat16/float32 input, channel axis 1 or last, no ghost
@@ -228,9 +215,10 @@ class BatchNormalization(keras.layers.Layer):
         synchronized=False,
         sync_group_size=None,
         fused=None,
+        axis_name=None,
         **kwargs,
     ):
-        require_tensorflow_backend(type(self).__name__)
+        require_backend(type(self).__name__)
         super().__init__(**kwargs)
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(
@@ -283,6 +271,15 @@ class BatchNormalization(keras.layers.Layer):
                 "has its own statistics); use fused=None."
             )
         self.fused = fused
+        if axis_name is not None and not isinstance(axis_name, str):
+            raise TypeError(f"`axis_name` must be a str or None; received axis_name={axis_name!r}.")
+        if axis_name is not None and (not self.synchronized or self.sync_group_size is not None):
+            raise ValueError(
+                "`axis_name` names the mapped axis to synchronize over: it needs "
+                "synchronized=True and no sync_group_size; received "
+                f"axis_name={axis_name!r} with synchronized={self.synchronized}, "
+                f"sync_group_size={self.sync_group_size}.")
+        self.axis_name = axis_name
         self.supports_masking = True
         self.gamma = None
         self.beta = None
@@ -359,7 +356,7 @@ class BatchNormalization(keras.layers.Layer):
             variance_initializer = self.moving_variance_initializer
 
             def stddev_initializer(shape, dtype=None):
-                return tf.sqrt(variance_initializer(shape, dtype="float32"))
+                return ops.sqrt(variance_initializer(shape, dtype="float32"))
 
             self.moving_stddev = add_statistic("moving_stddev", stddev_initializer)
             self.renorm_mean = add_statistic("renorm_mean", self.moving_mean_initializer)
@@ -378,35 +375,38 @@ class BatchNormalization(keras.layers.Layer):
 
     # ------------------------------------------------------------------- call
     def call(self, inputs, training=None, mask=None):
+        backend = kernels.current(type(self).__name__)
         inputs = self._check_inputs(inputs)
         mask = self._broadcast_mask(inputs, mask)
         axis = self._positive_axis
         gamma, beta = self._affine_parameters()
         if not (training and self.trainable):
-            y = normalize_inference(inputs, axis, self.moving_mean, self.moving_variance,
-                                    gamma, beta, self.epsilon)
-            return tf.cast(y, self.compute_dtype)
+            y = backend.normalize_inference(inputs, axis, self.moving_mean, self.moving_variance,
+                                            gamma, beta, self.epsilon)
+            return ops.cast(y, self.compute_dtype)
 
-        gamma = tf.ones_like(self.moving_mean) if gamma is None else gamma
-        beta = tf.zeros_like(self.moving_mean) if beta is None else beta
-        options = self._training_options(inputs, mask)
-        # With the one-pass kernel, the statistics come with the normalized output.
-        statistics = batch_statistics(inputs, axis, mask, affine=(gamma, beta, self.epsilon),
-                                      **options)
+        gamma = ops.ones_like(self.moving_mean) if gamma is None else gamma
+        beta = ops.zeros_like(self.moving_mean) if beta is None else beta
+        plan = backend.training_plan(self, inputs, mask)
+        if plan.one_pass:
+            y, statistics = backend.normalize_one_pass(inputs, axis, gamma, beta, self.epsilon)
+        else:
+            statistics = backend.local_statistics(inputs, axis, mask, plan)
+            statistics = backend.merge(statistics, plan)
         finite = all_finite(statistics)
         if self.renorm:
             gamma, beta = self._renormalize(statistics, gamma, beta, finite)
         self._update_moving_statistics(statistics, finite)
-        y = normalize_with_batch_statistics(inputs, axis, statistics, gamma, beta, self.epsilon,
-                                            mask=mask, **options)
-        return tf.cast(y, self.compute_dtype)
+        if not plan.one_pass:
+            y = backend.normalize(inputs, axis, statistics, gamma, beta, self.epsilon, mask, plan)
+        return ops.cast(y, self.compute_dtype)
 
     def _check_inputs(self, inputs):
-        inputs = tf.convert_to_tensor(inputs)
-        if not inputs.dtype.is_floating:
+        inputs = ops.convert_to_tensor(inputs)
+        if "float" not in keras.backend.standardize_dtype(inputs.dtype):
             raise TypeError(
                 f"{type(self).__name__} expects floating-point inputs; received "
-                f"dtype {inputs.dtype.name}."
+                f"dtype {keras.backend.standardize_dtype(inputs.dtype)}."
             )
         return inputs
 
@@ -417,85 +417,49 @@ class BatchNormalization(keras.layers.Layer):
         where it is used, never materialized at the inputs' size."""
         if mask is None:
             return None
-        mask = tf.convert_to_tensor(mask)
-        rank = inputs.shape.rank
+        mask = ops.convert_to_tensor(mask)
+        input_shape, mask_shape = tuple(inputs.shape), tuple(mask.shape)
+        rank = len(input_shape)
         expected = f"the inputs' shape without the last axis (rank {rank - 1})"
-        if mask.shape.rank != rank - 1:
+        if len(mask_shape) != rank - 1:
             raise ValueError(
-                f"`mask` must have {expected}; received mask shape {mask.shape} for "
-                f"inputs shape {inputs.shape}."
+                f"`mask` must have {expected}; received mask shape {mask_shape} for "
+                f"inputs shape {input_shape}."
             )
-        mask = tf.expand_dims(tf.cast(mask, tf.bool), -1)
-        try:
-            tf.broadcast_static_shape(mask.shape, inputs.shape)
-        except ValueError:
+        if not all(m in (1, None) or x in (1, None) or m == x
+                   for m, x in zip(mask_shape, input_shape[:-1], strict=True)):
             raise ValueError(
                 f"`mask` must have {expected}, or broadcast to it; received mask "
-                f"shape {mask.shape[:-1]} for inputs shape {inputs.shape}."
-            ) from None
-        return mask
+                f"shape {mask_shape} for inputs shape {input_shape}."
+            )
+        return ops.expand_dims(ops.cast(mask, "bool"), -1)
 
     def _affine_parameters(self):
-        gamma = tf.cast(self.gamma, tf.float32) if self.scale else None
-        beta = tf.cast(self.beta, tf.float32) if self.center else None
+        gamma = ops.cast(self.gamma, "float32") if self.scale else None
+        beta = ops.cast(self.beta, "float32") if self.center else None
         return gamma, beta
-
-    def _training_options(self, inputs, mask) -> dict:
-        """How the batch statistics are computed and used: the one decision of which kernel runs."""
-        replicas = cross_replica.num_replicas_in_sync()
-        synchronized = self.synchronized and replicas > 1
-        if synchronized:
-            cross_replica.check_group_size(self.sync_group_size, replicas)
-        kernel = ELEMENTWISE
-        if self._use_fused(inputs):
-            # The one-pass kernel computes the local statistics and normalizes with
-            # them at once; merged statistics, masked statistics and renorm's
-            # corrections must exist before anything is normalized.
-            split = synchronized or mask is not None or self.renorm
-            kernel = FUSED if split else ONE_PASS
-        return {
-            "kernel": kernel,
-            "virtual_batch_size": self.virtual_batch_size,
-            "synchronized": synchronized,
-            "group_size": self.sync_group_size,
-        }
-
-    def _use_fused(self, inputs) -> bool:
-        if self.fused is False or self.virtual_batch_size:
-            return False
-        if not fused.fusable(inputs.dtype, inputs.shape.rank, self._positive_axis):
-            if self.fused:
-                raise TypeError(
-                    f"fused=True needs float16, bfloat16 or float32 inputs; "
-                    f"received {inputs.dtype.name}."
-                )
-            return False
-        # fused=None: on small inputs the kernels' fixed cost loses against
-        # element-wise ops (measured in benchmarks/bench_layer.py).
-        return not (self.fused is None and inputs.shape.is_fully_defined()
-                    and inputs.shape.num_elements() < FUSED_MIN_ELEMENTS)
 
     def _renormalize(self, statistics, gamma, beta, finite):
         """Batch Renormalization (Ioffe, 2017), as Keras computes it: folds
         ``(r, d)`` into gamma and beta, then updates the renorm statistics
         (unless the batch statistics are not ``finite``)."""
-        count, mean, m2, _ = statistics
-        stddev = tf.sqrt(variance_from_moments(count, m2) + self.epsilon)
-        renorm_stddev = tf.maximum(self.renorm_stddev, tf.sqrt(self.epsilon))
+        count, mean, m2 = statistics
+        stddev = ops.sqrt(variance_from_moments(count, m2) + self.epsilon)
+        renorm_stddev = ops.maximum(self.renorm_stddev, self.epsilon ** 0.5)
         r = stddev / renorm_stddev
         d = (mean - self.renorm_mean) / renorm_stddev
         rmin, rmax, dmax = (self.renorm_clipping.get(k) for k in ("rmin", "rmax", "dmax"))
         if rmin is not None:
-            r = tf.maximum(r, rmin)
+            r = ops.maximum(r, rmin)
         if rmax is not None:
-            r = tf.minimum(r, rmax)
+            r = ops.minimum(r, rmax)
         if dmax is not None:
-            d = tf.clip_by_value(d, -dmax, dmax)
-        r, d = tf.stop_gradient(r), tf.stop_gradient(d)
+            d = ops.clip(d, -dmax, dmax)
+        r, d = ops.stop_gradient(r), ops.stop_gradient(d)
         update = (count > 0.0) & finite
         rate = 1.0 - self.renorm_momentum
-        _move_average(self.renorm_mean, mean, rate, update)
-        _move_average(self.renorm_stddev, stddev, rate, update)
+        move_average(self.renorm_mean, mean, rate, update)
+        move_average(self.renorm_stddev, stddev, rate, update)
         # gamma * (x_hat * r + d) + beta = x_hat * (gamma r) + (gamma d + beta)
         return gamma * r, gamma * d + beta
 
@@ -510,34 +474,23 @@ class BatchNormalization(keras.layers.Layer):
         overflowed float16 activation) changes nothing, not even the count of
         ``momentum=None``: one select keeps every average as it was.
         """
-        count, mean, m2, _ = statistics
-        if self.unbiased_variance:
-            valid = count > 1.0
-            variance = m2 / tf.maximum(count - 1.0, 1.0)
-        else:
-            valid = count > 0.0
-            variance = variance_from_moments(count, m2)
-        if mean.shape.rank == 2:
-            weights = tf.cast(valid, tf.float32)
-            groups = tf.reduce_sum(weights, 0)
-            mean = tf.reduce_sum(weights * mean, 0) / tf.maximum(groups, 1.0)
-            variance = tf.reduce_sum(weights * variance, 0) / tf.maximum(groups, 1.0)
-            valid = groups > 0.0
+        mean, variance, valid = population_estimate(statistics, self.unbiased_variance)
         update = valid & finite
         if self.momentum is None:
             # Cumulative average: moving += (batch - moving) / (n + 1).
-            updated = tf.cast(tf.reduce_any(update), tf.float32)
+            updated = ops.cast(ops.any(update), "float32")
             seen = self.num_batches + updated
-            rate = updated / tf.maximum(seen, 1.0)
+            rate = updated / ops.maximum(seen, 1.0)
             self.num_batches.assign(seen)
         else:
             rate = 1.0 - self.momentum
-        _move_average(self.moving_mean, mean, rate, update)
+        move_average(self.moving_mean, mean, rate, update)
         if self.renorm:
-            moving_stddev = _move_average(self.moving_stddev, tf.sqrt(variance + self.epsilon), rate, update)
-            self.moving_variance.assign(tf.nn.relu(tf.square(moving_stddev) - self.epsilon))
+            moving_stddev = move_average(self.moving_stddev, ops.sqrt(variance + self.epsilon), rate,
+                                         update)
+            self.moving_variance.assign(ops.relu(ops.square(moving_stddev) - self.epsilon))
         else:
-            _move_average(self.moving_variance, variance, rate, update)
+            move_average(self.moving_variance, variance, rate, update)
 
     # ------------------------------------------------------------ the rest
     def compute_output_shape(self, input_shape):
@@ -578,6 +531,8 @@ class BatchNormalization(keras.layers.Layer):
                 "fused": self.fused,
             }
         )
+        if self.axis_name is not None:  # JAX-only; configs without it load anywhere
+            config["axis_name"] = self.axis_name
         return config
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kerasbn import model_walk
-from kerasbn.backend import require_tensorflow_backend
+from kerasbn.backend import require_backend
 from kerasbn.batch_normalization import BatchNormalization
 from kerasbn.construction import batch_norm_scope, kerasbn_config, replacement
 
@@ -61,7 +61,7 @@ def convert_sync_batchnorm(model, sync_group_size: int | None = None, **override
             would stay unsynchronized.
     """
     tool = "convert_sync_batchnorm"
-    require_tensorflow_backend(tool)
+    require_backend(tool)
     model_walk.check_model(model, tool)
     model_walk.require_graph_model(
         model, tool, ": construct it inside kerasbn.batch_norm_scope(synchronized=True) instead")

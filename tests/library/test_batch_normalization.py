@@ -516,7 +516,7 @@ def test_statistics_keep_precision_either_side_of_the_cpu_shift_threshold(
 
 
 def test_the_shift_pass_is_skipped_on_cpu_only_for_data_that_does_not_need_it():
-    from kerasbn import moments
+    from kerasbn.kernels import tf_moments as moments
 
     def needed(mean, spread, count):
         return bool(moments.shift_needed(tf.constant(mean), tf.constant(spread), count))

@@ -1,11 +1,11 @@
 """Normalizing with given statistics, and the paper's backward pass through batch statistics.
 
 The local layer's common case never comes here: the one-pass fused kernel computes its
-statistics and output together (:data:`kerasbn.moments.ONE_PASS`). What follows is the
-general path: synchronized statistics, masks, ghost batches, renorm, float64.
+statistics and output together (:func:`kerasbn.kernels.tensorflow_backend.normalize_one_pass`).
+What follows is the general path: synchronized statistics, masks, ghost batches, renorm, float64.
 
-Training normalizes with the batch statistics of :func:`kerasbn.moments.batch_statistics`
-(this replica's, or its group's merged across replicas). The backward pass is written
+Training normalizes with the batch statistics (this replica's, or its group's merged
+across replicas). The backward pass is written
 out instead of differentiated through the statistics (the paper's section 3,
 simplified): with ``x_hat`` the normalized input and ``N`` the group's count,
 
@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from kerasbn import cross_replica, fused
-from kerasbn.moments import ELEMENTWISE, BatchStatistics, split_ghost_batches, variance_from_moments
+from kerasbn.kernels import tf_cross_replica as cross_replica
+from kerasbn.kernels import tf_fused as fused
+from kerasbn.kernels.tf_moments import split_ghost_batches
+from kerasbn.statistics import Moments, variance_from_moments
 
 
 def normalize_inference(x, channel_axis, mean, variance, gamma, beta, epsilon) -> tf.Tensor:
@@ -52,14 +54,14 @@ def normalize_inference(x, channel_axis, mean, variance, gamma, beta, epsilon) -
 def normalize_with_batch_statistics(
     x: tf.Tensor,
     channel_axis: int,
-    statistics: BatchStatistics,
+    statistics: Moments,
     gamma: tf.Tensor,
     beta: tf.Tensor,
     epsilon: float,
     *,
     mask: tf.Tensor | None = None,
     virtual_batch_size: int | None = None,
-    kernel: str = ELEMENTWISE,
+    fused_kernels: bool = False,
     synchronized: bool = False,
     group_size: int | None = None,
 ) -> tf.Tensor:
@@ -68,25 +70,22 @@ def normalize_with_batch_statistics(
     Args:
         x: the layer's input, rank >= 2.
         channel_axis: the positive channel axis.
-        statistics: ``(count, mean, m2)``, each ``(C,)`` (``(G, C)`` with ghost batches), from
-            :func:`kerasbn.moments.batch_statistics` with the same ``mask``, ``kernel``,
-            ``virtual_batch_size``, ``synchronized`` and ``group_size``. When the
-            one-pass kernel already normalized, its output is returned as it is.
+        statistics: ``(count, mean, m2)``, each ``(C,)`` (``(G, C)`` with ghost batches),
+            computed with the same ``mask`` and ``virtual_batch_size`` and merged over the
+            same ``synchronized`` group.
         gamma, beta: float32 ``(C,)``.
         epsilon: added to the variance.
-        kernel: ``FUSED`` normalizes and differentiates with the fused
-            kernels (the caller checked :func:`kerasbn.fused.fusable`; not with
-            ghost batches); ``ELEMENTWISE`` with element-wise ops.
+        fused_kernels: normalize and differentiate with the fused kernels (the caller
+            checked :func:`kerasbn.kernels.tf_fused.fusable`; not with ghost batches);
+            otherwise element-wise ops.
 
     Returns:
         ``y`` with ``x``'s shape: ``x``'s dtype on the fused path, float32
         otherwise.
     """
-    if statistics.normalized is not None:
-        return statistics.normalized
-    count, mean, m2, _ = statistics
+    count, mean, m2 = statistics
     variance = variance_from_moments(count, m2)
-    if kernel != ELEMENTWISE and not virtual_batch_size:
+    if fused_kernels and not virtual_batch_size:
         return _fused_normalize(x, channel_axis, count, mean, variance, gamma, beta,
                                 epsilon, mask, synchronized, group_size)
     return _elementwise_normalize(x, channel_axis, count, mean, variance, gamma, beta, epsilon,

@@ -13,6 +13,8 @@ layout without changing which values each channel reduces over.
 
 from __future__ import annotations
 
+import os
+
 import tensorflow as tf
 
 FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
@@ -103,3 +105,20 @@ def normalize_grad(dy, x, channel_axis, mean, variance, scale, epsilon):
         epsilon=epsilon, is_training=False, data_format=data_format,
     )
     return _from_fused_layout(dx, x), sum_dy_x_hat, sum_dy
+
+
+def cpu_kernel_without_xla() -> bool:
+    """Whether the kernel is TensorFlow's CPU kernel outside XLA: no GPU is
+    visible, the graph being traced is not compiled by XLA, and XLA's
+    auto-clustering is off. Decided while tracing."""
+    if tf.config.list_logical_devices("GPU") or tf.config.optimizer.get_jit():
+        return False
+    if "auto_jit" in os.environ.get("TF_XLA_FLAGS", ""):
+        return False
+    if tf.executing_eagerly():
+        return True
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # private module moved: assume XLA may compile the graph
+        return False
+    return not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())

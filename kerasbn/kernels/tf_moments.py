@@ -1,12 +1,7 @@
-"""Per-channel batch statistics as (count, mean, M2), and their stable merge.
+"""TensorFlow's computation of a batch's per-channel ``(count, mean, M2)``.
 
-The layer never works with (mean, variance) pairs until the very end: every
-partial result -- one replica's slice, one ghost batch, one worker -- is a
-triple ``(count, mean, M2)`` with ``M2 = sum((x - mean)^2)``. Triples merge
-exactly and stably (Chan, Golub & LeVeque 1979), so the synchronized layer is
-the local layer plus one merge, not a second implementation.
-
-Numerical care taken here, one line each:
+The triples and their merge are :mod:`kerasbn.statistics` (every backend's); this is
+how TensorFlow computes them from the input. Numerical care taken here, one line each:
 
 - Reductions run in float32 whatever the input dtype (a float16 sum of
   squares overflows at activations around 250).
@@ -22,22 +17,18 @@ Numerical care taken here, one line each:
   applies, but it loses the variance when a channel's mean is large against
   its spread (oneDNN, and XLA's expansion into ``E[x^2] - E[x]^2``); it is
   fed data shifted by a sample of each channel wherever that can happen
-  (:func:`_shifted_fused_statistics`, the one place that guard lives).
-- The merge computes deviations from the merged mean directly (within-part
-  M2 plus count-weighted between-part squares), so it stays stable for any
-  number of parts, empty parts included.
+  (:func:`fused_statistics`, the one place that guard lives).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import tensorflow as tf
 
-from kerasbn import cross_replica, fused
+from kerasbn.kernels import tf_fused as fused
+from kerasbn.statistics import Moments
 
 
 def local_moments(
@@ -99,110 +90,6 @@ def local_moments(
     return tf.broadcast_to(count, tf.shape(mean)), mean, m2
 
 
-def merge_moments(
-    count: tf.Tensor, mean: tf.Tensor, m2: tf.Tensor, axis: int = 0
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Merges partial ``(count, mean, m2)`` triples stacked along ``axis``.
-
-    ``M2_total = sum_i M2_i + sum_i n_i (mean_i - mean_total)^2``: exact for
-    unequal counts, and parts with ``n_i = 0`` contribute nothing.
-    """
-    total = tf.reduce_sum(count, axis)
-    safe_total = tf.maximum(total, 1.0)
-    merged_mean = tf.reduce_sum(count * mean, axis) / safe_total
-    deviation = mean - tf.expand_dims(merged_mean, axis)
-    merged_m2 = tf.reduce_sum(m2 + count * tf.square(deviation), axis)
-    return total, merged_mean, merged_m2
-
-
-def variance_from_moments(count: tf.Tensor, m2: tf.Tensor) -> tf.Tensor:
-    """The biased (population) variance ``M2 / n``; 0 where ``n = 0``."""
-    return m2 / tf.maximum(count, 1.0)
-
-
-def all_finite(statistics) -> tf.Tensor:
-    """Scalar bool: every channel's (every ghost batch's) mean and M2 is finite.
-
-    One ``inf`` or NaN in a batch makes its statistics non-finite; merged across
-    replicas, it makes them non-finite on every replica of the group, so all
-    of them see the same answer.
-    """
-    return tf.reduce_all(tf.math.is_finite(tf.stack([statistics.mean, statistics.m2])))
-
-
-# Which kernels compute a training step's statistics and output (decided once per call
-# by the layer): the one-pass fused kernel (statistics and output together, local
-# layer), the fused kernels split into statistics, merge and normalization
-# (synchronized layer and masks' normalization), or element-wise ops.
-ONE_PASS, FUSED, ELEMENTWISE = "one_pass", "fused", "elementwise"
-
-
-class BatchStatistics(NamedTuple):
-    """Per-channel ``(count, mean, m2)``, and the normalized output when the
-    one-pass kernel computed both at once (None otherwise)."""
-
-    count: tf.Tensor
-    mean: tf.Tensor
-    m2: tf.Tensor
-    normalized: tf.Tensor | None = None
-
-
-def batch_statistics(
-    x: tf.Tensor,
-    channel_axis: int,
-    mask: tf.Tensor | None = None,
-    *,
-    kernel: str = ELEMENTWISE,
-    affine: tuple | None = None,
-    virtual_batch_size: int | None = None,
-    synchronized: bool = False,
-    group_size: int | None = None,
-) -> BatchStatistics:
-    """The batch statistics BN normalizes with: ``(count, mean, m2)``, each ``(C,)``.
-
-    With ``virtual_batch_size``, each ``(G, C)`` for the ``G`` ghost batches.
-    No gradient flows through them (the normalization's own backward pass
-    accounts for the statistics).
-
-    Args:
-        x: input of any float dtype, rank >= 2.
-        channel_axis: the positive channel axis.
-        mask: optional boolean tensor of ``x``'s shape; False positions are
-            left out.
-        kernel: ``ONE_PASS`` (the caller checked :func:`kerasbn.fused.fusable`;
-            no mask, ghost batches or synchronization) also returns the
-            normalized output, ``gamma * x_hat + beta``, from the same kernel
-            call, with its gradient; ``FUSED`` computes the moments with the
-            fused kernel (unmasked); ``ELEMENTWISE`` with element-wise ops.
-            The fused kernels see shifted data, for precision.
-        affine: ``(gamma, beta, epsilon)`` for ``ONE_PASS``: float32 ``(C,)``
-            vectors and the float added to the variance.
-        virtual_batch_size: each consecutive group of this many examples gets
-            its own statistics.
-        synchronized: merge the statistics across the replicas of the current
-            ``tf.distribute`` replica context (one collective).
-        group_size: with ``synchronized``, replicas per group; None means all.
-    """
-    channels = x.shape[channel_axis]
-    if kernel == ONE_PASS:
-        return _shifted_fused_statistics(x, channel_axis, affine)
-    x = tf.stop_gradient(x)
-    if virtual_batch_size:
-        x, mask = split_ghost_batches(x, mask, virtual_batch_size)
-        axes = [a for a in range(x.shape.rank) if a not in (0, channel_axis + 1)]
-        return BatchStatistics(
-            *(tf.reshape(t, [-1, channels]) for t in local_moments(x, axes, mask)))
-    if kernel == FUSED and mask is None:
-        count, mean, m2, _ = _shifted_fused_statistics(x, channel_axis)
-    else:
-        axes = [a for a in range(x.shape.rank) if a != channel_axis]
-        count, mean, m2 = (tf.reshape(t, [channels]) for t in local_moments(x, axes, mask))
-    if synchronized:
-        table = cross_replica.group_table(tf.stack([count, mean, m2]), group_size)
-        count, mean, m2 = merge_moments(table[:, 0], table[:, 1], table[:, 2])
-    return BatchStatistics(count, mean, m2)
-
-
 # A shift is needed before TensorFlow's CPU kernel (oneDNN) when a channel's
 # values-per-channel n times |mean| / spread exceeds this: measured on
 # (256, 64) to (256, 56, 56, 4), the kernel's variance error stays at its
@@ -215,9 +102,9 @@ UNSHIFTED_LIMIT = 1e6
 SAMPLE_VALUES = 16
 
 
-def _shifted_fused_statistics(x: tf.Tensor, channel_axis: int, affine: tuple | None = None):
-    """``BatchStatistics`` from the fused kernel on shifted data; with ``affine``,
-    from the one-pass kernel, with the normalized output.
+def fused_statistics(x: tf.Tensor, channel_axis: int, affine: tuple | None = None):
+    """``(Moments, None)`` from the fused kernel on shifted data; with ``affine``,
+    ``(Moments, normalized output)`` from the one-pass kernel.
 
     The kernel's float32 variance cancels catastrophically when a channel's
     mean is large against its spread (oneDNN's float32 accumulation; XLA
@@ -251,7 +138,7 @@ def _shifted_fused_statistics(x: tf.Tensor, channel_axis: int, affine: tuple | N
     def subtract_shift():
         return unshifted - tf.cast(shift, unshifted.dtype)
 
-    if _cpu_kernel_without_xla():
+    if fused.cpu_kernel_without_xla():
         needed = shift_needed(shift, spread, count)
         shifted = tf.cond(needed, subtract_shift, lambda: unshifted)
         applied_shift = tf.where(needed, shift, 0.0)
@@ -267,7 +154,7 @@ def _shifted_fused_statistics(x: tf.Tensor, channel_axis: int, affine: tuple | N
     # NaN for an empty batch: back to zeros there.
     mean = tf.where(count > 0.0, shifted_mean + tf.reshape(applied_shift, [channels]), 0.0)
     m2 = tf.where(count > 1.0, unbiased * (count - 1.0), 0.0)
-    return BatchStatistics(tf.fill([channels], count), mean, m2, normalized)
+    return Moments(tf.fill([channels], count), mean, m2), normalized
 
 
 def shift_needed(mean: tf.Tensor, spread: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
@@ -290,23 +177,6 @@ def _first_examples_moments(x: tf.Tensor, channel_axis: int):
     mean = tf.reduce_mean(sample, axes, keepdims=True)
     variance = tf.reduce_mean(tf.math.squared_difference(sample, mean), axes, keepdims=True)
     return mean, tf.sqrt(variance)
-
-
-def _cpu_kernel_without_xla() -> bool:
-    """Whether the kernel is TensorFlow's CPU kernel outside XLA: no GPU is
-    visible, the graph being traced is not compiled by XLA, and XLA's
-    auto-clustering is off. Decided while tracing."""
-    if tf.config.list_logical_devices("GPU") or tf.config.optimizer.get_jit():
-        return False
-    if "auto_jit" in os.environ.get("TF_XLA_FLAGS", ""):
-        return False
-    if tf.executing_eagerly():
-        return True
-    try:
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # private module moved: assume XLA may compile the graph
-        return False
-    return not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def split_ghost_batches(x: tf.Tensor, mask: tf.Tensor | None, virtual_batch_size: int):
