@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import keras
@@ -12,6 +13,21 @@ from kerasbn.backend import require_backend
 from kerasbn.statistics import all_finite, move_average, population_estimate, variance_from_moments
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+# While recalibrate_statistics runs: layer id -> the population twin that computes for it
+# (kerasbn.population). Read once per call (at trace time in compiled functions).
+_POPULATION_TWINS: dict[int, BatchNormalization] = {}
+
+
+@contextlib.contextmanager
+def population_twins(pairs):
+    """Within the block, each ``(layer, twin)``'s layer hands its calls to its twin."""
+    pairs = list(pairs)
+    _POPULATION_TWINS.update((id(layer), twin) for layer, twin in pairs)
+    try:
+        yield
+    finally:
+        for layer, _ in pairs:
+            _POPULATION_TWINS.pop(id(layer), None)
 
 
 def _check_fraction(name: str, value, allow_none: bool = False) -> float | None:
@@ -375,6 +391,9 @@ class BatchNormalization(keras.layers.Layer):
 
     # ------------------------------------------------------------------- call
     def call(self, inputs, training=None, mask=None):
+        twin = _POPULATION_TWINS.get(id(self))
+        if twin is not None:  # recalibrate_statistics: the twin averages batch statistics
+            return twin(inputs, training=True, mask=mask)
         backend = kernels.current(type(self).__name__)
         inputs = self._check_inputs(inputs)
         mask = self._broadcast_mask(inputs, mask)
@@ -385,8 +404,9 @@ class BatchNormalization(keras.layers.Layer):
                                             gamma, beta, self.epsilon)
             return ops.cast(y, self.compute_dtype)
 
-        gamma = ops.ones_like(self.moving_mean) if gamma is None else gamma
-        beta = ops.zeros_like(self.moving_mean) if beta is None else beta
+        channels = self.moving_mean.shape
+        gamma = ops.ones(channels, "float32") if gamma is None else gamma
+        beta = ops.zeros(channels, "float32") if beta is None else beta
         plan = backend.training_plan(self, inputs, mask)
         if plan.one_pass:
             y, statistics = backend.normalize_one_pass(inputs, axis, gamma, beta, self.epsilon)
@@ -457,6 +477,8 @@ class BatchNormalization(keras.layers.Layer):
             d = ops.clip(d, -dmax, dmax)
         r, d = ops.stop_gradient(r), ops.stop_gradient(d)
         update = (count > 0.0) & finite
+        if len(mean.shape) == 2:  # devices each with their own statistics (JAX): averaged
+            mean, stddev, update = ops.mean(mean, 0), ops.mean(stddev, 0), ops.all(update, 0)
         rate = 1.0 - self.renorm_momentum
         move_average(self.renorm_mean, mean, rate, update)
         move_average(self.renorm_stddev, stddev, rate, update)

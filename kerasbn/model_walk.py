@@ -87,7 +87,7 @@ def _copy_batch_norm_weights(source, target) -> None:
     by_name = {w.name: w for w in source.weights}
     for weight in target.weights:
         if weight.name in by_name:
-            weight.assign(by_name[weight.name])
+            weight.assign(_copy(by_name[weight.name]))
 
 
 def copy_weights(source, target) -> None:
@@ -119,7 +119,13 @@ def copy_weights(source, target) -> None:
             raise ValueError(f"Layer {s.name!r} rebuilt from its config has other weights than "
                              "the original; they cannot be copied.")
         for w, v in zip(own_target, own_source, strict=True):
-            w.assign(v)
+            w.assign(_copy(v))
+
+
+def _copy(variable):
+    """A copy of ``variable``'s value: on JAX, assigning the variable would share its buffer,
+    which Keras' jitted steps donate (the other model's weight is then deleted)."""
+    return keras.ops.copy(variable.value)
 
 
 def clone_model(model, make_layer, set_weights=copy_weights):

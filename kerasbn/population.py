@@ -13,21 +13,29 @@ Each BN layer's statistics are gathered by a *population twin*: a kerasbn
 layer with the same configuration and weights (Keras' own layers get a
 kerasbn twin) set to ``momentum=None`` (the cumulative average) and
 ``unbiased_variance=True``, so that the layer's own statistics code does the
-work, as PyTorch's ``torch.optim.swa_utils.update_bn`` runs the model. The
-model's layers and settings are never changed, only their moving statistics.
+work, as PyTorch's ``torch.optim.swa_utils.update_bn`` runs the model. A kerasbn
+layer hands its calls to its twin while the run lasts
+(:func:`kerasbn.batch_normalization.population_twins`); Keras' own layer has no such
+hook, so its instance's ``call`` points at the twin for the run and is restored after.
+The model's layers and settings are never changed, only their moving statistics.
+
+On TensorFlow the run is a ``tf.function`` (batches split across the replicas of the
+model's strategy); on JAX, a loop of eager calls (under ``keras.distribution``,
+each device's share is what an unsynchronized layer averages).
 """
 
 from __future__ import annotations
 
 import warnings
 
+import contextlib
+
 import keras
 import numpy as np
-import tensorflow as tf
 
 from kerasbn import model_walk
-from kerasbn.backend import require_tensorflow_backend
-from kerasbn.batch_normalization import BatchNormalization
+from kerasbn.backend import require_backend
+from kerasbn.batch_normalization import BatchNormalization, population_twins
 from kerasbn.construction import kerasbn_config
 
 
@@ -43,7 +51,7 @@ def _population_twin(layer):
     twin.build(tuple(shape))
     for name in ("gamma", "beta"):
         if getattr(layer, name, None) is not None:
-            getattr(twin, name).assign(getattr(layer, name))
+            getattr(twin, name).assign(keras.ops.copy(getattr(layer, name).value))
     return twin
 
 
@@ -87,29 +95,19 @@ def recalibrate_statistics(model, data, steps: int | None = None, verbose: int |
     True
     """
     tool = "recalibrate_statistics"
-    require_tensorflow_backend(tool)
+    backend = require_backend(tool)
     model_walk.check_model(model, tool)
     if steps is not None and (not isinstance(steps, int) or steps <= 0):
         raise ValueError(f"`steps` must be a positive int or None; received steps={steps!r}.")
     layers = model_walk.batch_norm_layers(model)
     if not layers:
         return model_walk.warn_no_batch_norm(model, tool)
-    strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
-    with strategy.scope():
+    run = _run_tensorflow if backend == "tensorflow" else _run_eagerly
+    with _strategy_scope(model, backend) as strategy:
         twins = [_population_twin(layer) for layer in layers]
-
-    def twin_call(twin):
-        def call(inputs, training=None, mask=None):
-            return twin(inputs, training=True, mask=mask)
-        return call
-
-    for layer, twin in zip(layers, twins, strict=True):
-        layer.call = twin_call(twin)
-    try:
-        seen = _run(model, data, steps, strategy, verbose)
-    finally:
-        for layer in layers:
-            del layer.call
+    with population_twins((layer, twin) for layer, twin in zip(layers, twins, strict=True)
+                          if isinstance(layer, BatchNormalization)), _keras_layers_call(layers, twins):
+        seen = run(model, data, steps, strategy, verbose)
     if seen == 0:
         raise ValueError("recalibrate_statistics: `data` yielded no batches.")
     for layer, twin in zip(layers, twins, strict=True):
@@ -127,8 +125,49 @@ def recalibrate_statistics(model, data, steps: int | None = None, verbose: int |
     return model
 
 
-def _run(model, data, steps, strategy, verbose) -> int:
-    """Runs ``model`` in inference mode over ``data``; returns the batches seen."""
+@contextlib.contextmanager
+def _strategy_scope(model, backend):
+    """The model's ``tf.distribute`` strategy's scope (its twins' variables belong there)."""
+    if backend != "tensorflow":
+        yield None
+        return
+    import tensorflow as tf
+
+    strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+    with strategy.scope():
+        yield strategy
+
+
+@contextlib.contextmanager
+def _keras_layers_call(layers, twins):
+    """Keras' own BN layers have no hook: their ``call`` is the twin's for the run."""
+    keras_layers = [(layer, twin) for layer, twin in zip(layers, twins, strict=True)
+                    if not isinstance(layer, BatchNormalization)]
+
+    def twin_call(twin):
+        def call(inputs, training=None, mask=None):
+            return twin(inputs, training=True, mask=mask)
+        return call
+
+    for layer, twin in keras_layers:
+        layer.call = twin_call(twin)
+    try:
+        yield
+    finally:
+        for layer, _ in keras_layers:
+            del layer.call
+
+
+def _progress(steps, verbose):
+    if verbose == "auto":
+        verbose = 1 if steps is None or steps >= 50 else 0
+    return keras.utils.Progbar(steps, unit_name="batch") if verbose else None
+
+
+def _run_tensorflow(model, data, steps, strategy, verbose) -> int:
+    """Runs ``model`` in inference mode over ``data`` in a tf.function; returns the batches seen."""
+    import tensorflow as tf
+
     step = tf.function(lambda x: model(x, training=False))
     if strategy.num_replicas_in_sync > 1:
         if isinstance(data, tf.data.Dataset):
@@ -136,9 +175,18 @@ def _run(model, data, steps, strategy, verbose) -> int:
         run = tf.function(lambda x: strategy.run(step, (x,)))
     else:
         run = step
-    if verbose == "auto":
-        verbose = 1 if steps is None or steps >= 50 else 0
-    progress = keras.utils.Progbar(steps, unit_name="batch") if verbose else None
+    return _loop(run, data, steps, verbose)
+
+
+def _run_eagerly(model, data, steps, strategy, verbose) -> int:
+    """Runs ``model`` in inference mode over ``data`` (numpy batches from a tf.data.Dataset)."""
+    if hasattr(data, "as_numpy_iterator"):
+        data = data.as_numpy_iterator()
+    return _loop(lambda x: model(x, training=False), data, steps, verbose)
+
+
+def _loop(run, data, steps, verbose) -> int:
+    progress = _progress(steps, verbose)
     seen = 0
     for batch in data:
         if steps is not None and seen >= steps:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import tempfile
@@ -10,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from kerasbn import model_walk
-from kerasbn.backend import require_tensorflow_backend
+from kerasbn.backend import BackendError, require_backend
 from kerasbn.folding import fold_batch_norm, unfoldable
 
 
@@ -28,6 +29,9 @@ def export_for_serving(model, path: str | os.PathLike, fold: bool = True):
 
     Returns:
         The model that was exported (the folded copy when ``fold``).
+
+    On JAX, Keras' export converts the model's JAX function for TensorFlow
+    (TensorFlow must be installed; it is imported only here).
 
     Reload anywhere TensorFlow runs, without kerasbn or Keras, and keep the
     loaded object while serving: its variables live as long as it does
@@ -47,7 +51,10 @@ def export_for_serving(model, path: str | os.PathLike, fold: bool = True):
         OSError: ``path`` cannot be written.
     """
     tool = "export_for_serving"
-    require_tensorflow_backend(tool)
+    if require_backend(tool) != "tensorflow" and importlib.util.find_spec("tensorflow") is None:
+        raise BackendError(f"{tool} writes a TensorFlow SavedModel, which needs TensorFlow installed "
+                           "on every backend (Keras' JAX export converts through it): "
+                           "pip install tensorflow.")
     model_walk.check_model(model, tool)
     path = Path(path)
     if path.exists() and not path.is_dir():

@@ -79,8 +79,10 @@ def population_estimate(statistics: Moments, unbiased: bool):
         variance = variance_from_moments(count, m2)
     if len(mean.shape) == 2:
         weights = ops.cast(valid, "float32")
-        groups = ops.sum(weights, 0)
-        mean = ops.sum(weights * mean, 0) / ops.maximum(groups, 1.0)
-        variance = ops.sum(weights * variance, 0) / ops.maximum(groups, 1.0)
+        # One reduction over the groups (one collective where groups are devices).
+        groups, mean_sum, variance_sum = ops.unstack(
+            ops.sum(ops.stack([weights, weights * mean, weights * variance]), 1), 3)
+        mean = mean_sum / ops.maximum(groups, 1.0)
+        variance = variance_sum / ops.maximum(groups, 1.0)
         valid = groups > 0.0
     return mean, variance, valid
