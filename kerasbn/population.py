@@ -26,9 +26,8 @@ each device's share is what an unsynchronized layer averages).
 
 from __future__ import annotations
 
-import warnings
-
 import contextlib
+import warnings
 
 import keras
 import numpy as np

@@ -11,7 +11,12 @@ def pytest_configure(config):
     strategy and eager ops stay on /cpu:0).
 
     pytest-xdist's controller runs none: it imports no TensorFlow and starts the tests' fork
-    server before its workers, which share it (TensorFlow's import paid once, not per worker)."""
+    server before its workers, which share it (TensorFlow's import paid once, not per worker).
+
+    The JAX session (``KERAS_BACKEND=jax``, tests/jax, started by tests/library/test_jax_backend.py)
+    imports no TensorFlow: its devices are XLA's host devices (tests/jax/conftest.py)."""
+    if os.environ.get("KERAS_BACKEND") == "jax":
+        return
     if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
         from tests.helpers import forkserver
 

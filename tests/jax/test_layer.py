@@ -1,0 +1,238 @@
+"""The layer on Keras' JAX backend: the same contract as on TensorFlow, against float64 ground truth."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+
+import kerasbn
+from tests.helpers import reference
+
+ROOT = Path(__file__).resolve().parents[2]
+RNG = np.random.RandomState(0)
+EPS = 1e-3
+
+
+def _data(shape, mean=3.0, spread=2.0, seed=0):
+    return np.random.RandomState(seed).normal(mean, spread, shape).astype("float32")
+
+
+def _variables(layer):
+    return ([v.value for v in layer.trainable_variables],
+            [v.value for v in layer.non_trainable_variables])
+
+
+def test_backend_is_jax_and_the_layer_runs_without_tensorflow():
+    assert keras.backend.backend() == "jax"
+    script = (
+        "import sys, numpy as np, keras, kerasbn\n"
+        "model = keras.Sequential([keras.Input((6, 6, 3)), keras.layers.Conv2D(4, 3),\n"
+        "    kerasbn.BatchNormalization(), kerasbn.SyncBatchNormalization(),\n"
+        "    keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])\n"
+        "model.compile('sgd', 'sparse_categorical_crossentropy')\n"
+        "x = np.random.rand(16, 6, 6, 3).astype('float32')\n"
+        "model.fit(x, np.zeros(16), epochs=1, batch_size=8, verbose=0)\n"
+        "model.predict(x, verbose=0)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**env, "KERAS_BACKEND": "jax"}, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("shape,axis", [((64, 3), -1), ((8, 5, 5, 4), 1), ((4, 3, 5, 6), -1),
+                                        ((3, 4, 2, 5, 2), 2)])
+def test_algorithms_1_and_2_against_float64(shape, axis):
+    x, dy = _data(shape), _data(shape, 0.0, 1.0, seed=1)
+    layer = kerasbn.BatchNormalization(axis=axis, momentum=0.75, gamma_initializer="random_normal",
+                                       beta_initializer="random_normal")
+    layer.build(shape)
+    gamma, beta = (np.asarray(w.numpy(), np.float64) for w in (layer.gamma, layer.beta))
+
+    @jax.jit
+    def step(trainable, non_trainable, x):
+        def loss(trainable, x):
+            y, non_trainable_out = layer.stateless_call(trainable, non_trainable, x, training=True)
+            return jnp.sum(y * dy), (y, non_trainable_out)
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(trainable, x)
+
+    (dweights, dx), (y, non_trainable) = step(*_variables(layer), x)
+    ref_y, mean, variance = reference.bn_forward(x, axis, gamma, beta, EPS)
+    ref_dx, ref_dgamma, ref_dbeta = reference.bn_backward(x, dy, axis, gamma, EPS)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-3, atol=2e-4)
+    np.testing.assert_allclose(dweights[0], ref_dgamma, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(dweights[1], ref_dbeta, rtol=1e-4, atol=1e-3)
+    m = x.size // x.shape[axis]
+    moving_mean, moving_variance = non_trainable
+    np.testing.assert_allclose(moving_mean, 0.25 * mean, rtol=1e-5, atol=1e-6)
+    # Algorithm 2: the unbiased m / (m - 1) variance, averaged from the initial 1.
+    np.testing.assert_allclose(moving_variance, 0.75 + 0.25 * variance * m / (m - 1), rtol=1e-5)
+
+
+def test_inference_and_trainable_false_use_the_moving_statistics():
+    x = _data((16, 4))
+    layer = kerasbn.BatchNormalization(moving_mean_initializer="ones",
+                                       moving_variance_initializer=keras.initializers.Constant(4.0))
+    expected = (x - 1.0) / np.sqrt(4.0 + EPS)
+    np.testing.assert_allclose(layer(x, training=False), expected, rtol=1e-5)
+    layer.trainable = False
+    np.testing.assert_allclose(layer(x, training=True), expected, rtol=1e-5)
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), 1.0)
+
+
+@pytest.mark.parametrize("shape,axis", [((32, 5), -1), ((4, 3, 3, 6), -1), ((4, 6, 3, 3), 1)])
+def test_gradient_and_statistics_match_keras_when_variance_is_biased(shape, axis):
+    x, dy = _data(shape), _data(shape, 0.0, 1.0, seed=2)
+    ours = kerasbn.BatchNormalization(axis=axis, unbiased_variance=False, momentum=0.5)
+    theirs = keras.layers.BatchNormalization(axis=axis, momentum=0.5)
+    results = []
+    for layer in (ours, theirs):
+        layer.build(shape)
+        trainable, non_trainable = _variables(layer)
+
+        def loss(trainable, x, layer=layer, non_trainable=non_trainable):
+            y, new = layer.stateless_call(trainable, non_trainable, x, training=True)
+            return jnp.sum(y * dy), new
+
+        grads, new = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(trainable, x)
+        results.append((grads, new))
+    (ours_grads, ours_stats), (keras_grads, keras_stats) = results
+    for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(keras_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    for a, b in zip(ours_stats, keras_stats, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert [w.path.split("/")[-1] for w in ours.weights] == [w.path.split("/")[-1] for w in theirs.weights]
+
+
+def test_momentum_none_is_the_exact_population_average():
+    batches = [_data((16, 3), seed=s) + s for s in range(4)]
+    layer = kerasbn.BatchNormalization(momentum=None)
+    for x in batches:
+        layer(x, training=True)
+    np.testing.assert_allclose(layer.moving_mean, np.mean([b.mean(0) for b in batches], 0), rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance,
+                               np.mean([b.var(0, ddof=1) for b in batches], 0), rtol=1e-5)
+    assert float(layer.num_batches.numpy()) == 4
+
+
+def test_ghost_batches_normalize_each_group():
+    x = _data((8, 3, 3, 4)) + np.arange(8)[:, None, None, None].astype("float32")
+    layer = kerasbn.BatchNormalization(virtual_batch_size=2, momentum=0.0)
+    y = np.asarray(layer(x, training=True))
+    for g in range(4):
+        part = x[2 * g:2 * g + 2]
+        ref, _, _ = reference.bn_forward(part, -1, 1.0, 0.0, EPS)
+        np.testing.assert_allclose(y[2 * g:2 * g + 2], ref, rtol=1e-4, atol=1e-4)
+    ghosts = x.reshape(4, -1, 4)
+    np.testing.assert_allclose(layer.moving_mean, ghosts.mean(1).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance, ghosts.var(1, ddof=1).mean(0), rtol=1e-5)
+
+
+def test_mask_leaves_positions_out_even_when_they_hold_inf():
+    x = _data((4, 6, 3))
+    mask = np.ones((4, 6), bool)
+    mask[:, 4:] = False
+    x[:, 5] = np.inf
+    layer = kerasbn.BatchNormalization(momentum=0.0)
+    y = np.asarray(layer(x, training=True, mask=mask))
+    kept = x[:, :4].reshape(-1, 3)
+    np.testing.assert_allclose(layer.moving_mean, kept.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance, kept.var(0, ddof=1), rtol=1e-5)
+    assert np.isfinite(y[:, :4]).all()
+
+
+def test_batch_renormalization_matches_keras():
+    if not reference.keras_has_renorm():
+        pytest.skip("Keras' own layer has renorm from Keras 3.14 on")
+    arguments = dict(renorm=True, renorm_clipping={"rmax": 1.5, "rmin": 0.5, "dmax": 0.3},
+                     renorm_momentum=0.8, momentum=0.7)
+    ours = kerasbn.BatchNormalization(unbiased_variance=False, **arguments)
+    theirs = keras.layers.BatchNormalization(**arguments)
+    for step in range(3):
+        x = _data((32, 4), mean=step, seed=step)
+        np.testing.assert_allclose(ours(x, training=True), theirs(x, training=True), rtol=1e-4, atol=1e-4)
+    for a, b in zip(ours.weights, theirs.weights, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5, err_msg=a.path)
+
+
+@pytest.mark.parametrize("mean", [1e4, 1e5])
+def test_precision_at_a_large_channel_mean(mean):
+    x = _data((64, 8, 8, 4), mean=mean, spread=1.0)
+    layer = kerasbn.BatchNormalization(momentum=0.0)
+    layer.build(x.shape)
+    y = jax.jit(lambda t, n, x: layer.stateless_call(t, n, x, training=True))(*_variables(layer), x)
+    exact = x.astype(np.float64).reshape(-1, 4)
+    np.testing.assert_allclose(y[1][1], exact.var(0, ddof=1), rtol=2e-3)
+    np.testing.assert_allclose(np.asarray(y[0]).reshape(-1, 4).std(0), 1.0, rtol=2e-3)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_half_precision_keeps_float32_statistics_and_does_not_overflow(policy):
+    keras.config.set_dtype_policy(policy)
+    layer = kerasbn.BatchNormalization(momentum=0.0)
+    x = _data((16, 4, 4, 3), mean=300.0, spread=50.0)  # float16 squares overflow
+    y = layer(keras.ops.cast(x, layer.compute_dtype), training=True)
+    assert keras.backend.standardize_dtype(y.dtype) == layer.compute_dtype
+    assert all(w.dtype == "float32" for w in layer.non_trainable_weights)
+    exact = x.astype(np.float64).reshape(-1, 3)
+    np.testing.assert_allclose(layer.moving_variance, exact.var(0, ddof=1), rtol=2e-2)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("arguments", [{}, {"momentum": None}, {"virtual_batch_size": 4},
+                                       {"renorm": True}], ids=["ema", "cumulative", "ghost", "renorm"])
+def test_a_non_finite_batch_leaves_the_moving_statistics(bad, arguments):
+    x1, x2 = _data((8, 3, 3, 4)), _data((8, 3, 3, 4), -1.0, 3.0, seed=3)
+    poisoned = x1.copy()
+    poisoned.flat[77] = bad
+    layer, twin = (kerasbn.BatchNormalization(**arguments) for _ in range(2))
+    for x in (x1, poisoned, x2):
+        layer(x, training=True)
+    for x in (x1, x2):
+        twin(x, training=True)
+    for a, b in zip(layer.non_trainable_weights, twin.non_trainable_weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_backend_specific_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="fused=True asks for TensorFlow's fused"):
+        kerasbn.BatchNormalization(fused=True)(np.ones((4, 2), "float32"), training=True)
+    with pytest.raises(ValueError, match="`axis_name`.*needs synchronized=True"):
+        kerasbn.BatchNormalization(axis_name="batch")
+    with pytest.raises(TypeError, match="`axis_name` must be a str"):
+        kerasbn.SyncBatchNormalization(axis_name=3)
+    with pytest.raises(ValueError, match="`virtual_batch_size`=3 must divide"):
+        kerasbn.BatchNormalization(virtual_batch_size=3)(np.ones((4, 2), "float32"), training=True)
+
+
+KERAS_TEST = (Path(keras.__file__).parent / "src" / "layers" / "normalization"
+              / "batch_normalization_test.py")
+
+
+@pytest.mark.skipif(not KERAS_TEST.exists(), reason="this Keras ships no BN test file")
+def test_keras_batch_normalization_test_file_passes_whole_on_jax(tmp_path):
+    from tests.library.test_keras_parity import PREAMBLE
+
+    patched, replaced = re.subn(r"\blayers\.BatchNormalization\b", "KerasbnBatchNormalization",
+                                KERAS_TEST.read_text())
+    assert replaced >= 10
+    test_file = tmp_path / "test_keras_bn_with_kerasbn.py"
+    test_file.write_text(PREAMBLE + patched)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
+         "--rootdir", str(tmp_path), str(test_file)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        env={**env, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)})
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0, f"Keras' BN tests on kerasbn (JAX): {summary}\n{result.stdout[-6000:]}"
+    assert re.search(r"\b\d+ passed\b", summary) and "failed" not in summary, summary
