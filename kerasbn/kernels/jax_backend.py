@@ -168,12 +168,13 @@ def merge(statistics: Moments, plan: Plan) -> Moments:
     if plan.axis_name is not None:
         # Every mapped device's triple (one all-gather), merged on each.
         table = jnp.reshape(jax.lax.all_gather(table, plan.axis_name, tiled=True), (1, -1) + table.shape[1:])
-    elif plan.groups != plan.blocks:
-        # One all-gather makes the table whole on every device; the merge is then local.
-        table = DataParallelDevices().pin(table, replicated=True)
-        table = jnp.reshape(table, (plan.groups, plan.blocks // plan.groups) + table.shape[1:])
     else:
-        table = table[:, None]
+        if plan.groups != plan.blocks:
+            # Devices' triples merged: one all-gather makes the table whole on every device,
+            # the merge is then local. (Unmerged, each device keeps its own: the guard and
+            # the moving averages reduce them, and normalizing needs nothing from others.)
+            table = DataParallelDevices().pin(table, replicated=True)
+        table = jnp.reshape(table, (plan.groups, plan.blocks // plan.groups) + table.shape[1:])
     merged = merge_moments(table[:, :, 0], table[:, :, 1], table[:, :, 2], axis=1)
     if merged.mean.shape[0] == 1:
         return Moments(*(t[0] for t in merged))
