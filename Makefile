@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,recipes,serve,hub]"
+	$(PY) -m pip install -q -e ".[tensorflow,jax,test,recipes,serve,hub]"
 	touch $(STAMP)
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist

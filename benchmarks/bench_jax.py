@@ -58,6 +58,7 @@ def main():
     from jax.sharding import NamedSharding, PartitionSpec
 
     import kerasbn
+    from kerasbn.kernels.jax_backend import backend_mesh
 
     def make_bn(kind):
         if kind == "keras":
@@ -124,7 +125,7 @@ def main():
     devices = keras.distribution.list_devices()
     if args.devices > 1 and len(devices) >= args.devices:
         distribution = keras.distribution.DataParallel(devices=devices[:args.devices])
-        sharding = NamedSharding(distribution.device_mesh.backend_mesh, PartitionSpec("batch"))
+        sharding = NamedSharding(backend_mesh(distribution.device_mesh), PartitionSpec("batch"))
         xs, ys = jax.device_put(x, sharding), jax.device_put(y, sharding)
         with distribution.scope():
             candidates = {kind: training_step(network(kind), xs, ys)

@@ -23,4 +23,4 @@ __all__ = [
     "fold_batch_norm",
     "recalibrate_statistics",
 ]
-__version__ = "0.6.0"
+__version__ = "0.7.0"

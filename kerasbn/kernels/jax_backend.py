@@ -55,7 +55,7 @@ class DataParallelDevices:
         self.count = int(device_mesh.shape[list(device_mesh.axis_names).index(axis)])
         self.axis = axis
         if self.count > 1:
-            self.mesh = _backend_mesh(device_mesh)
+            self.mesh = backend_mesh(device_mesh)
 
     def pin(self, x, replicated: bool = False):
         """``x`` constrained to one leading-axis block per device (or replicated on all)."""
@@ -65,7 +65,8 @@ class DataParallelDevices:
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
 
-def _backend_mesh(device_mesh):
+def backend_mesh(device_mesh):
+    """JAX's mesh of a ``keras.distribution.DeviceMesh`` (on every Keras the floor allows)."""
     mesh = getattr(device_mesh, "backend_mesh", None)
     if mesh is not None:
         return mesh

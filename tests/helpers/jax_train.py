@@ -1,7 +1,8 @@
 """A few SGD steps of a small convolutional network with synchronized BN under
 ``keras.distribution.DataParallel``, as a custom JAX loop (``stateless_call``): run by one
 process on its 4 host devices, or by each of 2 ``jax.distributed`` processes (2 devices each;
-``python -m tests.helpers.jax_train PROCESS_ID PORT OUT``).
+``python -m tests.helpers.jax_train PROCESS_ID PORT OUT``), which then list the TensorFlow modules
+they imported (none).
 """
 
 import sys
@@ -36,13 +37,17 @@ def _train(distribution, rows, synchronized):
     from jax.sharding import NamedSharding, PartitionSpec
 
     import kerasbn
+    from kerasbn.kernels.jax_backend import backend_mesh
 
-    keras.utils.set_random_seed(1)
+    def seeded(seed):
+        # The same weights in every process (keras.utils.set_random_seed would import TensorFlow).
+        return keras.initializers.GlorotUniform(seed=seed)
+
     model = keras.Sequential([
-        keras.Input(SHAPE), keras.layers.Conv2D(4, 3, use_bias=False),
+        keras.Input(SHAPE), keras.layers.Conv2D(4, 3, use_bias=False, kernel_initializer=seeded(1)),
         kerasbn.BatchNormalization(momentum=0.5, synchronized=synchronized), keras.layers.ReLU(),
-        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
-    sharding = NamedSharding(distribution.device_mesh.backend_mesh, PartitionSpec("batch"))
+        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2, kernel_initializer=seeded(2))])
+    sharding = NamedSharding(backend_mesh(distribution.device_mesh), PartitionSpec("batch"))
 
     def loss(trainable, non_trainable, x, y):
         predicted, non_trainable = model.stateless_call(trainable, non_trainable, x, training=True)
@@ -70,7 +75,8 @@ def main(process_id, port, out):
     half = BATCH // 2
     weights = train(slice(process_id * half, (process_id + 1) * half))
     np.savez(out, **weights)
-    print("done", flush=True)
+    # A JAX user's process carries no TensorFlow: kerasbn, its layer and training imported none.
+    print("tensorflow modules:", sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"), flush=True)
     jax.distributed.shutdown()
 
 

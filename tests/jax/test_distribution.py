@@ -22,6 +22,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import kerasbn
+from kerasbn.kernels.jax_backend import backend_mesh
 from tests.helpers import jax_train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +54,7 @@ def _training_step(layer, distribution, x, dy):
     trainable = [v.value for v in layer.trainable_variables]
     non_trainable = [v.value for v in layer.non_trainable_variables]
     if distribution is not None:
-        sharding = NamedSharding(distribution.device_mesh.backend_mesh, PartitionSpec("batch"))
+        sharding = NamedSharding(backend_mesh(distribution.device_mesh), PartitionSpec("batch"))
         x, dy = jax.device_put(x, sharding), jax.device_put(dy, sharding)
         with distribution.scope():
             (dweights, dx), (y, stats) = step(trainable, non_trainable, x, dy)
@@ -106,7 +107,7 @@ def _collectives(text):
 
 def _compiled_collectives(layer, distribution):
     x, dy = _data()
-    sharding = NamedSharding(distribution.device_mesh.backend_mesh, PartitionSpec("batch"))
+    sharding = NamedSharding(backend_mesh(distribution.device_mesh), PartitionSpec("batch"))
     x, dy = jax.device_put(x, sharding), jax.device_put(dy, sharding)
     trainable = [v.value for v in layer.trainable_variables]
     non_trainable = [v.value for v in layer.non_trainable_variables]
@@ -197,12 +198,19 @@ def test_two_jax_processes_on_loopback_match_one_process_on_the_global_batch(tmp
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env.update(KERAS_BACKEND="jax", PYTHONPATH=str(ROOT),
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    # Output to files: a pipe read after the other process's would fill and block that process
+    # while its peer waits for it at JAX's shutdown barrier.
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
     workers = [subprocess.Popen([sys.executable, "-m", "tests.helpers.jax_train", str(i), str(port),
                                  str(tmp_path / f"process{i}.npz")], env=env, cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for i in range(2)]
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
+                                stdout=log.open("w"), stderr=subprocess.STDOUT)
+               for i, log in enumerate(logs)]
+    for worker in workers:
+        worker.wait(timeout=600)
+    outputs = [log.read_text() for log in logs]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    for output in outputs:  # fresh interpreters: import kerasbn, build, train - no TensorFlow
+        assert "tensorflow modules: []" in output.splitlines(), output[-2000:]
     one_process = jax_train.train()
     unsynchronized = jax_train.train(synchronized=False)
     for i in range(2):

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import kerasbn
+from kerasbn.kernels.jax_backend import backend_mesh
 from tests.helpers import zoo_models
 from tests.library.test_after_training import (  # noqa: F401  (collected here, on JAX)
     test_bn_affine_matches_the_paper,
@@ -127,7 +128,7 @@ def test_a_sharded_model_converts_under_data_parallel():
     with distribution.scope():
         converted = kerasbn.convert_sync_batchnorm(model)
         x = jax.device_put(zoo_models.input_batch(converted),
-                           NamedSharding(distribution.device_mesh.backend_mesh, PartitionSpec("batch")))
+                           NamedSharding(backend_mesh(distribution.device_mesh), PartitionSpec("batch")))
         y = converted(x, training=True)
     assert y.shape[0] == x.shape[0]
     assert sum(isinstance(layer, kerasbn.SyncBatchNormalization) for layer in converted._flatten_layers()) == count
