@@ -59,9 +59,23 @@ $(FLOOR_VENV)/.installed-$(FLOOR_TF)-$(FLOOR_KERAS): setup.cfg
 	$(FLOOR_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
-test-floor: $(FLOOR_VENV)/.installed-$(FLOOR_TF)-$(FLOOR_KERAS)
+# JAX's floor in a virtualenv of its own (JAX and TensorFlow at their floors want different ml_dtypes):
+# the JAX session on jax>=X with keras>=Y and no TensorFlow installed at all.
+FLOOR_JAX_VENV := .venv-floor-jax
+FLOOR_JAX := $(shell sed -n 's/^ *jax>=\([0-9.]*\).*/\1/p' setup.cfg)
+
+$(FLOOR_JAX_VENV)/.installed-$(FLOOR_JAX)-$(FLOOR_KERAS): setup.cfg
+	test -x $(FLOOR_JAX_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_JAX_VENV)
+	$(FLOOR_JAX_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR_JAX_VENV)/bin/python -m pip install -q "jax[cpu]==$(FLOOR_JAX)" "keras==$(FLOOR_KERAS)" "pytest>=7" "pytest-xdist>=3" scipy
+	$(FLOOR_JAX_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-floor: $(FLOOR_VENV)/.installed-$(FLOOR_TF)-$(FLOOR_KERAS) $(FLOOR_JAX_VENV)/.installed-$(FLOOR_JAX)-$(FLOOR_KERAS)
 	$(FLOOR_VENV)/bin/python -c "import tensorflow, keras; print('floor: tensorflow', tensorflow.__version__, 'keras', keras.__version__)"
-	$(FLOOR_VENV)/bin/python -m pytest $(RECIPE_TESTS)
+	$(FLOOR_VENV)/bin/python -m pytest $(RECIPE_TESTS) --ignore=tests/library/test_jax_backend.py
+	KERAS_BACKEND=jax $(FLOOR_JAX_VENV)/bin/python -c "import jax, keras; print('floor: jax', jax.__version__, 'keras', keras.__version__)"
+	KERAS_BACKEND=jax $(FLOOR_JAX_VENV)/bin/python -m pytest tests/jax -n 0
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_layer.py

@@ -6,6 +6,7 @@ pytest collects them in this module); TensorFlow's own parts of those files (str
 its fork server) stay in the TensorFlow session. Then what only JAX has.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import jax
 import keras
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import kerasbn
@@ -93,6 +95,7 @@ np.save(d + "/tf_model_outputs.npy", np.stack([np.asarray(model(x, training=t)) 
 """
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="TensorFlow is not installed")
 def test_export_and_a_keras_file_cross_to_tensorflow_and_back(tmp_path):
     """A model converted and trained on JAX: exported (Keras' JAX export) and served by
     TensorFlow with its outputs; its .keras file loads converted on TensorFlow with its outputs;

@@ -5,7 +5,6 @@ import sys
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import kerasbn
 import kerasbn.folding
@@ -116,6 +115,8 @@ def test_recalibration_is_algorithm_2(as_dataset):
     model = _randomize(_recalibration_model())
     batches = [RNG.normal(2, 3, (16, 6, 6, 3)).astype("float32") for _ in range(6)]
     labels = np.zeros((16, 1), "float32")
+    if as_dataset:  # a tf.data pipeline: on JAX too (Keras' JAX users often read through tf.data)
+        tf = pytest.importorskip("tensorflow")
     data = (tf.data.Dataset.from_tensor_slices(np.concatenate(batches)).batch(16) if as_dataset
             else [(b, labels) for b in batches])
     weights_before = [w.numpy().copy() for w in model.trainable_weights]
@@ -207,6 +208,8 @@ class SubclassedNet(keras.Model):
 
 
 def test_a_subclassed_model_is_exported_unfolded_with_a_warning_and_serves(tmp_path):
+    import tensorflow as tf
+
     model = SubclassedNet()
     x = RNG.normal(0, 1, (2, 8, 8, 3)).astype("float32")
     model(x)
@@ -233,6 +236,8 @@ def test_export_to_an_unwritable_path_is_a_clear_error(tmp_path):
 
 
 def test_folded_model_through_onnx():
+    import tensorflow as tf
+
     tf2onnx = pytest.importorskip("tf2onnx", reason="the `serve` extra (tf2onnx) is not installed")
     ort = pytest.importorskip("onnxruntime", reason="the `serve` extra (onnxruntime) is not installed")
     model = _randomize(_inception_block())
