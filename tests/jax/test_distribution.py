@@ -64,7 +64,8 @@ def _training_step(layer, distribution, x, dy):
 
 
 def _layer(**arguments):
-    layer = kerasbn.BatchNormalization(momentum=0.0, gamma_initializer="random_normal", **arguments)
+    gamma = keras.initializers.RandomUniform(0.5, 1.5, seed=1)  # away from 0: outputs of scale 1
+    layer = kerasbn.BatchNormalization(momentum=0.0, gamma_initializer=gamma, **arguments)
     layer.build(SHAPE)
     return layer
 

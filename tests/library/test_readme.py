@@ -10,7 +10,6 @@ import re
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import kerasbn
 from tests.helpers.distributed import ROOT
@@ -40,7 +39,8 @@ def _run(block, namespace, tmp_path, monkeypatch):
 
 
 def test_every_python_block_is_tested():
-    assert len(BLOCKS) == 3, "a new README block needs its test here"
+    # The fourth, "# KERAS_BACKEND=jax", runs in the JAX session (tests/jax/test_readme.py).
+    assert len(BLOCKS) == 4, "a new README block needs its test here"
 
 
 def test_quick_start(tmp_path, monkeypatch):
@@ -51,6 +51,8 @@ def test_quick_start(tmp_path, monkeypatch):
 
 
 def test_synchronized_bn(tmp_path, monkeypatch):
+    import tensorflow as tf
+
     keras_hub = pytest.importorskip("keras_hub", reason="the block builds a keras-hub backbone (kerasbn[hub])")
     x, y = _data()
     keras_model = _small_model(keras.layers.BatchNormalization)
@@ -65,6 +67,8 @@ def test_synchronized_bn(tmp_path, monkeypatch):
 
 
 def test_after_training(tmp_path, monkeypatch):
+    import tensorflow as tf
+
     x, y = _data()
     model = _small_model(kerasbn.BatchNormalization)
     model(x, training=True)
