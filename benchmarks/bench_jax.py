@@ -5,7 +5,7 @@ moving-statistics update, through ``stateless_call`` as Keras' JAX trainer runs 
 candidates alternating round by round (``common.time_alternating``), medians reported:
 
 1. one layer, training step, several shapes;
-2. a small convolutional network (4 conv-BN-ReLU blocks, 64 x 32 x 32 x 3 batches);
+2. a small convolutional network (4 conv-BN-ReLU blocks, 32 x 16 x 16 x 3 batches);
 3. the same network under ``keras.distribution.DataParallel`` over 4 XLA host devices:
    kerasbn synchronized (the global batch), kerasbn per device, Keras' (global: XLA makes its
    reductions cross-device).
@@ -103,21 +103,21 @@ def main():
 
     # 2. A small network.
     def network(kind):
-        layers = [keras.Input((32, 32, 3))]
-        for filters in (32, 64, 64, 128):
+        layers = [keras.Input((16, 16, 3))]
+        for filters in (16, 32, 32, 64):
             layers += [keras.layers.Conv2D(filters, 3, padding="same", use_bias=False), make_bn(kind),
                        keras.layers.ReLU()]
         layers += [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
         keras.utils.set_random_seed(0)
         return keras.Sequential(layers)
 
-    x = rng.normal(size=(64, 32, 32, 3)).astype("float32")
-    y = rng.normal(size=(64, 10)).astype("float32")
+    x = rng.normal(size=(32, 16, 16, 3)).astype("float32")
+    y = rng.normal(size=(32, 10)).astype("float32")
     times = time_alternating({kind: training_step(network(kind), jnp.asarray(x), jnp.asarray(y))
                               for kind in ("kerasbn", "keras")}, repeats=args.repeats, inner=3)
     ratio = times["kerasbn"] / times["keras"]
     report["network"].append({**times, "ratio": ratio})
-    print("\nNetwork (4 conv-BN-ReLU blocks, batch 64 x 32 x 32 x 3), training step (ms):")
+    print("\nNetwork (4 conv-BN-ReLU blocks, batch 32 x 16 x 16 x 3), training step (ms):")
     print(markdown_table(["kerasbn", "Keras", "kerasbn / Keras"],
                          [[f"{times['kerasbn'] * 1e3:.2f}", f"{times['keras'] * 1e3:.2f}", f"{ratio:.2f}"]]))
 

@@ -50,7 +50,11 @@ def measure(strategy) -> dict:
     import kerasbn
     from tests.helpers import zoo_models
 
-    builders = {**zoo_models.SHAPES, **zoo_models.hub_backbones()}
+    # keras-hub's MobileNetV3 (34 BN layers) stands for the backbones here: their conversion, saving,
+    # folding and export are tested whole in tests/library/test_other_models.py; this 2-replica
+    # trace of each is the suite's costliest per model (about 4 s), and the merge it checks is the same.
+    hub = {name: build for name, build in zoo_models.hub_backbones().items() if name == "mobilenet_v3"}
+    builders = {**zoo_models.SHAPES, **hub}
     result = {}
     for name, build in builders.items():
         keras.utils.set_random_seed(0)
