@@ -85,7 +85,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check kerasbn recipes tests benchmarks
 
 # The release artifacts as a user gets them: build the sdist and the wheel, check their metadata,
-# install the wheel (not the checkout) into a fresh virtualenv and run one layer there.
+# install the wheel (not the checkout) into a fresh virtualenv with each backend and run one layer there.
 PACKAGE_DIR := build/package-check
 package-check: $(STAMP)
 	$(PY) -m pip install -q build twine
@@ -93,5 +93,9 @@ package-check: $(STAMP)
 	$(PY) -m build --sdist --wheel --outdir $(PACKAGE_DIR)/dist . >$(PACKAGE_DIR)/build.log 2>&1 || { tail -20 $(PACKAGE_DIR)/build.log; exit 1; }
 	$(PY) -m twine check --strict $(PACKAGE_DIR)/dist/*
 	$(PYTHON) -m venv $(PACKAGE_DIR)/venv
-	$(PACKAGE_DIR)/venv/bin/python -m pip install -q $(PACKAGE_DIR)/dist/*.whl
+	$(PACKAGE_DIR)/venv/bin/python -m pip install -q "$$(ls $(PACKAGE_DIR)/dist/*.whl)[tensorflow]"
 	cd $(PACKAGE_DIR) && venv/bin/python ../../tests/helpers/installed_wheel_check.py
+	# A JAX user's install: kerasbn[jax], no TensorFlow in the environment at all.
+	$(PYTHON) -m venv $(PACKAGE_DIR)/venv-jax
+	$(PACKAGE_DIR)/venv-jax/bin/python -m pip install -q "$$(ls $(PACKAGE_DIR)/dist/*.whl)[jax]"
+	cd $(PACKAGE_DIR) && KERAS_BACKEND=jax venv-jax/bin/python ../../tests/helpers/installed_wheel_check.py

@@ -1,8 +1,10 @@
 """kerasbn: batch normalization for Keras done right.
 
 Local and synchronized batch normalization with the paper's population
-statistics, and the tools around it. Work-arounds for Keras itself live in
-:mod:`kerasbn.compat`; the statistics helpers in :mod:`kerasbn.moments`.
+statistics, and the tools around it, on Keras' TensorFlow and JAX backends.
+The statistics every backend shares live in :mod:`kerasbn.statistics`, each
+backend's kernels in :mod:`kerasbn.kernels`; work-arounds for Keras itself
+(TensorFlow) in :mod:`kerasbn.compat`.
 """
 
 from kerasbn.backend import BackendError

@@ -48,7 +48,7 @@ def normalize_batch(x, channel_axis, scale, offset, epsilon):
     The gradient is TensorFlow's registered one: a single ``FusedBatchNormGradV3``
     with ``is_training=True``, which differentiates through the statistics.
     The statistics lose precision when a channel's mean is large against its
-    spread: see :func:`kerasbn.moments.batch_statistics` for the guard.
+    spread: see :func:`kerasbn.kernels.tf_moments.fused_statistics` for the guard.
     """
     x4, data_format = _to_fused_layout(x, channel_axis)
     y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
@@ -64,7 +64,7 @@ def moments(x: tf.Tensor, channel_axis: int) -> tuple[tf.Tensor, tf.Tensor]:
 
     NaN for an empty batch. The kernel's float32 variance loses precision
     when a channel's mean is large against its spread: see
-    :func:`kerasbn.moments.batch_statistics` for the guard.
+    :func:`kerasbn.kernels.tf_moments.fused_statistics` for the guard.
     """
     channels = x.shape[channel_axis]
     x4, data_format = _to_fused_layout(x, channel_axis)

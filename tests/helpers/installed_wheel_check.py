@@ -3,8 +3,11 @@
 Not collected by pytest (no test_ prefix): it must import the installed kerasbn, not the checkout.
 """
 
+import importlib.util
 import pathlib
+import sys
 
+import keras
 import numpy as np
 
 import kerasbn
@@ -23,4 +26,8 @@ except ImportError:
     pass
 else:
     raise AssertionError("the wheel installed a top-level `recipes` package")
-print(f"kerasbn {kerasbn.__version__} from the wheel: one layer trained and checked")
+backend = keras.backend.backend()
+if backend == "jax":  # kerasbn[jax] installs no TensorFlow, and nothing imported one
+    assert importlib.util.find_spec("tensorflow") is None, "kerasbn[jax] installed TensorFlow"
+    assert "tensorflow" not in sys.modules
+print(f"kerasbn {kerasbn.__version__} from the wheel on {backend}: one layer trained and checked")
