@@ -26,7 +26,9 @@ _process: subprocess.Popen | None = None
 
 
 def _environment() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "KERASBN_TEST_FORKSERVER"))}
+    # The TensorFlow fork server's socket stays: the JAX tests' TensorFlow side (serving an export,
+    # loading a file) forks from it instead of importing TensorFlow again.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env.update(KERAS_BACKEND="jax", PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     env.pop(DIRECTORY, None)
     return env

@@ -8,7 +8,6 @@ its fork server) stay in the TensorFlow session. Then what only JAX has.
 
 import importlib.util
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -21,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import kerasbn
 from kerasbn.kernels.jax_backend import backend_mesh
-from tests.helpers import zoo_models
+from tests.helpers import forkserver, zoo_models
 from tests.library.test_after_training import (  # noqa: F401  (collected here, on JAX)
     test_bn_affine_matches_the_paper,
     test_folding_keeps_the_inference_function,
@@ -108,7 +107,7 @@ def test_export_and_a_keras_file_cross_to_tensorflow_and_back(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the BN layers inside the custom layer do not fold
         kerasbn.export_for_serving(model, tmp_path / "export" / "1")
-    result = subprocess.run([sys.executable, "-c", TENSORFLOW_SIDE, str(tmp_path)], env=_env("tensorflow"),
+    result = forkserver.run([sys.executable, "-c", TENSORFLOW_SIDE, str(tmp_path)], env=_env("tensorflow"),
                             cwd=ROOT, timeout=300, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     np.testing.assert_allclose(np.load(tmp_path / "served.npy"), np.asarray(model(x)), rtol=1e-4, atol=1e-5)
