@@ -49,7 +49,7 @@ reproduce: $(STAMP) fashion-mnist
 # in a second virtualenv; the recipes' tests need the newest only.
 FLOOR_VENV := .venv-floor
 FLOOR_TF := $(shell sed -n 's/^ *tensorflow>=\([0-9.]*\).*/\1/p' setup.cfg)
-FLOOR_KERAS := $(shell sed -n 's/^ *keras>=\([0-9.]*\).*/\1/p' setup.cfg)
+FLOOR_KERAS := $(shell sed -n 's/^ *keras>=\([0-9.]*\).*/\1/p' setup.cfg | head -1)
 RECIPE_TESTS := --ignore=tests/recipes
 
 $(FLOOR_VENV)/.installed-$(FLOOR_TF)-$(FLOOR_KERAS): setup.cfg
@@ -60,18 +60,19 @@ $(FLOOR_VENV)/.installed-$(FLOOR_TF)-$(FLOOR_KERAS): setup.cfg
 	touch $@
 
 # JAX's floor in a virtualenv of its own (JAX and TensorFlow at their floors want different ml_dtypes):
-# the JAX session on jax>=X with keras>=Y and no TensorFlow installed at all.
+# the JAX session on the `jax` extra's jax>=X with keras>=Y, and no TensorFlow installed at all.
 FLOOR_JAX_VENV := .venv-floor-jax
 FLOOR_JAX := $(shell sed -n 's/^ *jax>=\([0-9.]*\).*/\1/p' setup.cfg)
+FLOOR_JAX_KERAS := $(shell sed -n 's/^ *keras>=\([0-9.]*\).*/\1/p' setup.cfg | tail -1)
 
-$(FLOOR_JAX_VENV)/.installed-$(FLOOR_JAX)-$(FLOOR_KERAS): setup.cfg
+$(FLOOR_JAX_VENV)/.installed-$(FLOOR_JAX)-$(FLOOR_JAX_KERAS): setup.cfg
 	test -x $(FLOOR_JAX_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_JAX_VENV)
 	$(FLOOR_JAX_VENV)/bin/python -m pip install -q --upgrade pip
-	$(FLOOR_JAX_VENV)/bin/python -m pip install -q "jax[cpu]==$(FLOOR_JAX)" "keras==$(FLOOR_KERAS)" "pytest>=7" "pytest-xdist>=3" scipy
+	$(FLOOR_JAX_VENV)/bin/python -m pip install -q "jax[cpu]==$(FLOOR_JAX)" "keras==$(FLOOR_JAX_KERAS)" "pytest>=7" "pytest-xdist>=3" scipy
 	$(FLOOR_JAX_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
-test-floor: $(FLOOR_VENV)/.installed-$(FLOOR_TF)-$(FLOOR_KERAS) $(FLOOR_JAX_VENV)/.installed-$(FLOOR_JAX)-$(FLOOR_KERAS)
+test-floor: $(FLOOR_VENV)/.installed-$(FLOOR_TF)-$(FLOOR_KERAS) $(FLOOR_JAX_VENV)/.installed-$(FLOOR_JAX)-$(FLOOR_JAX_KERAS)
 	$(FLOOR_VENV)/bin/python -c "import tensorflow, keras; print('floor: tensorflow', tensorflow.__version__, 'keras', keras.__version__)"
 	$(FLOOR_VENV)/bin/python -m pytest $(RECIPE_TESTS) --ignore=tests/library/test_jax_backend.py
 	KERAS_BACKEND=jax $(FLOOR_JAX_VENV)/bin/python -c "import jax, keras; print('floor: jax', jax.__version__, 'keras', keras.__version__)"

@@ -67,12 +67,13 @@ class DataParallelDevices:
 
 def backend_mesh(device_mesh):
     """JAX's mesh of a ``keras.distribution.DeviceMesh`` (on every Keras the floor allows)."""
-    mesh = getattr(device_mesh, "backend_mesh", None)
+    mesh = getattr(device_mesh, "backend_mesh", None)  # Keras >= 3.9
     if mesh is not None:
         return mesh
-    from keras.src.backend.jax import distribution_lib  # Keras < 3.9
+    from keras.src.backend.jax import distribution_lib
 
-    return distribution_lib._to_backend_mesh(device_mesh)
+    convert = getattr(distribution_lib, "_to_backend_mesh", None) or distribution_lib._to_jax_mesh
+    return convert(device_mesh)
 
 
 def training_plan(layer, inputs, mask) -> Plan:

@@ -128,17 +128,22 @@ def _compiled_collectives(layer, distribution):
 
 
 def test_collectives_per_layer_in_the_compiled_step():
-    """docs/design.md quotes these counts (TensorFlow: 2 per synchronized layer)."""
+    """docs/design.md quotes these counts (TensorFlow: 2 per synchronized layer). XLA decides the
+    exact count: JAX 0.10's compiles 1 all-gather forward and 1 all-reduce in the step (BN's
+    backward sums with dgamma, dbeta), JAX 0.7's 2 and 4; always fewer than Keras' layer."""
     distribution = _distribution()
-    forward, step = _compiled_collectives(_layer(synchronized=True), distribution)
-    assert forward == ["all-gather"]  # one (N, 3, C) table, merged on every device
-    assert sorted(step) == ["all-gather", "all-reduce"]  # + the backward sums with dgamma, dbeta
-    forward, step = _compiled_collectives(_layer(), distribution)
-    assert "all-gather" not in forward + step and len(step) <= 2  # the averages' and guard's
     keras_layer = keras.layers.BatchNormalization()
     keras_layer.build(SHAPE)
-    forward, step = _compiled_collectives(keras_layer, distribution)
-    assert len(step) >= 2 and set(step) == {"all-reduce"}  # global statistics, reduced by XLA
+    keras_forward, keras_step = _compiled_collectives(keras_layer, distribution)
+    assert set(keras_forward) == {"all-reduce"}  # global statistics, reduced by XLA
+    forward, step = _compiled_collectives(_layer(synchronized=True), distribution)
+    assert set(forward) == {"all-gather"}  # the (N, 3, C) table gathered, merged on every device
+    assert len(step) < len(keras_step)
+    if tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 10):
+        assert forward == ["all-gather"] and sorted(step) == ["all-gather", "all-reduce"]
+    forward, step = _compiled_collectives(_layer(), distribution)
+    assert "all-gather" not in forward + step  # each device its own: the averages' and guard's only
+    assert len(step) <= len(keras_step)
 
 
 def test_shard_map_synchronizes_over_axis_name():
