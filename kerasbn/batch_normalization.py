@@ -165,7 +165,8 @@ class BatchNormalization(keras.layers.Layer):
             (``jax.shard_map``, ``jax.pmap`` around ``stateless_call``): the
             mapped axis to synchronize over, as Flax's ``axis_name``; needs
             ``synchronized=True``. Not needed under ``keras.distribution``.
-        fused: None (default) uses TensorFlow's fused batch-norm kernels
+        fused: TensorFlow only (on JAX, XLA fuses the element-wise ops and
+            ``fused=True`` is refused). None (default) uses TensorFlow's fused batch-norm kernels
             (oneDNN on CPU, cuDNN on GPU) whenever the case allows it
             (float16/bfloat16/float32 input, channel axis 1 or last, no ghost
             batches) and the input has at least 2**17 values (below that the
