@@ -91,7 +91,7 @@ def training_plan(layer, inputs, mask) -> Plan:
     if layer.axis_name is not None:
         return Plan(synchronized=True, axis_name=layer.axis_name)
     devices = DataParallelDevices().count
-    if devices == 1:
+    if devices == 1 or layer._positive_axis == 0:  # axis 0: each example is a channel, on its device
         return Plan()
     if batch % devices:
         raise ValueError(

@@ -18,11 +18,10 @@ else:
 
 # The shared tests of tests/library that tests/jax/test_tools.py collects again run here on the
 # cases that exercise what JAX changes (a custom layer with BN inside, both recalibration inputs,
-# the small folding models); their other cases - keras-hub's backbones, the larger graphs - run
+# a nested channels-first model to fold); their other cases - keras-hub's backbones, the larger graphs - run
 # eagerly on JAX at 2-13 s each and test the same Keras-level code, which TensorFlow's session
 # runs on every case.
-SHARED_CASES_ON_JAX = ("[custom_layer]", "[_conv3d-1]", "[_channels_first_and_nested-2]", "[False]",
-                       "[True]")
+SHARED_CASES_ON_JAX = ("[custom_layer]", "[_channels_first_and_nested-2]", "[False]", "[True]")
 
 
 def _left_to_tensorflow(item) -> bool:

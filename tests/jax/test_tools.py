@@ -24,17 +24,12 @@ from tests.helpers import forkserver, zoo_models
 from tests.library.test_after_training import (  # noqa: F401  (collected here, on JAX)
     test_bn_affine_matches_the_paper,
     test_folding_keeps_the_inference_function,
-    test_recalibration_errors_and_warnings,
     test_recalibration_is_algorithm_2,
 )
 from tests.library.test_other_models import (  # noqa: F401
-    test_a_model_built_in_the_scope_computes_what_the_keras_one_does,
     test_a_scope_builds_kerasbn_layers_everywhere_and_only_inside_it,
-    test_bn_that_cannot_be_converted_is_refused_by_name,
     test_conversion_is_complete_and_keeps_weights_and_outputs,
     test_converted_models_load_back_converted_with_no_scope,
-    test_folding_a_converted_model_keeps_the_record,
-    test_folding_keeps_outputs_and_names_what_it_cannot_fold,
     test_models_built_in_the_scope_load_back_as_built,
     test_recalibration_covers_every_bn_with_algorithm_2,
 )

@@ -21,5 +21,5 @@ def test_the_jax_session_passes(tmp_path):  # ordered last (tests/conftest.py): 
     assert status == 0, f"the JAX session failed:\n{output[-10000:]}"
     assert summary and "failed" not in summary[-1] and "error" not in summary[-1], output[-3000:]
     passed = int(re.search(r"(\d+) passed", summary[-1]).group(1))
-    assert passed >= 55, summary[-1]  # the session ran whole, not a collection of nothing
+    assert passed >= 50, summary[-1]  # the session ran whole, not a collection of nothing
     print(summary[-1])

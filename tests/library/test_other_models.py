@@ -111,7 +111,10 @@ def test_folding_keeps_outputs_and_names_what_it_cannot_fold(name):
         assert len(left) < count  # the stem BN after a convolution folds
 
 
-EXPORTED = ["pad", "custom_layer", "nested_model"] + sorted(zoo_models.hub_backbones())
+# keras-hub's MobileNetV3 stands for the backbones (each export is a trace and a save; the folding
+# and conversion of all three are tested above).
+EXPORTED = ["pad", "custom_layer", "nested_model"] + [name for name in zoo_models.hub_backbones()
+                                                      if name == "mobilenet_v3"]
 
 
 def test_export_serves_the_same_outputs_in_a_fresh_process(tmp_path):
