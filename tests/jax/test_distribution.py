@@ -204,7 +204,8 @@ def test_two_jax_processes_on_loopback_match_one_process_on_the_global_batch(tmp
         port = probe.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env.update(KERAS_BACKEND="jax", PYTHONPATH=str(ROOT),
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
+                         " --xla_llvm_disable_expensive_passes=true")  # as this session (conftest.py)
     # Output to files: a pipe read after the other process's would fill and block that process
     # while its peer waits for it at JAX's shutdown barrier.
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
