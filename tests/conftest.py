@@ -25,7 +25,7 @@ def pytest_configure(config):
         from tests.helpers import forkserver, jax_session
 
         forkserver.share()
-        if jax_session.wanted(config.args) and importlib.util.find_spec("jax") is not None:
+        if jax_session.wanted(config) and importlib.util.find_spec("jax") is not None:
             jax_session.start(Path(tempfile.mkdtemp(prefix="kerasbn-jax-session-")))
         return
     import keras  # noqa: F401  (after TensorFlow: the tensorflow backend)

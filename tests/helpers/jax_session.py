@@ -34,12 +34,17 @@ def _environment() -> dict:
     return env
 
 
-def wanted(args: list[str]) -> bool:
-    """Whether a run of ``args`` (pytest's paths) includes tests/library/test_jax_backend.py."""
-    if not args:
+def wanted(config) -> bool:
+    """Whether this run (pytest's ``config``) runs tests/library/test_jax_backend.py whole: its paths
+    include it and nothing deselects tests (-k, -m, --deselect); otherwise the test, if selected, runs
+    the session itself."""
+    option = config.option
+    if getattr(option, "keyword", "") or getattr(option, "markexpr", "") or getattr(option, "deselect", None):
+        return False
+    if not config.args:
         return True
     target = (ROOT / "tests" / "library" / "test_jax_backend.py").resolve()
-    for arg in args:
+    for arg in config.args:
         path = Path(arg.split("::")[0])
         path = (path if path.is_absolute() else Path.cwd() / path).resolve()
         if path == target or path in target.parents:
