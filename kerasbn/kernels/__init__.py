@@ -39,6 +39,8 @@ class Plan(NamedTuple):
     synchronized: statistics are merged across devices (replicas, or JAX devices).
     group_size: devices per synchronized group; None means all.
     axis_name: JAX's mapped axis (``shard_map``/``pmap``) to merge over.
+    devices: JAX's ``keras.distribution`` devices the blocks are pinned to, found once per
+        call; None when the blocks are not devices.
     """
 
     one_pass: bool = False
@@ -49,6 +51,7 @@ class Plan(NamedTuple):
     blocks: int = 1
     groups: int = 1
     axis_name: str | None = None
+    devices: object = None
 
 
 def current(what: str = "kerasbn"):

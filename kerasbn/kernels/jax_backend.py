@@ -90,7 +90,8 @@ def training_plan(layer, inputs, mask) -> Plan:
         return Plan(virtual_batch_size=layer.virtual_batch_size, blocks=ghosts, groups=ghosts)
     if layer.axis_name is not None:
         return Plan(synchronized=True, axis_name=layer.axis_name)
-    devices = DataParallelDevices().count
+    found = DataParallelDevices()
+    devices = found.count
     if devices == 1 or layer._positive_axis == 0:  # axis 0: each example is a channel, on its device
         return Plan()
     if batch % devices:
@@ -98,14 +99,14 @@ def training_plan(layer, inputs, mask) -> Plan:
             f"{type(layer).__name__} under keras.distribution splits the batch over {devices} "
             f"devices; received a batch of {batch}, which {devices} does not divide.")
     if not layer.synchronized:
-        return Plan(blocks=devices, groups=devices)
+        return Plan(blocks=devices, groups=devices, devices=found)
     group_size = layer.sync_group_size or devices
     if devices % group_size:
         raise ValueError(
             f"sync_group_size={group_size} must divide the number of devices of the batch axis "
             f"({devices}); use a divisor of {devices} or None for all devices.")
     return Plan(synchronized=True, group_size=layer.sync_group_size, blocks=devices,
-                groups=devices // group_size)
+                groups=devices // group_size, devices=found)
 
 
 def _blocks(x, mask, blocks: int):
@@ -119,10 +120,9 @@ def _blocks(x, mask, blocks: int):
 
 def local_statistics(x, channel_axis: int, mask, plan: Plan) -> Moments:
     """Each block's ``(count, mean, m2)``, each ``(blocks, C)``; differentiable in ``x``."""
-    devices = DataParallelDevices() if plan.blocks > 1 and not plan.virtual_batch_size else None
     xb, mask = _blocks(jnp.asarray(x, jnp.float32), mask, plan.blocks)
-    if devices is not None:
-        xb = devices.pin(xb)
+    if plan.devices is not None:
+        xb = plan.devices.pin(xb)
     axis = channel_axis + 1
     axes = tuple(a for a in range(xb.ndim) if a not in (0, axis))
     moments = _moments(xb, axes, axis) if mask is None else _masked_moments(xb, axes, mask)
@@ -175,7 +175,7 @@ def merge(statistics: Moments, plan: Plan) -> Moments:
             # Devices' triples merged: one all-gather makes the table whole on every device,
             # the merge is then local. (Unmerged, each device keeps its own: the guard and
             # the moving averages reduce them, and normalizing needs nothing from others.)
-            table = DataParallelDevices().pin(table, replicated=True)
+            table = plan.devices.pin(table, replicated=True)
         table = jnp.reshape(table, (plan.groups, plan.blocks // plan.groups) + table.shape[1:])
     merged = merge_moments(table[:, :, 0], table[:, :, 1], table[:, :, 2], axis=1)
     if merged.mean.shape[0] == 1:
@@ -192,8 +192,8 @@ def normalize(x, channel_axis, statistics, gamma, beta, epsilon, mask, plan: Pla
         return _affine(x, channel_axis, mean, scale, beta)
     groups = max(t.shape[0] for t in (mean, scale, beta) if t.ndim == 2)
     xb, _ = _blocks(x, None, groups)
-    if plan.blocks > 1 and not plan.virtual_batch_size and groups == plan.blocks:
-        xb = DataParallelDevices().pin(xb)
+    if plan.devices is not None and groups == plan.blocks:
+        xb = plan.devices.pin(xb)
     axis = channel_axis + 1
     shape = [1] * xb.ndim
     shape[axis] = x.shape[channel_axis]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,12 +88,7 @@ def result(tmp_path: Path, timeout: float = 1800) -> tuple[int, str]:
     while not status.exists():  # the file the session's wrapper writes when it ends
         if waited > timeout:
             raise TimeoutError(f"the JAX session did not end within {timeout} s: {directory}")
-        _sleep(0.5)
+        time.sleep(0.5)
         waited += 0.5
     return int(status.read_text()), (Path(directory) / "output").read_text()
 
-
-def _sleep(seconds: float) -> None:
-    import time
-
-    time.sleep(seconds)
