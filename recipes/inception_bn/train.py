@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import kerasbn  # noqa: E402
-from recipes.inception_bn import ending, failures, order, plateau  # noqa: E402
+from recipes.inception_bn import cluster, ending, failures, order, plateau  # noqa: E402
 from recipes.inception_bn.checkpoints import Checkpoints, resume_message  # noqa: E402
 from recipes.inception_bn.data import DEFAULT_IMAGE_SIZE, SOURCES, network_input  # noqa: E402
 from recipes.inception_bn.ending import Interrupted, PeerLost, Refused  # noqa: E402
@@ -107,6 +107,10 @@ def parse_args(argv=None):
                         f"completes for this long (default {failures.DEFAULT_STALL_TIMEOUT:g}: above the first step's "
                         "tracing and a checkpoint; raise it if one loop of --steps-per-loop steps can take "
                         "longer; 0: never)")
+    parser.add_argument("--startup-timeout", type=float, default=cluster.DEFAULT_STARTUP_TIMEOUT, metavar="SECONDS",
+                        help="with TF_CONFIG: exit (status 138, retryable) when the workers have not all answered "
+                        f"each other within this long (default {cluster.DEFAULT_STARTUP_TIMEOUT:g}, torchrun's "
+                        "--rdzv-timeout; 0: wait forever); see recipes/inception_bn/cluster.py")
     parser.add_argument("--seed", type=int, default=0,
                         help="initial weights, and the training stream: each epoch's order and every augmentation "
                         "draw (a function of the position in the stream, so a resume continues it exactly)")
@@ -128,6 +132,8 @@ def parse_args(argv=None):
         parser.error("--steps must be at least 1")
     if not args.stall_timeout >= 0:
         parser.error("--stall-timeout must be at least 0 (0: never)")
+    if not args.startup_timeout >= 0:
+        parser.error("--startup-timeout must be at least 0 (0: never)")
     if not 0 <= args.bn_momentum < 1:
         parser.error("--bn-momentum must be in [0, 1)")
     if args.width_multiplier <= 0:
@@ -163,45 +169,6 @@ def parse_args(argv=None):
     if args.partitions is not None and args.dataset != "imagenet2012":
         parser.error(f"--partitions is for imagenet2012's training files; {args.dataset} is read by position")
     return args
-
-
-# Distribution -----------------------------------------------------------------------------------
-
-def make_strategy(cpu_replicas: int = 1):
-    """MultiWorkerMirroredStrategy from TF_CONFIG, else MirroredStrategy over the GPUs
-    (or ``cpu_replicas`` logical CPUs), else the default strategy."""
-    if os.environ.get("TF_CONFIG"):
-        try:
-            json.loads(os.environ["TF_CONFIG"])
-        except ValueError as error:
-            raise Refused(f"TF_CONFIG is not valid JSON: {error}") from None
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.OneDeviceStrategy("/gpu:0")
-    if cpu_replicas > 1:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
-        return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(cpu_replicas)])
-    return tf.distribute.get_strategy()
-
-
-def worker_role(strategy):
-    """``(is_chief, task_index, task name)``; without TF_CONFIG the one process is the chief."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True, 0, "trainer"
-    chief = resolver.task_type == "chief" or (
-        resolver.task_type == "worker" and resolver.task_id == 0
-        and "chief" not in resolver.cluster_spec().as_dict())
-    return chief, resolver.task_id, f"{resolver.task_type} {resolver.task_id}"
-
-
-def input_pipelines(strategy) -> int:
-    """One input pipeline per worker (``distribute_datasets_from_function``); one without a strategy."""
-    if not isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
-        return 1
-    return strategy.num_replicas_in_sync // len(strategy.extended.worker_devices)
 
 
 # Training ---------------------------------------------------------------------------------------
@@ -248,15 +215,17 @@ class Run:
         self.args, self.stop = args, stop
         self.variant = VARIANTS[args.variant]
         self.run_dir = prepare_run_dir(args.run_dir)
-        self.strategy = make_strategy(args.cpu_replicas)
-        self.is_chief, self.task_index, self.own_task = worker_role(self.strategy)
-        self.multi_worker = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        self.stop_flag = tf.Variable(0, trainable=False, name="stop_requested")  # this worker's, not mirrored
-        stop.bind(self.stop_flag)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         stop.resume_message(self.resume_message)
-        if not self.multi_worker:  # one process: nothing trained yet, nothing to save
-            stop.exit_now_when(lambda: f"interrupted before training started; {self.resume_message()}")
+        # Nothing trained yet, nothing to save: a stop request exits at once, the cluster's start-up included.
+        stop.exit_now_when(lambda: f"interrupted before training started; {self.resume_message()}")
+        self.strategy = cluster.make_strategy(args.cpu_replicas, args.startup_timeout, self.resume_message)
+        self.is_chief, self.task_index, self.own_task = cluster.worker_role(self.strategy)
+        self.multi_worker = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        if self.multi_worker:  # from here every worker stops at the same step (the stop votes)
+            stop.exit_now_when(None)
+        self.stop_flag = tf.Variable(0, trainable=False, name="stop_requested")  # this worker's, not mirrored
+        stop.bind(self.stop_flag)
         if args.mixed_precision:
             on_gpu = bool(tf.config.list_physical_devices("GPU"))
             keras.mixed_precision.set_global_policy("mixed_float16" if on_gpu else "mixed_bfloat16")
@@ -265,7 +234,7 @@ class Run:
         self.plan = RunPlan(args, self.variant, self.source, self.strategy.num_replicas_in_sync)
         try:
             self.order = order.DataOrder(self.source, args.seed, self.plan.global_batch, self.plan.replicas,
-                                         input_pipelines(self.strategy))
+                                         cluster.input_pipelines(self.strategy))
         except ValueError as error:  # partitions the run's pipelines cannot share
             raise Refused(str(error)) from None
         self.model, self.optimizer, self.schedule = build_model(self.variant, self.source, self.plan, args,
@@ -285,7 +254,7 @@ class Run:
         and the settings written; the input pipelines and the step functions made."""
         start_step, latest = self.step, self.checkpoints.latest
         if self.multi_worker and self.plan.replicas > 1:
-            _check_same_step(self.strategy, start_step)
+            cluster.check_same_step(self.strategy, start_step)
         try:
             self.order.check_resume(self.run_dir, resuming=bool(latest), record=self.is_chief)
         except order.StreamMismatch as error:
@@ -708,20 +677,6 @@ BEST_WEIGHTS, BEST_STEP, FINISHED = "best.weights.h5", "best.json", "finished.js
 
 
 # The end ----------------------------------------------------------------------------------------
-
-def _check_same_step(strategy, step):
-    """Every worker must resume at the same step (the run directory is shared); say so if not."""
-
-    # strategy.reduce has SUM and MEAN only: all steps are equal iff R * sum(s^2) == sum(s)^2.
-    value = tf.constant([float(step), float(step) ** 2], tf.float64)
-    all_reduce = tf.function(lambda: strategy.reduce("SUM", strategy.run(lambda: tf.identity(value)), axis=None),
-                             autograph=False)  # eager collectives log a warning on every worker
-    total, squares = all_reduce().numpy()
-    replicas = strategy.num_replicas_in_sync
-    if abs(replicas * squares - total ** 2) > 0.5:
-        raise Refused(f"workers restored different steps (mean {total / replicas:.1f}, this one {step}): "
-                          "--run-dir must be on a filesystem every worker shares")
-
 
 def main(argv=None) -> int:
     from recipes.inception_bn.stopping import StopRequest

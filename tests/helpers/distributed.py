@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.helpers import forkserver
+from tests.helpers.ports import reserve_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 300
@@ -44,13 +44,8 @@ def run_script(script, args, tmp_path):
 
 
 def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+    """``n`` ports for a loopback cluster, claimed for this test process (tests/helpers/ports.py)."""
+    return reserve_ports(n)
 
 
 def tf_config(ports, index):

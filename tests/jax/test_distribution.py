@@ -9,7 +9,6 @@ two ``jax.distributed`` processes on loopback against one process on the global 
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import kerasbn
 from kerasbn.kernels.jax_backend import backend_mesh
 from tests.helpers import jax_train, reference
+from tests.helpers.ports import reserve_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICES = 4
@@ -199,9 +199,7 @@ def test_model_fit_under_data_parallel_trains_with_synchronized_statistics():
 
 @pytest.mark.slow
 def test_two_jax_processes_on_loopback_match_one_process_on_the_global_batch(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    (port,) = reserve_ports(1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env.update(KERAS_BACKEND="jax", PYTHONPATH=str(ROOT),
                XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"

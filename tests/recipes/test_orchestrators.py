@@ -40,7 +40,10 @@ def _train_command(container):
 def test_the_recipe_uses_the_statuses_the_docs_name(capsys):
     assert ending.INTERRUPTED == 130 and ending.RETRYABLE == 138
     assert _usage_error_status(capsys) == 2
-    assert "**130** stopped" in DOC and "**138** a peer lost or a stall" in DOC and "**2** a usage" in DOC
+    rows = dict(re.findall(r"^\| \*\*(\d+)\*\* \| (.*?) \|", DOC, re.MULTILINE))
+    assert rows["130"].startswith("stopped by SIGTERM/SIGINT") and rows["2"].startswith("a usage or data error")
+    assert rows["138"].startswith("a peer lost, a stall, or a cluster that did not form")
+    assert {int(status) for status in rows} == {ending.REFUSED, ending.INTERRUPTED, ending.RETRYABLE}
 
 
 def test_the_kubernetes_job_retries_130_and_138_and_fails_on_2(capsys):
