@@ -1,7 +1,8 @@
-"""Every Python block of the README runs as written, so an example that stops working fails the suite.
+"""Every Python block of the README and of docs/design.md runs as written, so an example that stops
+working fails the suite.
 
 A block runs verbatim (``exec``) in a fresh directory, after a stand-in for what its text leaves to the
-reader (``build_model``, ``keras_model``, ``dataset``, ``x``); each test then checks what the block
+reader (``build_model``, ``model``, ``dataset``, ``strategy``, ``x``); each test then checks what the block
 claims to produce.
 """
 
@@ -14,11 +15,12 @@ import pytest
 import kerasbn
 from tests.helpers.distributed import ROOT
 
-BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+DOCUMENTS = ("README.md", "docs/design.md")
+BLOCKS = {name: re.findall(r"```python\n(.*?)```", (ROOT / name).read_text(), re.S) for name in DOCUMENTS}
 
 
-def _block(first_line):
-    (block,) = [b for b in BLOCKS if b.splitlines()[0].startswith(first_line)]
+def _block(first_line, document="README.md"):
+    (block,) = [b for b in BLOCKS[document] if b.splitlines()[0].startswith(first_line)]
     return block
 
 
@@ -27,43 +29,69 @@ def _small_model(bn):
                              keras.layers.ReLU(), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)])
 
 
-def _data(n=32):
+def _data(n=32, shape=(8, 8, 3), classes=3):
     rng = np.random.RandomState(0)
-    return rng.normal(1, 2, (n, 8, 8, 3)).astype("float32"), rng.randint(0, 3, n)
+    return rng.normal(1, 2, (n, *shape)).astype("float32"), rng.randint(0, classes, n)
 
 
-def _run(block, namespace, tmp_path, monkeypatch):
+def _run(block, namespace, tmp_path, monkeypatch, document="README.md"):
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, document, "exec"), namespace)
     return namespace
 
 
 def test_every_python_block_is_tested():
-    # The fourth, "# KERAS_BACKEND=jax", runs in the JAX session (tests/jax/test_readme.py).
-    assert len(BLOCKS) == 4, "a new README block needs its test here"
+    # README's second, "# KERAS_BACKEND=jax", runs in the JAX session (tests/jax/test_readme.py).
+    counts = {name: len(blocks) for name, blocks in BLOCKS.items()}
+    assert counts == {"README.md": 2, "docs/design.md": 2}, "a new Python block needs its test here"
 
 
 def test_quick_start(tmp_path, monkeypatch):
-    ns = _run(_block("import keras, kerasbn"), {}, tmp_path, monkeypatch)
-    assert isinstance(ns["model"].layers[1], kerasbn.BatchNormalization)
+    import tensorflow as tf
+
+    x, y = _data(16, (32, 32, 3), 10)
+    converted = []
+
+    def convert_and_record(model, **kwargs):  # the converted model's weights before fit trains them
+        synced = convert_sync_batchnorm(model, **kwargs)
+        converted.append([w.numpy() for w in synced.weights])
+        return synced
+
+    convert_sync_batchnorm = kerasbn.convert_sync_batchnorm
+    monkeypatch.setattr(kerasbn, "convert_sync_batchnorm", convert_and_record)
+    ns = _run(_block("import keras, kerasbn"), {"dataset": tf.data.Dataset.from_tensor_slices((x, y)).batch(4)},
+              tmp_path, monkeypatch)
+    model, synced = ns["model"], ns["synced"]
+    # The layer swapped in: kerasbn's, with Keras' weights and weight names.
+    assert type(model.layers[1]) is kerasbn.BatchNormalization
+    reference = keras.layers.BatchNormalization()
+    reference.build((None, 30, 30, 64))
+    assert [w.name for w in model.layers[1].weights] == [w.name for w in reference.weights]
+    # Converted: synchronized, every weight kept (the original's, untrained), then trained under the strategy.
+    assert type(synced.layers[1]) is kerasbn.SyncBatchNormalization
+    (kept,) = converted
+    for before, original in zip(kept, model.weights, strict=True):
+        np.testing.assert_array_equal(before, original.numpy())
+    assert synced.optimizer.iterations.numpy() == 4  # fit ran its 4 batches
+    # Saved and loaded: synchronized again, with the trained weights.
     loaded = keras.saving.load_model(tmp_path / "m.keras")
-    assert type(loaded.layers[1]) is kerasbn.BatchNormalization
+    assert type(loaded.layers[1]) is kerasbn.SyncBatchNormalization
+    for saved, trained in zip(loaded.weights, synced.weights, strict=True):
+        np.testing.assert_array_equal(saved.numpy(), trained.numpy())
 
 
-def test_synchronized_bn(tmp_path, monkeypatch):
+def test_batch_norm_scope(tmp_path, monkeypatch):
     import tensorflow as tf
 
     keras_hub = pytest.importorskip("keras_hub", reason="the block builds a keras-hub backbone (kerasbn[hub])")
-    x, y = _data()
-    keras_model = _small_model(keras.layers.BatchNormalization)
-    ns = {"tf": tf, "keras": keras, "kerasbn": kerasbn, "keras_hub": keras_hub,
-          "build_model": lambda: _small_model(kerasbn.SyncBatchNormalization), "keras_model": keras_model,
-          "dataset": tf.data.Dataset.from_tensor_slices((x, y)).batch(8)}
-    ns = _run(_block("strategy = tf.distribute.MirroredStrategy()"), ns, tmp_path, monkeypatch)
-    assert type(ns["model"].layers[1]) is kerasbn.SyncBatchNormalization
-    assert ns["model"].optimizer.iterations.numpy() == 4  # fit ran its 4 batches
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    ns = {"kerasbn": kerasbn, "keras_hub": keras_hub, "strategy": strategy}
+    block = _block("with strategy.scope(), kerasbn.batch_norm_scope", "docs/design.md")
+    ns = _run(block, ns, tmp_path, monkeypatch, "docs/design.md")
     bns = [layer for layer in ns["backbone"]._flatten_layers() if hasattr(layer, "moving_mean")]
     assert bns and all(type(bn) is kerasbn.SyncBatchNormalization for bn in bns)
+    # Built under the strategy: the BN's variables are mirrored over its 2 replicas.
+    assert all(len(strategy.experimental_local_results(bn.moving_mean.value)) == 2 for bn in bns)
 
 
 def test_after_training(tmp_path, monkeypatch):
@@ -74,7 +102,7 @@ def test_after_training(tmp_path, monkeypatch):
     model(x, training=True)
     ns = {"tf": tf, "kerasbn": kerasbn, "model": model, "x": x,
           "train_dataset": tf.data.Dataset.from_tensor_slices(x).batch(8).repeat()}
-    ns = _run(_block("# Algorithm 2"), ns, tmp_path, monkeypatch)
+    ns = _run(_block("# Algorithm 2", "docs/design.md"), ns, tmp_path, monkeypatch, "docs/design.md")
     # Recalibrated: the moving mean is the mean of the batches' means (Algorithm 2, equal batches).
     z = np.asarray(model.layers[0](x), np.float64)
     np.testing.assert_allclose(model.layers[1].moving_mean.numpy(), z.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
