@@ -141,6 +141,24 @@ def hub_backbones():
     return {"mobilenet_v3": mobilenet_v3, "resnet_v2": resnet_v2, "hgnet_v2": hgnet_v2}
 
 
+def every_model():
+    """The graphs above and keras-hub's backbones, by name."""
+    return {**SHAPES, **hub_backbones()}
+
+
+def bn_layers(model):
+    """BN layers found without kerasbn's walk: every tracked sublayer with moving statistics."""
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if hasattr(layer, "moving_mean") and hasattr(layer, "epsilon")]
+
+
+def built(builder, seed=0):
+    """``builder``'s ``(model, bn_count)``, the model seeded and :func:`trained`."""
+    keras.utils.set_random_seed(seed)
+    model, count = builder()
+    return trained(model), count
+
+
 def input_batch(model, n=8, seed=0):
     shape = (n,) + tuple(model.inputs[0].shape[1:])
     return np.random.RandomState(seed).normal(1.0, 2.0, shape).astype("float32")

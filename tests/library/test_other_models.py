@@ -1,5 +1,6 @@
 """Models kerasbn did not build: graphs with `keras.ops` nodes, BN inside custom layers and
-nested models, keras-hub's backbones. Every tool walks them, or says exactly why not."""
+nested models, keras-hub's backbones. Every tool walks them, or says exactly why not (their
+conversion: tests/library/test_convert.py)."""
 
 import sys
 import warnings
@@ -9,44 +10,14 @@ import numpy as np
 import pytest
 
 import kerasbn
-from kerasbn import model_walk
 from tests.helpers import forkserver, zoo_models
 from tests.helpers.distributed import ROOT, _env
 
-ALL = {**zoo_models.SHAPES, **zoo_models.hub_backbones()}
-needs_hub = pytest.mark.skipif(not zoo_models.hub_backbones(), reason="keras-hub is not installed")
+ALL = zoo_models.every_model()
 
 
 def _build(name):
-    keras.utils.set_random_seed(0)
-    model, count = ALL[name]()
-    return zoo_models.trained(model), count
-
-
-def _bns(model):
-    """BN layers found without kerasbn's walk: every tracked sublayer with moving statistics."""
-    return [layer for layer in model._flatten_layers(include_self=False)
-            if hasattr(layer, "moving_mean") and hasattr(layer, "epsilon")]
-
-
-@pytest.mark.parametrize("name", sorted(ALL))
-def test_conversion_is_complete_and_keeps_weights_and_outputs(name):
-    model, count = _build(name)
-    x = zoo_models.input_batch(model)
-    before = [w.numpy().copy() for w in model.weights]
-    converted = kerasbn.convert_sync_batchnorm(model)
-    originals, replaced = _bns(model), _bns(converted)
-    assert len(originals) == len(replaced) == count
-    for old, new in zip(originals, replaced, strict=True):
-        assert type(new) is kerasbn.SyncBatchNormalization, new.name
-        for key in ("epsilon", "momentum", "center", "scale", "axis"):
-            assert new.get_config()[key] == old.get_config()[key], (new.name, key)
-        for w in old.weights:
-            np.testing.assert_array_equal(getattr(new, w.name).numpy(), w.numpy())
-    for b, w in zip(before, model.weights, strict=True):  # the original is untouched
-        np.testing.assert_array_equal(b, w.numpy())
-    np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(converted(x, training=True), model(x, training=True), rtol=1e-4, atol=1e-4)
+    return zoo_models.built(ALL[name])
 
 
 def test_bn_that_cannot_be_converted_is_refused_by_name():
@@ -103,10 +74,10 @@ def test_folding_keeps_outputs_and_names_what_it_cannot_fold(name):
     folded = kerasbn.fold_batch_norm(model)
     np.testing.assert_allclose(folded(x), model(x), rtol=1e-4, atol=1e-5)
     left = kerasbn.folding.unfoldable(model)
-    in_code = {bn.name for bn in _bns(model) if not bn._inbound_nodes}
+    in_code = {bn.name for bn in zoo_models.bn_layers(model) if not bn._inbound_nodes}
     for bn_name in in_code:
         assert any(entry.startswith(f"{bn_name} (it is called inside a layer's own code") for entry in left)
-    assert len(_bns(folded)) == len(left)
+    assert len(zoo_models.bn_layers(folded)) == len(left)
     if name in zoo_models.SHAPES:
         assert len(left) < count  # the stem BN after a convolution folds
 
@@ -144,7 +115,7 @@ def test_recalibration_covers_every_bn_with_algorithm_2(name):
     model, count = _build(name)
     batches = [zoo_models.input_batch(model, seed=s) for s in (3, 4)]
     kerasbn.recalibrate_statistics(model, batches, verbose=0)
-    bns = _bns(model)
+    bns = zoo_models.bn_layers(model)
     assert len(bns) == count
     seen = {id(bn): [] for bn in bns}
 
@@ -185,7 +156,7 @@ def _assert_round_trip(model, count, tmp_path, **expected):
     for round_trip in ("first", "second"):
         current.save(tmp_path / f"{round_trip}.keras")
         loaded = keras.saving.load_model(tmp_path / f"{round_trip}.keras")
-        bns = _bns(loaded)
+        bns = zoo_models.bn_layers(loaded)
         assert [type(bn) for bn in bns] == [layer_type] * count, round_trip
         for name, value in expected.items():
             assert {getattr(bn, name) for bn in bns} == {value}, (round_trip, name)
@@ -206,7 +177,7 @@ def test_converted_models_load_back_converted_with_no_scope(name, tmp_path):
     loaded = _assert_round_trip(converted, count, tmp_path, synchronized=True, momentum=0.9)
     # Converting the loaded model again takes the new arguments, not the recorded ones.
     again = kerasbn.convert_sync_batchnorm(loaded, sync_group_size=2)
-    assert {bn.sync_group_size for bn in _bns(again)} == {2}
+    assert {bn.sync_group_size for bn in zoo_models.bn_layers(again)} == {2}
 
 
 @pytest.mark.parametrize("name", ["custom_layer", "nested_model"] + sorted(zoo_models.hub_backbones()))
@@ -217,7 +188,7 @@ def test_models_built_in_the_scope_load_back_as_built(name, tmp_path):
         model, count = ALL[name]()
     model = zoo_models.trained(model)
     loaded = _assert_round_trip(model, count, tmp_path, synchronized=True, momentum=0.8)
-    assert all(isinstance(bn.gamma_regularizer, keras.regularizers.L2) for bn in _bns(loaded))
+    assert all(isinstance(bn.gamma_regularizer, keras.regularizers.L2) for bn in zoo_models.bn_layers(loaded))
 
 
 def test_a_marked_layer_is_still_its_own_class():
@@ -239,8 +210,9 @@ def test_a_scope_builds_kerasbn_layers_everywhere_and_only_inside_it():
             BatchNormalization as imported,
         )
         direct = imported()
-    assert [type(bn) for bn in _bns(model)] == [kerasbn.BatchNormalization] * count
-    assert all(bn.momentum == 0.5 and not bn.unbiased_variance and not bn.synchronized for bn in _bns(model))
+    bns = zoo_models.bn_layers(model)
+    assert [type(bn) for bn in bns] == [kerasbn.BatchNormalization] * count
+    assert all(bn.momentum == 0.5 and not bn.unbiased_variance and not bn.synchronized for bn in bns)
     assert type(own) is zoo_models.OwnBatchNorm  # subclasses keep their class
     assert type(direct) is kerasbn.BatchNormalization  # the class itself, however imported
     assert type(keras.layers.BatchNormalization()) is keras.layers.BatchNormalization
@@ -264,8 +236,8 @@ def test_a_model_built_in_the_scope_computes_what_the_keras_one_does():
     for training in (True, False):
         np.testing.assert_allclose(ours(x, training=training), reference(x, training=training),
                                    rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(_bns(ours)[0].moving_variance.numpy(),
-                               _bns(reference)[0].moving_variance.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(zoo_models.bn_layers(ours)[0].moving_variance.numpy(),
+                               zoo_models.bn_layers(reference)[0].moving_variance.numpy(), rtol=1e-5)
 
 
 def test_scope_arguments_are_checked():
@@ -284,15 +256,6 @@ def test_scope_arguments_are_checked():
     assert type(keras.layers.BatchNormalization()) is keras.layers.BatchNormalization
 
 
-@needs_hub
-def test_hub_backbones_convert_completely():
-    for name in zoo_models.hub_backbones():
-        model, count = _build(name)
-        converted = model_walk.batch_norm_layers(kerasbn.convert_sync_batchnorm(model))
-        assert [type(bn) for bn in converted] == [kerasbn.SyncBatchNormalization] * count, name
-
-
-
 def test_folding_a_converted_model_keeps_the_record(tmp_path):
     """BN inside a custom layer cannot fold: the folded copy keeps it synchronized, saved and loaded."""
     model, _ = _build("custom_layer")
@@ -300,6 +263,7 @@ def test_folding_a_converted_model_keeps_the_record(tmp_path):
     folded = kerasbn.fold_batch_norm(converted)
     folded.save(tmp_path / "folded.keras")
     loaded = keras.saving.load_model(tmp_path / "folded.keras")
-    assert [type(bn) for bn in _bns(loaded)] == [kerasbn.SyncBatchNormalization] * 3  # the block's three
+    bns = zoo_models.bn_layers(loaded)
+    assert [type(bn) for bn in bns] == [kerasbn.SyncBatchNormalization] * 3  # the block's three
     x = zoo_models.input_batch(model)
     np.testing.assert_allclose(loaded(x), converted(x), rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ import pytest
 
 from recipes.inception_bn import compare
 from recipes.inception_bn.history import HISTORY_FIELDS, write_history
+from tests.helpers import figures
 from tests.helpers.tables import table_row
 
 
@@ -62,12 +63,17 @@ def test_table_says_how_long_a_run_stalled_at_chance(tmp_path):
     assert table_row(table, "stuck")[5] == "100" and "never reached the target in 100 steps" in table_row(table, "stuck")[6]
 
 
-def test_plot_writes_a_png(tmp_path):
+def test_plot_draws_one_line_per_variant_at_its_accuracies(tmp_path):
     _run(tmp_path, "inception", [0.2, 0.4])
     _run(tmp_path, "bn-x5", [0.5, 0.6])
     _, histories = compare.summarize(tmp_path, ["inception", "bn-x5"], {})
     compare.plot(tmp_path / "compare.png", histories, "title")
-    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = figures.read(tmp_path / "compare.png", figsize=(7, 4.5), dpi=120)
+    inception, bn_x5, third = (figures.curve(pixels, color) for color in figures.CYCLE)
+    for line in (inception, bn_x5):  # each from step 50 to 100: across the axes
+        assert figures.drawn(line, dpi=120) and line.width > pixels.shape[1] / 2, line
+    assert bn_x5.row < inception.row  # 0.5-0.6 above 0.2-0.4
+    assert third.pixels == 0  # two variants, two lines
 
 
 def test_parallel_runs_name_every_failed_variant_and_its_log(tmp_path, capsys, monkeypatch):
