@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 
 import keras
@@ -13,21 +12,6 @@ from kerasbn.backend import require_backend
 from kerasbn.statistics import all_finite, move_average, population_estimate, variance_from_moments
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
-# While recalibrate_statistics runs: layer id -> the population twin that computes for it
-# (kerasbn.population). Read once per call (at trace time in compiled functions).
-_POPULATION_TWINS: dict[int, BatchNormalization] = {}
-
-
-@contextlib.contextmanager
-def population_twins(pairs):
-    """Within the block, each ``(layer, twin)``'s layer hands its calls to its twin."""
-    pairs = list(pairs)
-    _POPULATION_TWINS.update((id(layer), twin) for layer, twin in pairs)
-    try:
-        yield
-    finally:
-        for layer, _ in pairs:
-            _POPULATION_TWINS.pop(id(layer), None)
 
 
 def _check_fraction(name: str, value, allow_none: bool = False) -> float | None:
@@ -392,9 +376,6 @@ class BatchNormalization(keras.layers.Layer):
 
     # ------------------------------------------------------------------- call
     def call(self, inputs, training=None, mask=None):
-        twin = _POPULATION_TWINS.get(id(self))
-        if twin is not None:  # recalibrate_statistics: the twin averages batch statistics
-            return twin(inputs, training=True, mask=mask)
         backend = kernels.current(type(self).__name__)
         inputs = self._check_inputs(inputs)
         mask = self._broadcast_mask(inputs, mask)

@@ -13,11 +13,10 @@ Each BN layer's statistics are gathered by a *population twin*: a kerasbn
 layer with the same configuration and weights (Keras' own layers get a
 kerasbn twin) set to ``momentum=None`` (the cumulative average) and
 ``unbiased_variance=True``, so that the layer's own statistics code does the
-work, as PyTorch's ``torch.optim.swa_utils.update_bn`` runs the model. A kerasbn
-layer hands its calls to its twin while the run lasts
-(:func:`kerasbn.batch_normalization.population_twins`); Keras' own layer has no such
-hook, so its instance's ``call`` points at the twin for the run and is restored after.
-The model's layers and settings are never changed, only their moving statistics.
+work, as PyTorch's ``torch.optim.swa_utils.update_bn`` runs the model. While the run
+lasts, each BN layer's ``call`` - Keras' and kerasbn's alike, on the instance only - is
+its twin's (:func:`_calls_by_twins`), and is restored after: the layers know nothing of
+it. The model's layers and settings are never changed, only their moving statistics.
 
 On TensorFlow the run is a ``tf.function`` (batches split across the replicas of the
 model's strategy); on JAX, a loop of eager calls (under ``keras.distribution``,
@@ -34,7 +33,7 @@ import numpy as np
 
 from kerasbn import model_walk
 from kerasbn.backend import require_backend
-from kerasbn.batch_normalization import BatchNormalization, population_twins
+from kerasbn.batch_normalization import BatchNormalization
 from kerasbn.construction import kerasbn_config
 
 
@@ -104,8 +103,7 @@ def recalibrate_statistics(model, data, steps: int | None = None, verbose: int |
     run = _run_tensorflow if backend == "tensorflow" else _run_eagerly
     with _strategy_scope(model, backend) as strategy:
         twins = [_population_twin(layer) for layer in layers]
-    with population_twins((layer, twin) for layer, twin in zip(layers, twins, strict=True)
-                          if isinstance(layer, BatchNormalization)), _keras_layers_call(layers, twins):
+    with _calls_by_twins(layers, twins):
         seen = run(model, data, steps, strategy, verbose)
     if seen == 0:
         raise ValueError("recalibrate_statistics: `data` yielded no batches.")
@@ -138,22 +136,21 @@ def _strategy_scope(model, backend):
 
 
 @contextlib.contextmanager
-def _keras_layers_call(layers, twins):
-    """Keras' own BN layers have no hook: their ``call`` is the twin's for the run."""
-    keras_layers = [(layer, twin) for layer, twin in zip(layers, twins, strict=True)
-                    if not isinstance(layer, BatchNormalization)]
-
+def _calls_by_twins(layers, twins):
+    """Within the block, each BN layer's ``call`` is its twin's in training mode (an instance
+    attribute over the class's method, deleted after: the layer's own ``call`` is back)."""
     def twin_call(twin):
         def call(inputs, training=None, mask=None):
             return twin(inputs, training=True, mask=mask)
         return call
 
-    for layer, twin in keras_layers:
+    pairs = list(zip(layers, twins, strict=True))
+    for layer, twin in pairs:
         layer.call = twin_call(twin)
     try:
         yield
     finally:
-        for layer, _ in keras_layers:
+        for layer, _ in pairs:
             del layer.call
 
 
