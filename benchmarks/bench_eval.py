@@ -31,14 +31,14 @@ def worker(replicas, size, width, repeats):
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
     strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
     from recipes.inception_bn.data import load_source
-    from recipes.inception_bn.train import make_evaluate
+    from recipes.inception_bn.steps import EvalSet, make_evaluate
     from recipes.inception_bn.variants import VARIANTS
 
     source = load_source("synthetic", image_size=size)
     with strategy.scope():
         model = VARIANTS["bn-x5"].build_model(10, (size, size, 3), width_multiplier=width)
         flag = tf.Variable(0)
-    evaluate = make_evaluate(strategy, model, source, None, flag, batch_size=256 // replicas)
+    evaluate = make_evaluate(strategy, model, source, flag, EvalSet(batch_size=256 // replicas))
     evaluate()
     times = []
     for _ in range(repeats):

@@ -8,7 +8,7 @@ and the ratio. Then the same with 2 logical CPU replicas under
 MirroredStrategy and synchronized BN on both sides (kerasbn: 2 collectives
 per layer; Keras: ``synchronized=True``).
 
-Last, the recipe's own training loop (``recipes.inception_bn.train.make_train_loop``) at
+Last, the recipe's own training loop (``recipes.inception_bn.steps.make_train_loop``) at
 ``--steps-per-loop`` 1 against 10, a small width where Python's per-call overhead shows:
 images/s of each and their ratio, alternating in one process.
 
@@ -92,16 +92,13 @@ def measure(size, batch, repeats, replicas):
 
 def measure_steps_per_loop(repeats, width=0.125, size=32, batch=8, loops=(1, 10)):
     """Images/s of the recipe's training loop at each steps-per-loop in ``loops``, alternating."""
-    from types import SimpleNamespace
-
-    from recipes.inception_bn.train import make_train_loop
+    from recipes.inception_bn.steps import Objective, make_train_loop
 
     strategy = tf.distribute.get_strategy()
     model = bn_inception(10, (size, size, 3), width_multiplier=width)
     optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
     optimizer.build(model.trainable_variables)
-    plan = SimpleNamespace(global_batch=batch, replicas=1)
-    loop = make_train_loop(strategy, model, optimizer, 4e-5, plan, jit=False)
+    loop = make_train_loop(strategy, model, optimizer, Objective(4e-5, batch), jit=False)
     images = tf.random.stateless_uniform((batch, size, size, 3), (0, 1), -1, 1)
     labels = tf.random.stateless_uniform((batch,), (0, 2), 0, 10, tf.int32)
     iterator = iter(strategy.distribute_datasets_from_function(

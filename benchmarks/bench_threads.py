@@ -29,10 +29,9 @@ from common import markdown_table  # noqa: E402
 
 WORKER = """
 import json, sys, time
-from types import SimpleNamespace
 import keras, tensorflow as tf
 from recipes.inception_bn.data import load_source, network_input
-from recipes.inception_bn.train import make_train_loop
+from recipes.inception_bn.steps import Objective, make_train_loop
 from recipes.inception_bn.variants import VARIANTS
 
 steps = int(sys.argv[1])
@@ -43,8 +42,7 @@ model = variant.build_model(10, source.image_shape, 0.25, False, 0.9)
 optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
 optimizer.build(model.trainable_variables)
 strategy = tf.distribute.get_strategy()
-loop = make_train_loop(strategy, model, optimizer, variant.weight_decay,
-                       SimpleNamespace(global_batch=32, replicas=1), False,
+loop = make_train_loop(strategy, model, optimizer, Objective(variant.weight_decay, 32), False,
                        prepare=lambda images, factors: network_input(images, factors, variant.distortion))
 iterator = iter(source.train(32, variant.distortion, 0))
 float(loop(iterator, tf.constant(20))[0])  # trace and warm up

@@ -6,11 +6,11 @@ import contextlib
 import importlib.util
 import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 from kerasbn import model_walk
+from kerasbn._files import ensure_writable_directory
 from kerasbn.backend import BackendError, require_backend
 from kerasbn.folding import fold_batch_norm, unfoldable
 
@@ -61,9 +61,7 @@ def export_for_serving(model, path: str | os.PathLike, fold: bool = True):
         raise OSError(f"export_for_serving: {path} exists and is not a directory.")
     parent = path.parent if not path.exists() else path
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=parent):
-            pass
+        ensure_writable_directory(parent)
     except OSError as error:
         raise OSError(f"export_for_serving: cannot write to {path}: {error.strerror or error}") from None
     served = model

@@ -11,12 +11,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from recipes.inception_bn.run_files import RunFiles
+
 
 class Checkpoints:
     def __init__(self, checkpoint, run_dir: Path, is_chief: bool, task_index: int, barrier=None):
         import tensorflow as tf
 
-        self.directory = run_dir / "checkpoints"
+        self.directory = RunFiles(run_dir).checkpoints
         self._is_chief = is_chief
         # The other workers must save too (the save reads distributed variables), into a
         # private directory removed afterwards.

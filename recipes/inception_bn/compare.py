@@ -26,7 +26,8 @@ from pathlib import Path
 
 from recipes.inception_bn import ending
 from recipes.inception_bn.data import SOURCES
-from recipes.inception_bn.history import DIVERGED, read_history
+from recipes.inception_bn.history import read_history
+from recipes.inception_bn.run_files import RunFiles
 from recipes.inception_bn.variants import PAPER_VARIANTS, VARIANTS, get_variant
 
 BASELINE = "inception"
@@ -112,7 +113,7 @@ def run_variant(name, run_dir: Path, dataset, train_args, log_path: Path | None 
     seconds = time.perf_counter() - start
     if result.returncode in INTERRUPTED:
         raise RunInterrupted(f"{name} was interrupted ({run_dir / name})")
-    diverged = run_dir / name / DIVERGED
+    diverged = RunFiles(run_dir / name).diverged
     failed = result.returncode if result.returncode != 0 and not diverged.exists() else None
     return {"seconds": seconds, "diverged": json.loads(diverged.read_text()) if diverged.exists() else None,
             "failed": failed}
@@ -132,7 +133,7 @@ def run_variants(names, run_dir: Path, dataset, train_args, jobs: int) -> dict:
     env = thread_environment(jobs)
 
     def run(name):
-        log_path = run_dir / name / "train.log"
+        log_path = RunFiles(run_dir / name).console
         print(f"== {name}: {VARIANTS[name].description}; output in {log_path}", flush=True)
         outcome = run_variant(name, run_dir, dataset, train_args, log_path, env)
         done = [line for line in log_path.read_text().splitlines() if line.startswith("Done:")]
@@ -141,7 +142,7 @@ def run_variants(names, run_dir: Path, dataset, train_args, jobs: int) -> dict:
         return outcome
 
     outcomes = dict(zip(names, in_parallel(run, names, jobs), strict=True))
-    failed = [f"{name} (exit {o['failed']}; its output: {run_dir / name / 'train.log'})"
+    failed = [f"{name} (exit {o['failed']}; its output: {RunFiles(run_dir / name).console})"
               for name, o in outcomes.items() if o["failed"] is not None]
     if failed:
         raise SystemExit(f"error: {', '.join(failed)} failed; rerun to resume")
@@ -177,7 +178,7 @@ def last_step_at_chance(history, num_classes):
 
 def run_settings(variant_dir: Path) -> dict:
     """train.py's run.json (empty when the run wrote none)."""
-    path = variant_dir / "run.json"
+    path = RunFiles(variant_dir).settings
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -190,7 +191,7 @@ def initial_learning_rate(settings: dict, history) -> float:
 
 def summarize(run_dir: Path, names, outcomes) -> tuple[str, dict]:
     """The markdown table and the per-variant histories."""
-    histories = {name: read_history(run_dir / name / "history.csv") for name in names}
+    histories = {name: read_history(RunFiles(run_dir / name).history) for name in names}
     baseline = names[0]
     if not histories[baseline]:
         raise SystemExit(f"error: the baseline {baseline} has no evaluations")

@@ -24,6 +24,7 @@ import traceback
 from pathlib import Path
 
 from recipes.inception_bn import ending
+from recipes.inception_bn.run_files import RunFiles
 
 DEFAULT_STALL_TIMEOUT = 600.0  # seconds; PyTorch's default NCCL collective timeout is the same 10 min
 
@@ -67,7 +68,7 @@ def first_line(error: BaseException, limit: int = 200) -> str:
 
 
 def error_log_path(run_dir: Path, own_task: str) -> Path:
-    return run_dir / f"{own_task.replace(' ', '')}-errors.log"
+    return RunFiles(run_dir).error_log(own_task)
 
 
 def write_error_log(run_dir: Path, own_task: str, text: str) -> Path | None:
@@ -82,7 +83,7 @@ def write_error_log(run_dir: Path, own_task: str, text: str) -> Path | None:
 
 
 def _loss_marker(run_dir: Path, task: str) -> Path:
-    return run_dir / f"{task.replace(' ', '')}-lost-peer.txt"
+    return RunFiles(run_dir).lost_peer_marker(task)
 
 
 def _first_losses(run_dir: Path, tasks: list[str], own_task: str, since: float | None) -> list[str]:

@@ -1,5 +1,5 @@
-"""The run directory's record of training: ``history.csv`` (one row per evaluation) and
-``diverged.json``. Written by ``train``, read by ``compare``."""
+"""The run's record of training: the history (one row per evaluation; ``RunFiles.history``) and
+atomic writes. Written by ``train``, read by ``compare`` and ``reproduce``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import io
 import os
 from pathlib import Path
 
-HISTORY_FILE = "history.csv"
 HISTORY_FIELDS = ("step", "epoch", "learning_rate", "train_loss", "train_accuracy",
                   "eval_loss", "eval_accuracy", "eval_top5", "images_per_second", "wall_seconds")
-DIVERGED = "diverged.json"  # written when the loss stops being finite
 
 
 def read_history(path: Path, up_to_step: int | None = None) -> list[dict]:

@@ -26,13 +26,20 @@ from pathlib import Path
 import tensorflow as tf
 
 from recipes.inception_bn.history import atomic_write
-
-STREAM_FILE = "stream.json"
+from recipes.inception_bn.run_files import RunFiles
 
 # Names of the independent per-position draws (the hash's third key).
 FACTORS, CROP_WINDOW, CROP_BOX, FILE_RECORDS = 4, 5, 6, 7
 
 _MASK32 = 0xFFFFFFFF
+
+
+def check_pipelines(partitions: int, pipelines: int) -> None:
+    """Each input pipeline reads whole partitions: ValueError unless ``pipelines`` divides ``partitions``."""
+    if partitions % pipelines:
+        raise ValueError(f"the training files are read in {partitions} partitions, which {pipelines} input "
+                         f"pipelines (workers) cannot share; pass --partitions with a multiple of {pipelines} "
+                         "that divides the global batch, in a new --run-dir")
 
 
 class StreamMismatch(ValueError):
@@ -51,7 +58,7 @@ class Stream:
     def check_resume(self, run_dir, resuming: bool, record: bool) -> None:
         """When ``resuming``, checks this is the stream recorded in ``run_dir``; StreamMismatch naming
         what differs if not. With ``record`` (the chief), writes it there."""
-        path = Path(run_dir) / STREAM_FILE
+        path = RunFiles(Path(run_dir)).stream
         if resuming and path.exists():
             recorded = Stream(**json.loads(path.read_text()))
             differences = [f"{name} {getattr(recorded, name)} (now {getattr(self, name)})"
@@ -88,8 +95,6 @@ class DataOrder:
         self.partitions = None
         if source.partitions_for is not None:  # read from files: K canonical partitions
             self.partitions = source.partitions_for(global_batch)
-            from recipes.inception_bn.partitions import check_pipelines
-
             check_pipelines(self.partitions, pipelines)
         self.stream = Stream(seed, source.train_examples, global_batch, self.partitions)
 

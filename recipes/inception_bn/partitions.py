@@ -47,14 +47,6 @@ def choose_partitions(global_batch: int, files: int, requested: int | None = Non
     return requested
 
 
-def check_pipelines(partitions: int, pipelines: int) -> None:
-    """Each input pipeline reads whole partitions: ValueError unless ``pipelines`` divides ``partitions``."""
-    if partitions % pipelines:
-        raise ValueError(f"the training files are read in {partitions} partitions, which {pipelines} input "
-                         f"pipelines (workers) cannot share; pass --partitions with a multiple of {pipelines} "
-                         "that divides the global batch, in a new --run-dir")
-
-
 def _shuffled(seed: int, epoch, tag, count):
     """Indices ``i`` (a scalar or a vector) of a seeded permutation of ``range(count)``, keyed by
     ``(seed, epoch, tag)``."""

@@ -28,10 +28,10 @@ from pathlib import Path
 
 from recipes.inception_bn import compare, ending, plateau
 from recipes.inception_bn.history import atomic_write, read_history
+from recipes.inception_bn.run_files import RunFiles
 from recipes.inception_bn.variants import PAPER_VARIANTS, VARIANTS
 
 BASELINE = "inception"
-FINISHED = "finished.json"
 # The paper's ImageNet results (Table 2): steps to reach Inception's 72.2%, and maximum accuracy.
 PAPER = {"inception": ("31.0M", "72.2%"), "bn-baseline": ("13.3M", "72.7%"), "bn-x5": ("2.1M", "73.0%"),
          "bn-x30": ("2.7M", "74.8%"), "bn-x5-sigmoid": ("-", "69.8%")}
@@ -90,7 +90,7 @@ def run_directory(run_dir: Path, seed: int) -> Path:
 
 
 def finished(run_dir: Path, name: str, seed: int) -> dict | None:
-    path = run_directory(run_dir, seed) / name / FINISHED
+    path = RunFiles(run_directory(run_dir, seed) / name).finished
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -113,7 +113,7 @@ def run_all(run_dir: Path, names, seeds, train_args, jobs: int, train_module: st
     def train(job):
         name, seed = job
         directory = run_directory(run_dir, seed)
-        log_path = directory / name / "train.log"
+        log_path = RunFiles(directory / name).console
         print(f"== {name} seed {seed}: {VARIANTS[name].description}; output in {log_path}", flush=True)
         running[job] = directory / name
         try:
@@ -133,7 +133,7 @@ def run_all(run_dir: Path, names, seeds, train_args, jobs: int, train_module: st
     def report_progress():
         while not stop_progress.wait(PROGRESS_SECONDS):
             for (name, seed), directory in list(running.items()):
-                print(f"   {name} seed {seed}: {progress_line(read_history(directory / 'history.csv'))}",
+                print(f"   {name} seed {seed}: {progress_line(read_history(RunFiles(directory).history))}",
                       flush=True)
 
     reporter = threading.Thread(target=report_progress, daemon=True)
@@ -163,8 +163,8 @@ def collect(run_dir: Path, names, seeds) -> dict:
         runs[name] = {}
         for seed in seeds:
             directory = run_directory(run_dir, seed) / name
-            diverged = directory / "diverged.json"
-            runs[name][seed] = {"history": read_history(directory / "history.csv"),
+            diverged = RunFiles(directory).diverged
+            runs[name][seed] = {"history": read_history(RunFiles(directory).history),
                                 "finished": finished(run_dir, name, seed),
                                 "diverged": json.loads(diverged.read_text()) if diverged.exists() else None}
     return runs

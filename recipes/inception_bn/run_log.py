@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from recipes.inception_bn.history import HISTORY_FILE, read_history, write_history
+from recipes.inception_bn.history import read_history, write_history
+from recipes.inception_bn.run_files import RunFiles
 
 
 class RunLog:
@@ -20,8 +21,8 @@ class RunLog:
         self.is_chief = is_chief
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
-        self.history_path = run_dir / HISTORY_FILE
-        self.logs_dir = run_dir / "logs"
+        self.history_path = RunFiles(run_dir).history
+        self.logs_dir = RunFiles(run_dir).logs
         # A fresh run starts a fresh history; a resumed one keeps the rows up to its step.
         self.history = read_history(self.history_path, up_to_step=-1 if resumed_at is None else resumed_at)
         self._writers = ({split: tf.summary.create_file_writer(str(self.logs_dir / split))

@@ -12,7 +12,7 @@ from tests.helpers import forkserver
 from tests.helpers.ports import reserve_ports
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT = 300
+TIMEOUT = 900  # a safety net for a hung process, never a speed claim: two suites side by side on 2 cores once took 300 s for one recipe run
 
 
 def _env(extra=None):

@@ -34,7 +34,7 @@ def main():
     import tensorflow as tf
 
     from recipes.inception_bn.data import load_source, network_input
-    from recipes.inception_bn.train import make_evaluate
+    from recipes.inception_bn.steps import EvalSet, make_evaluate
     from tests.helpers.tiny_train import TINY
 
     keras.utils.set_random_seed(0)
@@ -50,7 +50,7 @@ def main():
             w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
     results = {"distributed": [], "single": [], "count": []}
     for examples in (int(n) for n in args.examples.split(",")):
-        evaluate = make_evaluate(strategy, model, source, examples, stop_flag, batch_size=args.batch)
+        evaluate = make_evaluate(strategy, model, source, stop_flag, EvalSet(limit=examples, batch_size=args.batch))
         results["distributed"].append(evaluate())
         images, labels = next(iter(source.eval(examples).batch(100000)))
         logits = model(network_input(images), training=False).numpy().astype(np.float64)

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from recipes.inception_bn import cluster
-from recipes.inception_bn.cluster import Rendezvous, parse_tf_config
+from recipes.inception_bn.cluster import parse_tf_config
 from recipes.inception_bn.ending import INTERRUPTED, REFUSED, RETRYABLE, Refused
+from recipes.inception_bn.rendezvous import Rendezvous, listen
 from tests.helpers import forkserver
 from tests.helpers.distributed import ROOT, TIMEOUT, _env, free_ports
 from tests.recipes.test_inception_bn_train import RECIPE, TINY, _main_in_process
@@ -148,7 +148,7 @@ def test_a_peer_lost_after_answering_ends_the_worker_through_the_sentinel(tmp_pa
     ports = free_ports(2)
     workers = [f"127.0.0.1:{p}" for p in ports]
     leader = parse_tf_config(_config(workers, 0))
-    rendezvous = Rendezvous(leader, cluster.listen(leader.own))
+    rendezvous = Rendezvous(leader, listen(leader.own))
     answered = threading.Thread(target=rendezvous.wait, args=(0, str))
     answered.start()
     proc = _start(tmp_path, _config(workers, 1), "--startup-timeout", "3")

@@ -7,7 +7,7 @@ import pytest
 import kerasbn
 from recipes.inception_bn import variants as V
 from recipes.inception_bn.model import MODULES, LocalResponseNormalization, bn_inception, inception
-from recipes.inception_bn.train import l2_penalty
+from recipes.inception_bn.steps import l2_penalty
 
 
 @pytest.fixture(scope="module")

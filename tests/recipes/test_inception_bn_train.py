@@ -323,7 +323,8 @@ def test_divergence_stops_with_a_clear_message(tmp_path, capsys, monkeypatch):
     # compare reads the marker it leaves.
     import dataclasses
 
-    from recipes.inception_bn import train, variants
+    from recipes.inception_bn import variants
+    from recipes.inception_bn.run_files import RunFiles
     from tests.helpers.tiny_train import TINY as tiny
 
     monkeypatch.setitem(variants.VARIANTS, "tiny", dataclasses.replace(tiny, learning_rate=1e30))
@@ -332,7 +333,7 @@ def test_divergence_stops_with_a_clear_message(tmp_path, capsys, monkeypatch):
     assert status == 2 and stderr.count("\n") == 1
     (err,) = _error_lines(stderr)
     assert "diverged" in err and str(tmp_path / "checkpoints") in err
-    assert train.DIVERGED == "diverged.json" and (tmp_path / "diverged.json").exists()
+    assert RunFiles(tmp_path).diverged.exists()  # where compare and reproduce look for it
 
 
 if os.name != "posix":  # SIGKILL
@@ -362,7 +363,7 @@ def test_a_missing_recipe_extra_is_one_line_naming_what_to_install():
 def test_training_loops_stop_at_every_evaluation_and_at_the_end():
     from types import SimpleNamespace
 
-    from recipes.inception_bn.train import RunPlan
+    from recipes.inception_bn.run import RunPlan
 
     args = SimpleNamespace(sync_bn=None, batch_size=8, steps=14, eval_every=6, steps_per_loop=4,
                            plateau_window=None, plateau_min_delta=0.0)
@@ -378,12 +379,11 @@ def test_training_loops_stop_at_every_evaluation_and_at_the_end():
 @pytest.mark.slow
 def test_steps_per_loop_trains_exactly_as_one_step_per_call():
     # The recipe's own loop, 6 steps as 6 calls of 1 and as 2 calls of 3, from the same weights.
-    from types import SimpleNamespace
 
     import keras
     import tensorflow as tf
 
-    from recipes.inception_bn.train import make_train_loop
+    from recipes.inception_bn.steps import Objective, make_train_loop
     from tests.helpers.tiny_train import TINY as tiny
 
     rng = np.random.RandomState(0)
@@ -395,7 +395,7 @@ def test_steps_per_loop_trains_exactly_as_one_step_per_call():
     optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
     optimizer.build(model.trainable_variables)
     initial = [v.numpy() for v in [*model.weights, *optimizer.variables]]
-    loop = make_train_loop(strategy, model, optimizer, 4e-5, SimpleNamespace(global_batch=8, replicas=1), False)
+    loop = make_train_loop(strategy, model, optimizer, Objective(4e-5, 8))
     results = []
     for loops in ([1] * 6, [3, 3]):  # one step a call runs without the while loop: both paths agree
         for variable, value in zip([*model.weights, *optimizer.variables], initial, strict=True):
@@ -413,20 +413,18 @@ def test_steps_per_loop_trains_exactly_as_one_step_per_call():
 
 
 def test_a_stop_request_ends_the_training_loop_after_the_current_step():
-    from types import SimpleNamespace
 
     import keras
     import tensorflow as tf
 
-    from recipes.inception_bn.train import make_train_loop
+    from recipes.inception_bn.steps import Objective, make_train_loop
     from tests.helpers.tiny_train import TINY as tiny
 
     strategy = tf.distribute.get_strategy()
     model = tiny.build_model(10, (32, 32, 3))
     optimizer = keras.optimizers.SGD(0.05)
     flag = tf.Variable(0)
-    loop = make_train_loop(strategy, model, optimizer, 4e-5, SimpleNamespace(global_batch=8, replicas=1), False,
-                           flag)
+    loop = make_train_loop(strategy, model, optimizer, Objective(4e-5, 8), False, flag)
     iterator = iter(tf.data.Dataset.from_tensors(
         (tf.zeros((8, 32, 32, 3)), tf.zeros((8,), tf.int32))).repeat())
     steps, _, _, votes = loop(iterator, tf.constant(3))
@@ -487,7 +485,7 @@ def test_training_through_a_data_service_survives_a_lost_worker_and_a_restarted_
     # Above the longest gap between loops here (tracing, the dispatcher's restart): a forked
     # dispatcher restarts in about a second; a fresh interpreter imports TensorFlow first, which
     # took 11 s on a loaded 2-core machine.
-    stall_timeout = 40 if forkserver.fresh_interpreters() else 10
+    stall_timeout = 40 if forkserver.fresh_interpreters() else 20
     try:
         service += [_start_service_process("worker", "--dispatcher", f"127.0.0.1:{port}") for _ in range(2)]
         run_dir = tmp_path / "run"

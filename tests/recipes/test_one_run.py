@@ -234,7 +234,8 @@ def test_partitions_read_their_own_files_once_per_epoch_on_any_split(tmp_path):
 
 
 def test_partitions_that_cannot_work_are_one_clear_error():
-    from recipes.inception_bn.partitions import check_pipelines, choose_partitions
+    from recipes.inception_bn.order import check_pipelines
+    from recipes.inception_bn.partitions import choose_partitions
 
     assert choose_partitions(256, 1024) == 16 and choose_partitions(4, 1024) == 4
     assert choose_partitions(24, 1024) == 12 and choose_partitions(256, 3) == 2 and choose_partitions(7, 1) == 1

@@ -3,10 +3,13 @@ the command end to end."""
 
 import json
 
+import numpy as np
 import pytest
 
 from recipes.inception_bn import compare, plateau, reproduce
 from recipes.inception_bn.history import HISTORY_FIELDS, write_history
+from recipes.inception_bn.run_files import RunFiles
+from tests.helpers import figures
 from tests.helpers.tables import table_row
 
 # ------------------------------------------------------------------------------ the stopping rule
@@ -47,9 +50,9 @@ def _record(run_dir, seed, name, accuracies, every=100, reason="plateau", test=N
     directory.mkdir(parents=True)
     rows = [dict.fromkeys(HISTORY_FIELDS, "") | {"step": str(every * (i + 1)), "eval_accuracy": str(a)}
             for i, a in enumerate(accuracies)]
-    write_history(directory / "history.csv", rows)
+    write_history(RunFiles(directory).history, rows)
     if reason is not None:
-        (directory / reproduce.FINISHED).write_text(json.dumps(
+        RunFiles(directory).finished.write_text(json.dumps(
             {"step": every * len(accuracies), "reason": reason, "test_accuracy": test,
              "chosen_step": chosen_step}))
 
@@ -90,10 +93,22 @@ def test_table_says_when_the_baseline_hit_the_cap(tmp_path):
     assert numbers["inception"]["per_seed"][0]["reason"] == "steps"
 
 
-def test_figure_two_is_written(tmp_path):
+def test_figure_two_draws_each_networks_median_band_and_the_baselines_maximum(tmp_path):
     runs = _curves(tmp_path)
     reproduce.plot(tmp_path / "figure2.png", runs, "title")
-    assert (tmp_path / "figure2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = figures.read(tmp_path / "figure2.png", figsize=(7.5, 4.8), dpi=120)
+    inception, bn_x5, sigmoid = (figures.curve(pixels, color) for color in figures.CYCLE)
+    for color, median in zip(figures.CYCLE, (inception, bn_x5, sigmoid), strict=True):
+        assert figures.drawn(median, dpi=120), median
+        assert figures.band(pixels, color, alpha=0.2) > 1000  # the seeds differ: a band around it
+    assert bn_x5.row < min(inception.row, sigmoid.row)  # the highest at every step
+    # The baseline's median maximum (0.75): a dashed line across the axes, between its spines
+    # (the rows dark across the whole axes) and above most of the baseline's median.
+    dark = (pixels.max(axis=-1) < 80).sum(axis=1)
+    spines = np.flatnonzero(dark == dark.max())
+    dashed = np.flatnonzero((dark > 0.4 * dark.max()) & (dark < 0.9 * dark.max()))
+    assert len(spines) == 2 and len(dashed), (spines, dashed)
+    assert spines[0] < dashed.min() and dashed.max() < min(spines[1], inception.row)
 
 
 def test_bad_arguments_are_refused_in_one_line(capsys):
@@ -144,7 +159,9 @@ def test_the_command_end_to_end_on_tiny_networks(tmp_path, capsys, monkeypatch):
         streams = {(reproduce.run_directory(tmp_path, seed) / name / "stream.json").read_text()
                    for name in names}
         assert len(streams) == 1, streams
-    assert (tmp_path / "figure2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Runs of a few evaluations: each network at least in the legend, no third one.
+    pixels = figures.read(tmp_path / "figure2.png", figsize=(7.5, 4.8), dpi=120)
+    assert [figures.curve(pixels, color).pixels > 0 for color in figures.CYCLE] == [True, True, False]
     assert list(json.loads((tmp_path / "table2.json").read_text())) == names
 
     def no_training(*args, **kwargs):
