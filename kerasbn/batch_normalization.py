@@ -9,6 +9,7 @@ from keras import constraints, initializers, ops, regularizers
 
 from kerasbn import kernels
 from kerasbn.backend import require_backend
+from kerasbn.scopes import applies_open_scope
 from kerasbn.statistics import all_finite, move_average, population_estimate, variance_from_moments
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
@@ -193,6 +194,7 @@ class BatchNormalization(keras.layers.Layer):
     https://arxiv.org/abs/1502.03167.
     """
 
+    @applies_open_scope
     def __init__(
         self,
         axis=-1,

@@ -18,13 +18,22 @@ being what they are. :func:`kerasbn.convert_sync_batchnorm` uses the scope to
 rebuild custom layers and then checks that nothing was missed.
 
 A scope leaves a record on what it built, so that a ``.keras`` file rebuilds
-it the same way without anyone remembering the scope: when the scope closes,
-every layer constructed inside it whose own code builds its BN (a custom
-layer, a model zoo's ``Functional`` subclass; not a plain functional or
-Sequential model, whose BN nodes are saved as kerasbn's layers) and that holds
-a kerasbn BN is marked (:func:`mark`). A marked layer saves as
-``kerasbn>InBatchNormScope``: its own serialization plus the scope's arguments;
-loading it reopens that scope around its ``from_config`` and ``build``.
+it the same way without anyone remembering the scope: each BN constructed in a
+scope notes the layers whose code is running (:func:`kerasbn.scopes.note_builders`:
+the custom layer whose ``__init__`` or ``build`` made it, a model zoo's
+constructor); when the scope closes, those that hold a kerasbn BN and rebuild
+their BN from their own code (not a plain functional or Sequential model, whose
+BN nodes are saved as kerasbn's layers) are marked (:func:`mark`). A marked
+layer saves as ``kerasbn>InBatchNormScope``: its own serialization plus the
+scope's arguments; loading it reopens that scope around its ``from_config``
+and ``build``.
+
+What this relies on in Keras, and nothing else: (1) ``keras.layers.BatchNormalization.__new__``
+answers while a scope is open (the one constructor intercepted; :class:`_KerasConstructorHook`);
+(2) Keras saves a layer under its class's registered name, so a marked layer's class is a subclass
+of its own, made once per class and registered under ``kerasbn>InBatchNormScope`` (:func:`mark`).
+``tests/library/test_other_models.py`` builds, saves and loads keras-hub's models through both and
+fails if a Keras release changes either.
 """
 
 from __future__ import annotations
@@ -32,10 +41,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-import weakref
 
 import keras
 
+from kerasbn import scopes
 from kerasbn.batch_normalization import BatchNormalization, SyncBatchNormalization
 
 # Arguments both layers share; everything else in Keras' config is base-layer state.
@@ -78,98 +87,52 @@ def replacement(layer, synchronized: bool, **overrides):
     return SyncBatchNormalization.from_config(config)
 
 
-class _Scopes:
-    """The open scopes (innermost last) and the constructor hooks they need while any is open."""
+class _KerasConstructorHook:
+    """While any thread has a scope open, ``keras.layers.BatchNormalization.__new__`` asks the calling
+    thread's scope (:mod:`kerasbn.scopes`) what to build: the one constructor a scope intercepts.
+
+    Keras' layer is built in code we do not own (a model zoo, a custom layer), so its constructor
+    is the only place to answer with kerasbn's layer; kerasbn's own layer reads the scope in its
+    ``__init__`` (``scopes.applies_open_scope``). ``tests/library/test_other_models.py`` fails
+    loudly if a Keras release stops calling ``__new__`` this way.
+    """
 
     def __init__(self):
-        self.lock = threading.RLock()
-        self.stack: list[dict] = []
-        self._saved = {}
+        self._lock = threading.Lock()
+        self._open = 0
+        self._saved = None
 
-    def current(self) -> dict | None:
-        return self.stack[-1] if self.stack else None
+    def enter(self) -> None:
+        with self._lock:
+            if self._open == 0:
+                self._saved = _KERAS_BN.__dict__.get("__new__")
+                _KERAS_BN.__new__ = staticmethod(_keras_bn_new)
+            self._open += 1
 
-    def push(self, settings: dict) -> None:
-        with self.lock:
-            if not self.stack:
-                self._install()
-            self.stack.append({**settings, "built": []})
-
-    def pop(self) -> None:
-        with self.lock:
-            settings = self.stack.pop()
-            if not self.stack:
-                self._uninstall()
-        _mark_owners(settings)
-
-    def record(self, layer) -> None:
-        settings = self.current()
-        if settings is not None:
-            settings["built"].append(weakref.ref(layer))
-
-    def _install(self):
-        self._saved = {
-            (_KERAS_BN, "__new__"): _KERAS_BN.__dict__.get("__new__"),
-            (BatchNormalization, "__init__"): BatchNormalization.__dict__["__init__"],
-            (keras.layers.Layer, "__new__"): keras.layers.Layer.__dict__.get("__new__"),
-        }
-        _KERAS_BN.__new__ = staticmethod(_keras_bn_new)
-        BatchNormalization.__init__ = _kerasbn_init(BatchNormalization.__dict__["__init__"])
-        keras.layers.Layer.__new__ = staticmethod(_layer_new(keras.layers.Layer.__new__))
-
-    def _uninstall(self):
-        for (cls, name), original in self._saved.items():
-            if original is None:
-                delattr(cls, name)
-            else:
-                setattr(cls, name, original)
-        self._saved = {}
+    def exit(self) -> None:
+        with self._lock:
+            self._open -= 1
+            if self._open == 0:
+                if self._saved is None:
+                    del _KERAS_BN.__new__
+                else:
+                    _KERAS_BN.__new__ = self._saved
 
 
-_SCOPES = _Scopes()
+_HOOK = _KerasConstructorHook()
+_MARKING = threading.Lock()
 
 
 def _keras_bn_new(cls, *args, **kwargs):
     instance = super(_KERAS_BN, cls).__new__(cls, *args, **kwargs)
-    settings = _SCOPES.current()
+    settings = scopes.current()
     if cls is not _KERAS_BN or settings is None:
         return instance  # Python then runs __init__ as usual
+    scopes.note_builders()
     # A real Keras layer first: Keras normalizes the arguments, names it, and its config
     # is what conversion reads; the kerasbn layer takes that name.
     cls.__init__(instance, *args, **kwargs)
     return replacement(instance, settings["synchronized"], **settings["overrides"])
-
-
-def _layer_new(original):
-    """Every layer built while a scope is open is noted, to be marked when it closes."""
-
-    def __new__(cls, *args, **kwargs):
-        instance = original(cls, *args, **kwargs)
-        _SCOPES.record(instance)
-        return instance
-
-    return __new__
-
-
-def _kerasbn_init(original):
-    signature = inspect.signature(original)
-
-    def __init__(self, *args, **kwargs):
-        settings = _SCOPES.current()
-        if settings is None or type(self) not in _KERASBN_CLASSES:
-            return original(self, *args, **kwargs)
-        bound = signature.bind(self, *args, **kwargs).arguments
-        bound.pop("self")
-        arguments = {**bound.pop("kwargs", {}), **bound, **settings["overrides"]}
-        if settings["synchronized"]:
-            arguments["synchronized"] = True
-        return original(self, **arguments)
-
-    # Keras reads the constructor's signature (for its automatic config) with
-    # inspect.getfullargspec, which ignores functools.wraps' __wrapped__ but not this.
-    __init__.__signature__ = signature
-    __init__.__doc__, __init__.__qualname__ = original.__doc__, original.__qualname__
-    return __init__
 
 
 @contextlib.contextmanager
@@ -193,8 +156,8 @@ def batch_norm_scope(synchronized: bool = False, **overrides):
 
     What it cannot reach: subclasses of Keras' or kerasbn's BN (they keep their
     own class), and layers built before the scope opened or after it closed
-    (build the model inside it). The hook is process-wide while any scope is
-    open: don't build other models in other threads meanwhile.
+    (build the model inside it). A scope is the calling thread's: models built
+    in other threads meanwhile keep Keras' layer.
 
     Args:
         synchronized: build synchronized layers (global-batch statistics under
@@ -228,11 +191,13 @@ def batch_norm_scope(synchronized: bool = False, **overrides):
                          f"sync_group_size={overrides['sync_group_size']} with synchronized=False.")
     # Bad values fail here, naming the argument, not at the first layer the model builds.
     BatchNormalization(synchronized=synchronized, **overrides)
-    _SCOPES.push({"synchronized": synchronized, "overrides": overrides})
+    scopes.push(synchronized, overrides)
+    _HOOK.enter()
     try:
         yield
     finally:
-        _SCOPES.pop()
+        _HOOK.exit()
+        _mark_owners(scopes.pop())
 
 
 # ---------------------------------------------------------------- the record a scope leaves
@@ -248,9 +213,10 @@ def _builds_its_own_batch_norm(layer) -> bool:
 def _mark_owners(settings: dict) -> None:
     record = {"synchronized": settings["synchronized"],
               "overrides": keras.saving.serialize_keras_object(dict(settings["overrides"]))}
-    for reference in settings["built"]:
-        layer = reference()
-        if layer is None or not _builds_its_own_batch_norm(layer):
+    owners = {id(layer): layer for layer in (reference() for reference in settings["builders"])
+              if layer is not None}
+    for layer in owners.values():
+        if not _builds_its_own_batch_norm(layer):
             continue
         if any(isinstance(sub, BatchNormalization)
                for sub in layer._flatten_layers(include_self=False, recursive=True)):
@@ -278,7 +244,7 @@ _MARKED_CLASSES: dict = {}
 
 
 def _marked_class(original) -> type:
-    with _SCOPES.lock:
+    with _MARKING:
         if original not in _MARKED_CLASSES:
             marked = type(original.__name__, (InBatchNormScope, original),
                           {"__module__": original.__module__, "__qualname__": original.__qualname__})

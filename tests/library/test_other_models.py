@@ -224,6 +224,26 @@ def test_a_scope_builds_kerasbn_layers_everywhere_and_only_inside_it():
     assert type(inner) is kerasbn.SyncBatchNormalization and inner.sync_group_size == 2
 
 
+def test_a_scope_patches_nothing_but_keras_bn_constructor_and_is_its_threads_own():
+    import threading
+
+    layer_new, kerasbn_init = keras.layers.Layer.__dict__.get("__new__"), kerasbn.BatchNormalization.__init__
+    built_elsewhere = {}
+    with kerasbn.batch_norm_scope(synchronized=True):
+        assert keras.layers.Layer.__dict__.get("__new__") is layer_new  # no hook on every layer
+        assert kerasbn.BatchNormalization.__init__ is kerasbn_init  # kerasbn reads the scope itself
+        assert "__new__" in keras.layers.BatchNormalization.__dict__  # the one constructor intercepted
+        other = threading.Thread(target=lambda: built_elsewhere.update(bn=keras.layers.BatchNormalization(),
+                                                                        ours=kerasbn.BatchNormalization()))
+        other.start()
+        other.join()
+        here = keras.layers.BatchNormalization()
+    assert type(here) is kerasbn.SyncBatchNormalization
+    assert type(built_elsewhere["bn"]) is keras.layers.BatchNormalization  # another thread: no scope
+    assert not built_elsewhere["ours"].synchronized
+    assert "__new__" not in keras.layers.BatchNormalization.__dict__  # restored when the last scope closes
+
+
 def test_a_model_built_in_the_scope_computes_what_the_keras_one_does():
     keras.utils.set_random_seed(0)
     reference, _ = zoo_models.custom_layer()
