@@ -59,6 +59,18 @@ def test_quick_start(tmp_path, monkeypatch):
 
     convert_sync_batchnorm = kerasbn.convert_sync_batchnorm
     monkeypatch.setattr(kerasbn, "convert_sync_batchnorm", convert_and_record)
+    # "every local device": the two logical CPUs tests/conftest.py configured. In this process other
+    # tests' strategies may have used TensorFlow's collective instance keys already (a second strategy
+    # restarts them: "Shape mismatch in the collective instance"), so it reduces through one device, as
+    # test_other_models.py's in-process strategy does; test_sync.py covers the collectives in fresh processes.
+    strategies, mirrored = [], tf.distribute.MirroredStrategy
+
+    def every_local_device():
+        strategies.append(mirrored(
+            ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()))
+        return strategies[-1]
+
+    monkeypatch.setattr(tf.distribute, "MirroredStrategy", lambda: every_local_device())
     ns = _run(_block("import keras, kerasbn"), {"dataset": tf.data.Dataset.from_tensor_slices((x, y)).batch(4)},
               tmp_path, monkeypatch)
     model, synced = ns["model"], ns["synced"]
@@ -73,6 +85,8 @@ def test_quick_start(tmp_path, monkeypatch):
     for before, original in zip(kept, model.weights, strict=True):
         np.testing.assert_array_equal(before, original.numpy())
     assert synced.optimizer.iterations.numpy() == 4  # fit ran its 4 batches
+    (strategy,) = strategies  # over 2 replicas: each BN variable mirrored twice
+    assert len(strategy.experimental_local_results(synced.layers[1].moving_mean.value)) == 2
     # Saved and loaded: synchronized again, with the trained weights.
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     assert type(loaded.layers[1]) is kerasbn.SyncBatchNormalization
