@@ -1,8 +1,7 @@
 """Input pipelines: ImageNet through tensorflow-datasets, Fashion-MNIST, synthetic.
 
-Every source gives per-replica ``tf.data`` pipelines for
-``strategy.distribute_datasets_from_function``: the training one shuffled,
-augmented, repeated and prefetched; the evaluation one a single pass.
+Every source gives per-replica ``tf.data`` pipelines for ``strategy.distribute_datasets_from_function``:
+the training one shuffled, augmented, repeated and prefetched; the evaluation one a single pass.
 
 Host and device split the work. Per image, the host does only what it must - read, crop,
 decode, resize, flip - in uint8, and draws the image's photometric-distortion factors (four
@@ -12,11 +11,10 @@ dtype: the per-pixel float arithmetic leaves the host, and the host sends a quar
 bytes. Training elements are ``(images uint8 (B, H, W, C), factors float32 (B, 4), labels int32
 (B,))``; evaluation elements, unbatched, ``(image uint8 (H, W, C), label int32)``.
 
-The paper's augmentation (section 4.2, from GoogLeNet): random crops of
-8%-100% of the image area and 3/4-4/3 aspect ratio, resized to the
-network's input, random horizontal flips and photometric distortions
-(brightness, saturation, hue, contrast) whose strength the variant sets
-(section 4.2.1 reduces it with BN).
+The paper's augmentation (section 4.2, from GoogLeNet): random crops of 8%-100% of the image area and
+3/4-4/3 aspect ratio, resized to the network's input, random horizontal flips and photometric
+distortions (brightness, saturation, hue, contrast) whose strength the variant sets (section 4.2.1
+reduces it with BN).
 """
 
 from __future__ import annotations

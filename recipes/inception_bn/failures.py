@@ -103,14 +103,16 @@ def _first_losses(run_dir: Path, tasks: list[str], own_task: str, since: float |
 
 
 def lost_peer_message(error: BaseException, run_dir: Path, own_task: str, step: int | None, resume: str,
-                      addresses: dict | None = None, leader: str | None = None, since: float | None = None) -> str:
+                      addresses: dict | None = None, since: float | None = None) -> str:
     """The one line a survivor prints; the traceback goes to its error log.
 
-    ``addresses``: the cluster's ``{"host:port": task}``. ``leader``: the task that runs the
-    coordination service, named when the error is that the service stopped answering (a frozen
-    leader sends no error of its own). ``since``: when this worker started (``time.time()``): the
-    losses other survivors recorded since then name the machine actually lost.
+    ``addresses``: the cluster's ``{"host:port": task}``; its leader (the chief, else worker 0) runs
+    the coordination service, and is named when the error is that the service stopped answering (a
+    frozen leader sends no error of its own). ``since``: when this worker started (``time.time()``):
+    the losses other survivors recorded since then name the machine actually lost.
     """
+    tasks_named = set((addresses or {}).values())
+    leader = None if not tasks_named else "chief 0" if "chief 0" in tasks_named else "worker 0"
     log = write_error_log(run_dir, own_task, "".join(traceback.format_exception(error)))
     said = first_line(error, limit=10_000)  # what it says, not the node's trace (which names every task)
     tasks = _first_losses(run_dir, lost_tasks(said, own_task, addresses), own_task, since)

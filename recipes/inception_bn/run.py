@@ -259,8 +259,7 @@ class Run:
         addresses = {address: f"{job} {index}" for job, tasks in cluster.items()
                      for index, address in enumerate(tasks)}
         return failures.lost_peer_message(error, self.files.root, self.own_task, self.step, self.resume_message(),
-                                          addresses, leader="chief 0" if "chief" in cluster else "worker 0",
-                                          since=self.started)
+                                          addresses, since=self.started)
 
     # What the run says ----------------------------------------------------------------------------
     def announce(self, start_step, latest) -> None:
