@@ -213,10 +213,9 @@ def _builds_its_own_batch_norm(layer) -> bool:
 def _mark_owners(settings: dict) -> None:
     record = {"synchronized": settings["synchronized"],
               "overrides": keras.saving.serialize_keras_object(dict(settings["overrides"]))}
-    owners = {id(layer): layer for layer in (reference() for reference in settings["builders"])
-              if layer is not None}
-    for layer in owners.values():
-        if not _builds_its_own_batch_norm(layer):
+    for reference in settings["builders"].values():
+        layer = reference()
+        if layer is None or not _builds_its_own_batch_norm(layer):
             continue
         if any(isinstance(sub, BatchNormalization)
                for sub in layer._flatten_layers(include_self=False, recursive=True)):

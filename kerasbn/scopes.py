@@ -29,7 +29,7 @@ def current() -> dict | None:
 
 
 def push(synchronized: bool, overrides: dict) -> None:
-    _stack().append({"synchronized": synchronized, "overrides": overrides, "builders": []})
+    _stack().append({"synchronized": synchronized, "overrides": overrides, "builders": {}})
 
 
 def pop() -> dict:
@@ -47,8 +47,8 @@ def note_builders(depth: int = 2) -> None:
     frame = sys._getframe(depth)
     while frame is not None:
         owner = frame.f_locals.get("self")
-        if isinstance(owner, keras.layers.Layer):
-            settings["builders"].append(weakref.ref(owner))
+        if isinstance(owner, keras.layers.Layer) and id(owner) not in settings["builders"]:
+            settings["builders"][id(owner)] = weakref.ref(owner)
         frame = frame.f_back
 
 
@@ -61,9 +61,11 @@ def applies_open_scope(init):
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
         settings = current()
+        if settings is None:
+            return init(self, *args, **kwargs)
         from kerasbn.batch_normalization import BatchNormalization, SyncBatchNormalization
 
-        if settings is None or type(self) not in (BatchNormalization, SyncBatchNormalization):
+        if type(self) not in (BatchNormalization, SyncBatchNormalization):
             return init(self, *args, **kwargs)
         note_builders()
         bound = signature.bind(self, *args, **kwargs).arguments

@@ -150,18 +150,18 @@ def formation_sentinel(seconds: float, line: str) -> subprocess.Popen:
                             stdin=subprocess.PIPE)
 
 
-def join_cluster(cluster: Cluster, timeout: float, resume_fn, say=None):
+def join_cluster(cluster: Cluster, timeout: float, resume_fn):
     """MultiWorkerMirroredStrategy for ``cluster``, or a :class:`RunEnded` that says why it did not form."""
     import tensorflow as tf
 
-    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     listener = listen(cluster.own)
     rendezvous = Rendezvous(cluster, listener)
     try:
         if cluster.peers:
             others = ", ".join(f"{peer.name} at {peer.address}" for peer in cluster.peers)
-            say(f"{cluster.own.name}: waiting for every worker of the cluster to answer ({others})"
-                + (f"; giving up after {timeout:g} s (--startup-timeout)" if timeout else ""))
+            print(f"{cluster.own.name}: waiting for every worker of the cluster to answer ({others})"
+                  + (f"; giving up after {timeout:g} s (--startup-timeout)" if timeout else ""),
+                  file=sys.stderr, flush=True)
         rendezvous.wait(timeout, resume_fn)
     finally:
         rendezvous.close()  # TensorFlow's server takes the port next

@@ -145,12 +145,16 @@ class Rendezvous:
                     conn.sendall(_greeting(self.cluster))
                 except OSError:
                     continue
-            with self._lock:
-                name = names[(greeting[1], greeting[2])]
-                if greeting[0] != self.cluster.digest:
-                    self.disagrees = name
-                else:
-                    self.seen_by.add(name)
+            self._record(names[(greeting[1], greeting[2])], greeting[0], self.seen_by)
+
+    def _record(self, name: str, digest: str, met: set) -> bool:
+        """A peer met (``met``: :attr:`seen` or :attr:`seen_by`), or one whose TF_CONFIG disagrees (False)."""
+        with self._lock:
+            if digest != self.cluster.digest:
+                self.disagrees = name
+                return False
+            met.add(name)
+            return True
 
     def probe(self, peer: Task) -> None:
         """Greets ``peer`` once; records that it answered, or why not."""
@@ -178,12 +182,8 @@ class Rendezvous:
             self.trouble[peer.name] = ("something else answers there: a process of an earlier attempt, or "
                                        "another program, holds that port")
             return
-        with self._lock:
-            if greeting[0] != self.cluster.digest:
-                self.disagrees = peer.name
-            else:
-                self.seen.add(peer.name)
-                self.trouble.pop(peer.name, None)
+        if self._record(peer.name, greeting[0], self.seen):
+            self.trouble.pop(peer.name, None)
 
     def wait(self, timeout: float, resume_fn) -> None:
         """Until every worker has met every other; :class:`NotFormed` after ``timeout`` s (0: never),

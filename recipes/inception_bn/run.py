@@ -108,7 +108,7 @@ class Run:
         """Every worker at the same step (the first collective); the run says what it trains."""
         if self.multi_worker and self.plan.replicas > 1:
             cluster.check_same_step(self.strategy, self.start_step)
-        self.announce(self.start_step, self.resumed_from)
+        self.announce()
         if self.is_chief:
             self.write_settings()
 
@@ -262,8 +262,9 @@ class Run:
                                           addresses, since=self.started)
 
     # What the run says ----------------------------------------------------------------------------
-    def announce(self, start_step, latest) -> None:
+    def announce(self) -> None:
         log, plan, variant, schedule = self.log, self.plan, self.variant, self.schedule
+        start_step, latest = self.start_step, self.resumed_from
         if self.plateau_at is not None and latest:
             log.say(f"{self.files.root}: already stopped improving at step {self.plateau_at} "
                     f"(--plateau-window {plan.plateau_window}); finishing.")
