@@ -15,12 +15,29 @@ its channels add to the output.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import NamedTuple
+
 import keras
 import tensorflow as tf
 
 import kerasbn
 
-MODULES = (
+
+class Module(NamedTuple):
+    """One row of the paper's table: the filters of each branch of an inception module."""
+    name: str
+    f1: int        # 1x1 branch (0: none)
+    f3r: int       # 3x3 reduce
+    f3: int        # 3x3
+    d3r: int       # double 3x3 reduce
+    d3: int        # double 3x3
+    pool: str      # "avg" or "max"
+    proj: int      # pool projection (0: the pooled input itself)
+    stride: int
+
+
+MODULES = tuple(Module(*row) for row in (
     # name  1x1  3r   3x3  d3r  d3   pool   proj stride
     ("3a",  64,  64,  64,  64,  96,  "avg", 32,  1),
     ("3b",  64,  64,  96,  64,  96,  "avg", 64,  1),
@@ -32,7 +49,7 @@ MODULES = (
     ("4e",  0,   128, 192, 192, 256, "max", 0,   2),
     ("5a",  352, 192, 320, 160, 224, "avg", 128, 1),
     ("5b",  352, 192, 320, 192, 224, "max", 128, 1),
-)
+))
 
 
 @keras.saving.register_keras_serializable(package="recipes")
@@ -67,67 +84,59 @@ class LocalResponseNormalization(keras.layers.Layer):
                 "alpha": self.alpha, "beta": self.beta}
 
 
+@dataclasses.dataclass(frozen=True)
 class _Builder:
-    """Holds the choices every convolution shares."""
-
-    def __init__(self, activation, batch_norm, synchronized, width_multiplier, min_depth,
-                 kernel_initializer, bn_momentum, bn_epsilon):
-        self.activation = activation
-        self.batch_norm = batch_norm
-        self.synchronized = synchronized
-        self.width_multiplier = width_multiplier
-        self.min_depth = min_depth
-        self.kernel_initializer = kernel_initializer
-        self.bn_momentum = bn_momentum
-        self.bn_epsilon = bn_epsilon
+    """The choices every convolution shares. ``batch_norm``: the BN layers' arguments, or None for none."""
+    activation: str
+    batch_norm: dict | None
+    width_multiplier: float
+    min_depth: int
+    kernel_initializer: object
 
     def depth(self, filters):
         return max(self.min_depth, int(filters * self.width_multiplier))
 
     def finish(self, x, name):
         """BN before the non-linearity (section 3.2), or the non-linearity alone."""
-        if self.batch_norm:
-            x = kerasbn.BatchNormalization(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                                           synchronized=self.synchronized, name=f"{name}_bn")(x)
+        if self.batch_norm is not None:
+            x = kerasbn.BatchNormalization(**self.batch_norm, name=f"{name}_bn")(x)
         return keras.layers.Activation(self.activation, name=f"{name}_{self.activation}")(x)
 
     def conv(self, x, filters, size, name, strides=1):
         # The BN's beta replaces the bias (section 3.2).
         x = keras.layers.Conv2D(self.depth(filters), size, strides, padding="same",
-                                use_bias=not self.batch_norm, kernel_initializer=self.kernel_initializer,
+                                use_bias=self.batch_norm is None, kernel_initializer=self.kernel_initializer,
                                 name=name)(x)
         return self.finish(x, name)
 
-    def module(self, x, name, f1, f3r, f3, d3r, d3, pool, proj, stride):
-        prefix = f"mixed_{name}"
+    def module(self, x, row: Module):
+        prefix = f"mixed_{row.name}"
         branches = []
-        if f1:
-            branches.append(self.conv(x, f1, 1, f"{prefix}_1x1"))
-        b = self.conv(x, f3r, 1, f"{prefix}_3x3_reduce")
-        branches.append(self.conv(b, f3, 3, f"{prefix}_3x3", strides=stride))
-        b = self.conv(x, d3r, 1, f"{prefix}_double_3x3_reduce")
-        b = self.conv(b, d3, 3, f"{prefix}_double_3x3a")
-        branches.append(self.conv(b, d3, 3, f"{prefix}_double_3x3b", strides=stride))
-        pooling = keras.layers.AveragePooling2D if pool == "avg" else keras.layers.MaxPooling2D
-        b = pooling(3, stride, padding="same", name=f"{prefix}_{pool}_pool")(x)
-        if proj:
-            b = self.conv(b, proj, 1, f"{prefix}_pool_proj")
+        if row.f1:
+            branches.append(self.conv(x, row.f1, 1, f"{prefix}_1x1"))
+        b = self.conv(x, row.f3r, 1, f"{prefix}_3x3_reduce")
+        branches.append(self.conv(b, row.f3, 3, f"{prefix}_3x3", strides=row.stride))
+        b = self.conv(x, row.d3r, 1, f"{prefix}_double_3x3_reduce")
+        b = self.conv(b, row.d3, 3, f"{prefix}_double_3x3a")
+        branches.append(self.conv(b, row.d3, 3, f"{prefix}_double_3x3b", strides=row.stride))
+        pooling = keras.layers.AveragePooling2D if row.pool == "avg" else keras.layers.MaxPooling2D
+        b = pooling(3, row.stride, padding="same", name=f"{prefix}_{row.pool}_pool")(x)
+        if row.proj:
+            b = self.conv(b, row.proj, 1, f"{prefix}_pool_proj")
         branches.append(b)
         return keras.layers.Concatenate(name=prefix)(branches)
 
 
-def _network(num_classes, input_shape, activation, batch_norm, synchronized, width_multiplier,
-             lrn, dropout, min_depth, kernel_initializer, bn_momentum, bn_epsilon, name):
+def _network(num_classes, input_shape, build: _Builder, lrn: bool, dropout: float, name: str):
     if num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes}.")
-    if width_multiplier <= 0:
-        raise ValueError(f"width_multiplier must be positive, got {width_multiplier}.")
+    if build.width_multiplier <= 0:
+        raise ValueError(f"width_multiplier must be positive, got {build.width_multiplier}.")
     if len(input_shape) != 3 or any(s is not None and s < 1 for s in input_shape):
         raise ValueError(f"input_shape must be (height, width, channels), got {input_shape}.")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
-    build = _Builder(activation, batch_norm, synchronized, width_multiplier, min_depth,
-                     kernel_initializer, bn_momentum, bn_epsilon)
+    batch_norm, kernel_initializer = build.batch_norm is not None, build.kernel_initializer
     inputs = keras.Input(input_shape, name="images")
     # Separable first convolution, depth multiplier 8 (TF-slim: min(depth(64) // 3, 8)).
     stem = build.depth(64)
@@ -144,7 +153,7 @@ def _network(num_classes, input_shape, activation, batch_norm, synchronized, wid
         x = LocalResponseNormalization(name="conv2_lrn")(x)
     x = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool2_3x3_s2")(x)
     for row in MODULES:
-        x = build.module(x, *row)
+        x = build.module(x, row)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if dropout:
         x = keras.layers.Dropout(dropout, name="dropout")(x)
@@ -187,9 +196,9 @@ def bn_inception(num_classes: int = 1000, input_shape=(224, 224, 3), activation:
     >>> model.output_shape
     (None, 10)
     """
-    return _network(num_classes, tuple(input_shape), activation, batch_norm, synchronized, width_multiplier,
-                    lrn=False, dropout=dropout, min_depth=min_depth, kernel_initializer=kernel_initializer,
-                    bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, name=name)
+    bn = {"momentum": bn_momentum, "epsilon": bn_epsilon, "synchronized": synchronized} if batch_norm else None
+    build = _Builder(activation, bn, width_multiplier, min_depth, kernel_initializer)
+    return _network(num_classes, tuple(input_shape), build, lrn=False, dropout=dropout, name=name)
 
 
 def inception(num_classes: int = 1000, input_shape=(224, 224, 3), activation: str = "relu",
@@ -209,6 +218,5 @@ def inception(num_classes: int = 1000, input_shape=(224, 224, 3), activation: st
     >>> inception(10, input_shape=(32, 32, 1), width_multiplier=0.25).output_shape
     (None, 10)
     """
-    return _network(num_classes, tuple(input_shape), activation, False, False, width_multiplier,
-                    lrn=lrn, dropout=dropout, min_depth=min_depth, kernel_initializer=kernel_initializer,
-                    bn_momentum=0.99, bn_epsilon=1e-3, name=name)
+    build = _Builder(activation, None, width_multiplier, min_depth, kernel_initializer)
+    return _network(num_classes, tuple(input_shape), build, lrn=lrn, dropout=dropout, name=name)
