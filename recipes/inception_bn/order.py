@@ -102,6 +102,19 @@ class DataOrder:
         """StreamMismatch unless a resume continues the stream recorded in ``run_dir``; the chief records it."""
         self.stream.check_resume(run_dir, resuming, record)
 
+    def training_input(self, input_context, distortion: float, start_step: int, data_service=None, run_dir=None):
+        """This worker's training batches from ``start_step``: its own pipeline, or (``data_service``,
+        an address) one tf.data service job that every trainer shares."""
+        per_replica = input_context.get_per_replica_batch_size(self.stream.global_batch)
+        if data_service is None:
+            return self.local_input(input_context, per_replica, distortion, start_step)
+        from recipes.inception_bn import data_service as service
+
+        # One pipeline for every trainer: the same stream positions from the same step, dealt to the
+        # trainers in the order they ask (dynamic sharding; not reproducible).
+        dataset = self.service_input(per_replica, distortion, start_step)
+        return service.distribute(dataset, data_service, service.job_name(run_dir, start_step))
+
     def local_input(self, input_context, per_replica: int, distortion: float, start_step: int):
         """This worker's pipeline: its replicas' shares of every global batch from ``start_step``."""
         return self.source.train(per_replica, distortion, self.seed, input_context, start_step,

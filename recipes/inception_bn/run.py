@@ -15,11 +15,13 @@ import keras
 import tensorflow as tf
 
 import kerasbn
+from recipes.fashion_mnist import DatasetNotFoundError
 from recipes.inception_bn import cluster, failures, order, plateau
 from recipes.inception_bn.checkpoints import Checkpoints, resume_message
-from recipes.inception_bn.data import network_input
+from recipes.inception_bn.data import DataNotFoundError, load_source, network_input
 from recipes.inception_bn.ending import Interrupted, Refused
 from recipes.inception_bn.history import atomic_write
+from recipes.inception_bn.plan import RunPlan
 from recipes.inception_bn.run_files import RunFiles
 from recipes.inception_bn.run_log import RunLog
 from recipes.inception_bn.steps import (
@@ -47,7 +49,10 @@ class Run:
             tf.config.experimental.enable_op_determinism()
         self.args, self.stop = args, stop
         self.variant = VARIANTS[args.variant]
-        self.files = prepare_run_files(args.run_dir)
+        try:
+            self.files = RunFiles.prepare(args.run_dir)
+        except OSError as error:
+            raise Refused(f"--run-dir {args.run_dir} cannot be written: {error.strerror or error}") from None
         stop.resume_message(self.resume_message)
         # Nothing trained yet, nothing to save: a stop request exits at once, the cluster's start-up included.
         stop.exit_now_when(lambda: f"interrupted before training started; {self.resume_message()}")
@@ -62,15 +67,19 @@ class Run:
             on_gpu = bool(tf.config.list_physical_devices("GPU"))
             keras.mixed_precision.set_global_policy("mixed_float16" if on_gpu else "mixed_bfloat16")
         keras.utils.set_random_seed(args.seed)
-        self.source = load_data(args)
+        try:
+            self.source = load_source(args.dataset, args.data_dir, args.image_size, args.prepared_dir,
+                                      args.partitions, args.validation_examples)
+        except (DataNotFoundError, DatasetNotFoundError, ValueError) as error:
+            raise Refused(str(error)) from None
         self.plan = RunPlan(args, self.variant, self.source, self.strategy.num_replicas_in_sync)
         try:
             self.order = order.DataOrder(self.source, args.seed, self.plan.global_batch, self.plan.replicas,
                                          cluster.input_pipelines(self.strategy))
         except ValueError as error:  # partitions the run's pipelines cannot share
             raise Refused(str(error)) from None
-        self.model, self.optimizer, self.schedule = build_model(self.variant, self.source, self.plan, args,
-                                                                self.strategy)
+        self.model, self.optimizer, self.schedule = self.variant.build_for_training(
+            self.source, self.plan, args.width_multiplier, args.bn_momentum, args.warmup_epochs, self.strategy)
         self.checkpoints = Checkpoints(
             tf.train.Checkpoint(model=self.model, optimizer=self.optimizer), self.files.root, self.is_chief,
             self.task_index, barrier=make_agreement(self.strategy, self.stop_flag) if self.multi_worker else None)
@@ -87,7 +96,8 @@ class Run:
         # Where the run stopped improving (--plateau-window), or None: it changes only with a new evaluation.
         self.plateau_at = self.plan.plateau_step(self.log.history)
         self.train_data = self.strategy.distribute_datasets_from_function(
-            lambda context: self.training_input(context, self.start_step))
+            lambda context: self.order.training_input(context, self.variant.distortion, self.start_step,
+                                                      args.data_service, self.files.root))
 
         # The device's share of the input pipeline runs inside the step (recipes/inception_bn/data.py).
         def prepare(images, factors):
@@ -111,18 +121,6 @@ class Run:
         self.announce()
         if self.is_chief:
             self.write_settings()
-
-    def training_input(self, input_context, start_step):
-        """This worker's training batches: local, or from the tf.data service (which shards)."""
-        per_replica = input_context.get_per_replica_batch_size(self.plan.global_batch)
-        if self.args.data_service is None:
-            return self.order.local_input(input_context, per_replica, self.variant.distortion, start_step)
-        from recipes.inception_bn import data_service
-
-        # One pipeline for every trainer: the same stream positions from the same step, dealt to the
-        # trainers in the order they ask (dynamic sharding; not reproducible).
-        return data_service.distribute(self.order.service_input(per_replica, self.variant.distortion, start_step),
-                                       self.args.data_service, data_service.job_name(self.files.root, start_step))
 
     # The loop ---------------------------------------------------------------------------------------
     def loop(self) -> None:
@@ -290,63 +288,3 @@ class Run:
                     "decay_rate": float(variant.decay_rate), "decay_steps": float(self.schedule.decay_steps),
                     "steps": plan.total_steps, "arguments": vars(self.args)}
         atomic_write(self.files.settings, json.dumps(settings, indent=1, default=str))
-
-
-# Set-up -----------------------------------------------------------------------------------------
-
-def prepare_run_files(path) -> RunFiles:
-    try:
-        return RunFiles.prepare(path)
-    except OSError as error:
-        raise Refused(f"--run-dir {path} cannot be written: {error.strerror or error}") from None
-
-
-def load_data(args):
-    from recipes.fashion_mnist import DatasetNotFoundError
-    from recipes.inception_bn.data import DataNotFoundError, load_source
-
-    try:
-        return load_source(args.dataset, args.data_dir, args.image_size, args.prepared_dir, args.partitions,
-                           args.validation_examples)
-    except (DataNotFoundError, DatasetNotFoundError, ValueError) as error:
-        raise Refused(str(error)) from None
-
-
-class RunPlan:
-    """Batch sizes, the step count, and where training loops stop (evaluations, the end)."""
-    def __init__(self, args, variant, source, replicas: int):
-        self.replicas = replicas
-        self.synchronized = replicas > 1 if args.sync_bn is None else args.sync_bn
-        self.global_batch = args.batch_size * replicas
-        self.steps_per_epoch = source.train_examples / self.global_batch
-        self.total_steps = args.steps or int(round(30 * self.steps_per_epoch))
-        self.eval_every = args.eval_every
-        self.steps_per_loop = args.steps_per_loop
-        self.plateau_window = args.plateau_window
-        self.plateau_min_delta = args.plateau_min_delta
-
-    def plateau_step(self, history) -> int | None:
-        """The evaluation at which the run stopped improving (``--plateau-window``), or None."""
-        if self.plateau_window is None:
-            return None
-        return plateau.stopping_step(*plateau.from_history(history), self.plateau_window, self.plateau_min_delta)
-
-    def evaluation_due(self, step: int) -> bool:
-        return step % self.eval_every == 0 or step == self.total_steps
-
-    def steps_to_next_boundary(self, step: int) -> int:
-        next_evaluation = (step // self.eval_every + 1) * self.eval_every
-        return min(self.steps_per_loop, next_evaluation - step, self.total_steps - step)
-
-
-def build_model(variant, source, plan, args, strategy):
-
-    with strategy.scope():
-        model = variant.build_model(source.num_classes, source.image_shape, args.width_multiplier,
-                                    plan.synchronized, args.bn_momentum)
-        schedule = variant.schedule(plan.global_batch, source.train_examples, args.warmup_epochs)
-        optimizer = keras.optimizers.SGD(schedule, momentum=variant.momentum)
-        if keras.mixed_precision.global_policy().name == "mixed_float16":
-            optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
-        optimizer.build(model.trainable_variables)
-    return model, optimizer, schedule

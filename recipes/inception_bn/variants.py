@@ -84,6 +84,19 @@ class Variant:
                          width_multiplier=width_multiplier, dropout=self.dropout, lrn=self.lrn,
                          name=self.name.replace("-", "_"))
 
+    def build_for_training(self, source, plan, width_multiplier, bn_momentum, warmup_epochs, strategy):
+        """The network, its SGD optimizer (built: its slots exist before a checkpoint restores them)
+        and the learning-rate schedule, created in ``strategy``'s scope for ``plan``'s global batch."""
+        schedule = self.schedule(plan.global_batch, source.train_examples, warmup_epochs)
+        with strategy.scope():
+            model = self.build_model(source.num_classes, source.image_shape, width_multiplier,
+                                     plan.synchronized, bn_momentum)
+            optimizer = keras.optimizers.SGD(schedule, momentum=self.momentum)
+            if keras.mixed_precision.global_policy().name == "mixed_float16":
+                optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+            optimizer.build(model.trainable_variables)
+        return model, optimizer, schedule
+
     def scaled_learning_rate(self, global_batch: int) -> float:
         """The initial learning rate for ``global_batch`` (linear scaling rule)."""
         return self.learning_rate * global_batch / REFERENCE_BATCH

@@ -363,7 +363,7 @@ def test_a_missing_recipe_extra_is_one_line_naming_what_to_install():
 def test_training_loops_stop_at_every_evaluation_and_at_the_end():
     from types import SimpleNamespace
 
-    from recipes.inception_bn.run import RunPlan
+    from recipes.inception_bn.plan import RunPlan
 
     args = SimpleNamespace(sync_bn=None, batch_size=8, steps=14, eval_every=6, steps_per_loop=4,
                            plateau_window=None, plateau_min_delta=0.0)
