@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import keras
 
-SUPPORTED_BACKENDS = ("tensorflow", "jax")
+# Backends kerasbn trains on, and those where a trained model only loads and predicts (Keras'
+# numpy and OpenVINO backends have no training).
+SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
+INFERENCE_BACKENDS = ("numpy", "openvino")
 
 
 class BackendError(RuntimeError):
@@ -19,7 +22,7 @@ def require_backend(what: str, backends: tuple[str, ...] = SUPPORTED_BACKENDS) -
     """
     backend = keras.backend.backend()
     if backend not in backends:
-        names = " and ".join(repr(b) for b in backends)
+        names = ", ".join(repr(b) for b in backends[:-1]) + (" and " if len(backends) > 1 else "") + repr(backends[-1])
         raise BackendError(
             f"{what} runs on Keras' {names} backend{'s' if len(backends) > 1 else ''}; Keras is "
             f"running on {backend!r}. Set KERAS_BACKEND={backends[0]} (or \"backend\" in "

@@ -8,7 +8,8 @@ import keras
 from keras import constraints, initializers, ops, regularizers
 
 from kerasbn import kernels
-from kerasbn.backend import require_backend
+from kerasbn.backend import INFERENCE_BACKENDS, SUPPORTED_BACKENDS, require_backend
+from kerasbn.kernels.portable import normalize_inference
 from kerasbn.scopes import applies_open_scope
 from kerasbn.statistics import all_finite, move_average, population_estimate, variance_from_moments
 
@@ -221,7 +222,8 @@ class BatchNormalization(keras.layers.Layer):
         axis_name=None,
         **kwargs,
     ):
-        require_backend(type(self).__name__)
+        # Built anywhere a model loads (inference-only backends too); trained where kernels exist.
+        require_backend(type(self).__name__, SUPPORTED_BACKENDS + INFERENCE_BACKENDS)
         super().__init__(**kwargs)
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(
@@ -378,20 +380,20 @@ class BatchNormalization(keras.layers.Layer):
 
     # ------------------------------------------------------------------- call
     def call(self, inputs, training=None, mask=None):
-        backend = kernels.current(type(self).__name__)
         inputs = self._check_inputs(inputs)
         mask = self._broadcast_mask(inputs, mask)
         axis = self._positive_axis
         gamma, beta = self._affine_parameters()
         if not (training and self.trainable):
-            y = backend.normalize_inference(inputs, axis, self.moving_mean, self.moving_variance,
-                                            gamma, beta, self.epsilon)
+            y = normalize_inference(inputs, axis, self.moving_mean, self.moving_variance,
+                                    gamma, beta, self.epsilon)
             return ops.cast(y, self.compute_dtype)
+        backend = kernels.current(f"Training {type(self).__name__}")
 
         channels = self.moving_mean.shape
         gamma = ops.ones(channels, "float32") if gamma is None else gamma
         beta = ops.zeros(channels, "float32") if beta is None else beta
-        plan = backend.training_plan(self, inputs, mask)
+        plan = backend.training_plan(self._request(), inputs, mask)
         if plan.one_pass:
             y, statistics = backend.normalize_one_pass(inputs, axis, gamma, beta, self.epsilon)
         else:
@@ -404,6 +406,12 @@ class BatchNormalization(keras.layers.Layer):
         if not plan.one_pass:
             y = backend.normalize(inputs, axis, statistics, gamma, beta, self.epsilon, mask, plan)
         return ops.cast(y, self.compute_dtype)
+
+    def _request(self) -> kernels.Request:
+        return kernels.Request(
+            channel_axis=self._positive_axis, fused=self.fused, virtual_batch_size=self.virtual_batch_size,
+            synchronized=self.synchronized, sync_group_size=self.sync_group_size,
+            axis_name=self.axis_name, renorm=self.renorm)
 
     def _check_inputs(self, inputs):
         inputs = ops.convert_to_tensor(inputs)

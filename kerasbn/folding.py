@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from kerasbn import model_walk
-from kerasbn.backend import require_backend
+from kerasbn.backend import INFERENCE_BACKENDS, SUPPORTED_BACKENDS, require_backend
 
 _FOLDABLE = (
     keras.layers.Conv1D,
@@ -132,7 +132,7 @@ def fold_batch_norm(model):
     ['Dense', 'FoldedBatchNorm']
     """
     tool = "fold_batch_norm"
-    require_backend(tool)
+    require_backend(tool, SUPPORTED_BACKENDS + INFERENCE_BACKENDS)  # serving: inference backends too
     model_walk.check_model(model, tool)
     bns = model_walk.batch_norm_layers(model)
     if not bns:

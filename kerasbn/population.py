@@ -19,8 +19,10 @@ its twin's (:func:`_calls_by_twins`), and is restored after: the layers know not
 it. The model's layers and settings are never changed, only their moving statistics.
 
 On TensorFlow the run is a ``tf.function`` (batches split across the replicas of the
-model's strategy); on JAX, a loop of eager calls (under ``keras.distribution``,
-each device's share is what an unsynchronized layer averages).
+model's strategy); on JAX and PyTorch, a loop of eager calls (under ``keras.distribution``,
+each device's share is what an unsynchronized layer averages; under ``torch.distributed``,
+every rank's batches count - each step's batches merged over the ranks, so every rank passes
+the same number of batches - and every rank ends with the same statistics).
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ from kerasbn.batch_normalization import BatchNormalization
 from kerasbn.construction import kerasbn_config
 
 
-def _population_twin(layer):
-    """A built kerasbn layer that averages ``layer``'s batch statistics exactly."""
+def _population_twin(layer, every_rank: bool):
+    """A built kerasbn layer that averages ``layer``'s batch statistics exactly (over every
+    ``torch.distributed`` rank's batches when ``every_rank``)."""
     config = kerasbn_config(layer, momentum=None, unbiased_variance=True, renorm=False,
                             trainable=True, name=f"{layer.name}_population")
+    if every_rank:
+        config.update(synchronized=True, sync_group_size=None)
     config.pop("renorm_clipping", None)
     twin_class = type(layer) if isinstance(layer, BatchNormalization) else BatchNormalization
     twin = twin_class.from_config(config)
@@ -102,7 +107,7 @@ def recalibrate_statistics(model, data, steps: int | None = None, verbose: int |
         return model_walk.warn_no_batch_norm(model, tool)
     run = _run_tensorflow if backend == "tensorflow" else _run_eagerly
     with _strategy_scope(model, backend) as strategy:
-        twins = [_population_twin(layer) for layer in layers]
+        twins = [_population_twin(layer, _torch_distributed(backend)) for layer in layers]
     with _calls_by_twins(layers, twins):
         seen = run(model, data, steps, strategy, verbose)
     if seen == 0:
@@ -120,6 +125,16 @@ def recalibrate_statistics(model, data, steps: int | None = None, verbose: int |
             # Renorm layers (Keras' and kerasbn's) derive moving_variance from moving_stddev.
             layer.moving_stddev.assign(np.sqrt(variance + layer.epsilon))
     return model
+
+
+def _torch_distributed(backend) -> bool:
+    """Under torch.distributed, every rank's batches count: each batch's statistics are merged
+    over the ranks (so every rank must pass the same number of batches)."""
+    if backend != "torch":
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @contextlib.contextmanager

@@ -51,7 +51,16 @@ def export_for_serving(model, path: str | os.PathLike, fold: bool = True):
         OSError: ``path`` cannot be written.
     """
     tool = "export_for_serving"
-    if require_backend(tool) != "tensorflow" and importlib.util.find_spec("tensorflow") is None:
+    backend = require_backend(tool)
+    if backend == "torch":
+        # Keras' SavedModel export on torch goes through torch.export, which fails even on a
+        # Dense-BN model (Keras 3.15, torch 2.13); the .keras file carries everything instead.
+        raise BackendError(
+            f"{tool} writes a TensorFlow SavedModel, which Keras' torch backend cannot export. Save the "
+            "model (model.save('model.keras')) and export it under KERAS_BACKEND=tensorflow: "
+            "kerasbn.export_for_serving(keras.saving.load_model('model.keras'), path) - the file "
+            "loads there with the same outputs.")
+    if backend != "tensorflow" and importlib.util.find_spec("tensorflow") is None:
         raise BackendError(f"{tool} writes a TensorFlow SavedModel, which needs TensorFlow installed "
                            "on every backend (Keras' JAX export converts through it): "
                            "pip install tensorflow.")

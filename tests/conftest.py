@@ -1,7 +1,4 @@
-import importlib.util
 import os
-import tempfile
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -16,30 +13,20 @@ def pytest_configure(config):
     pytest-xdist's controller runs none: it imports no TensorFlow and starts the tests' fork
     server before its workers, which share it (TensorFlow's import paid once, not per worker).
 
-    The controller also starts the JAX session (tests/helpers/jax_session.py) in the background,
-    beside the workers; that session (``KERAS_BACKEND=jax``, tests/jax) imports no TensorFlow here:
-    its devices are XLA's host devices (tests/jax/conftest.py)."""
-    if os.environ.get("KERAS_BACKEND") == "jax":
-        return
+    The JAX and PyTorch sessions (``make test`` starts all three side by side) import no
+    TensorFlow here: their devices are their own (tests/jax/conftest.py, tests/torch)."""
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        return  # the JAX and PyTorch sessions import no TensorFlow here
     if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
-        from tests.helpers import forkserver, jax_session
+        from tests.helpers import forkserver
 
         forkserver.share()
-        if jax_session.wanted(config) and importlib.util.find_spec("jax") is not None:
-            jax_session.start(Path(tempfile.mkdtemp(prefix="kerasbn-jax-session-")))
         return
     import keras  # noqa: F401  (after TensorFlow: the tensorflow backend)
     import tensorflow as tf
 
     tf.config.set_logical_device_configuration(
         tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
-
-
-def pytest_unconfigure(config):
-    if not hasattr(config, "workerinput"):
-        from tests.helpers import jax_session
-
-        jax_session.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -60,8 +47,6 @@ def pytest_collection_modifyitems(items):
     (fake ImageNet, first) runs beside the first kind: beside the second it gets a fraction of a
     core and becomes the suite's critical path."""
     def order(item):
-        if item.nodeid.endswith("test_jax_backend.py::test_the_jax_session_passes"):
-            return (2, 0)  # last: it waits for the JAX session the controller started at the beginning
         slow = item.get_closest_marker("slow")
         return (0, slow.kwargs.get("cores", 1)) if slow else (1, 0)
 

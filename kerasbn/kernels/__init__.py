@@ -1,59 +1,93 @@
-"""Each backend's kernels behind one small interface; :func:`current` picks them.
+"""Each backend's kernels behind one typed contract (:class:`Kernels`); :func:`current` picks them.
 
 A training call of :class:`kerasbn.BatchNormalization` is one plan on every backend::
 
-    plan = kernels.training_plan(layer, inputs, mask)
-    statistics = kernels.local_statistics(inputs, axis, mask, plan)   # this device's (count, mean, M2)
-    statistics = kernels.merge(statistics, plan)                      # across devices, if synchronized
+    plan = kernels.training_plan(request, inputs, mask)             # request: the layer's settings
+    statistics = kernels.local_statistics(inputs, axis, mask, plan)  # this device's (count, mean, M2)
+    statistics = kernels.merge(statistics, plan)                     # across devices, if synchronized
     guard, update (kerasbn.statistics, keras.ops: shared)
     y = kernels.normalize(inputs, axis, statistics, gamma, beta, epsilon, mask, plan)
 
-``plan.one_pass`` (TensorFlow's fused kernel, local layer) computes the statistics and
-the output in one call instead: ``y, statistics = kernels.normalize_one_pass(...)``.
-Every backend module provides ``training_plan``, ``local_statistics``, ``merge``,
-``normalize``, ``normalize_one_pass`` and ``normalize_inference``; the merge of triples,
-the guard against non-finite batches and the moving averages are
-:mod:`kerasbn.statistics`, shared. Backend modules are imported when first used: on
-JAX, TensorFlow is never imported.
+``plan.one_pass`` (TensorFlow's fused kernel, local layer) computes the statistics and the
+output in one call instead: ``y, statistics = kernels.normalize_one_pass(...)``. Each backend's
+plan is its own type; the layer reads only ``one_pass``. Inference is written once, in
+``keras.ops`` (:func:`kerasbn.kernels.portable.normalize_inference`), and runs on every backend,
+the inference-only ones included. The merge of triples, the guard against non-finite batches and
+the moving averages are :mod:`kerasbn.statistics`, shared.
+
+A backend is one module implementing :class:`Kernels`, named in :data:`TRAINING_MODULES`. Modules
+are imported when first used: on JAX or PyTorch, TensorFlow is never imported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from typing import NamedTuple
+from typing import Any, Protocol, runtime_checkable
 
 from kerasbn.backend import require_backend
+from kerasbn.statistics import Moments
 
-_MODULES = {"tensorflow": "kerasbn.kernels.tensorflow_backend", "jax": "kerasbn.kernels.jax_backend"}
+TRAINING_MODULES = {
+    "tensorflow": "kerasbn.kernels.tensorflow_backend",
+    "jax": "kerasbn.kernels.jax_backend",
+    "torch": "kerasbn.kernels.torch_backend",
+}
 
 
-class Plan(NamedTuple):
-    """How one training call computes and merges its statistics.
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What a training call asks of its backend: the layer's settings that decide the plan.
 
-    one_pass: TensorFlow's fused kernel computes statistics and output in one call.
-    fused: TensorFlow's fused kernels, split (statistics, merge, normalization).
-    groups: how many groups of the batch are normalized with their own statistics
-        after the merge (ghost batches, or devices not synchronized); 1 means one set.
-    blocks: how many per-device blocks the statistics are first computed on (JAX's
-        data-parallel devices); 1 on TensorFlow, where each replica runs its own call.
-    synchronized: statistics are merged across devices (replicas, or JAX devices).
-    group_size: devices per synchronized group; None means all.
-    axis_name: JAX's mapped axis (``shard_map``/``pmap``) to merge over.
-    devices: JAX's ``keras.distribution`` devices the blocks are pinned to, found once per
-        call; None when the blocks are not devices.
+    channel_axis: the inputs' channel axis, non-negative.
+    fused: the layer's ``fused`` (True, False, or None: the backend decides).
+    virtual_batch_size: ghost batches' size, or None.
+    synchronized: merge the statistics across devices (replicas, ranks, JAX devices).
+    sync_group_size: devices per synchronized group; None means all.
+    axis_name: JAX's mapped axis (``shard_map``/``pmap``) to merge over, or None.
+    renorm: Batch Renormalization (its corrections need the statistics before normalizing).
     """
 
-    one_pass: bool = False
-    fused: bool = False
+    channel_axis: int
+    fused: bool | None = None
     virtual_batch_size: int | None = None
     synchronized: bool = False
-    group_size: int | None = None
-    blocks: int = 1
-    groups: int = 1
+    sync_group_size: int | None = None
     axis_name: str | None = None
-    devices: object = None
+    renorm: bool = False
 
 
-def current(what: str = "kerasbn"):
-    """The kernels of Keras' current backend; :class:`BackendError` for one kerasbn cannot run on."""
-    return importlib.import_module(_MODULES[require_backend(what)])
+class Plan(Protocol):
+    """How one training call computes and merges its statistics; each backend's own type."""
+
+    one_pass: bool
+
+
+@runtime_checkable
+class Kernels(Protocol):
+    """The contract every backend module implements (a module satisfies it structurally)."""
+
+    def training_plan(self, request: Request, inputs: Any, mask: Any) -> Plan:
+        """Decides the kernels and the merge once per call; ValueError/TypeError for settings
+        this backend cannot run."""
+
+    def local_statistics(self, x: Any, channel_axis: int, mask: Any, plan: Plan) -> Moments:
+        """This device's ``(count, mean, m2)``: ``(C,)`` each, or ``(G, C)`` for groups."""
+
+    def merge(self, statistics: Moments, plan: Plan) -> Moments:
+        """The statistics of this device's group (the input itself when not synchronized)."""
+
+    def normalize(self, x: Any, channel_axis: int, statistics: Moments, gamma: Any, beta: Any,
+                  epsilon: float, mask: Any, plan: Plan) -> Any:
+        """``gamma * (x - mean) / sqrt(var + epsilon) + beta``, float32, with the gradient of
+        one process on the group's whole batch."""
+
+    def normalize_one_pass(self, x: Any, channel_axis: int, gamma: Any, beta: Any,
+                           epsilon: float) -> tuple[Any, Moments]:
+        """``(y, statistics)`` in one call, where ``plan.one_pass`` asks for it."""
+
+
+def current(what: str = "kerasbn") -> Kernels:
+    """The training kernels of Keras' current backend; :class:`kerasbn.backend.BackendError` for a
+    backend kerasbn cannot train on (naming those it can)."""
+    return importlib.import_module(TRAINING_MODULES[require_backend(what)])

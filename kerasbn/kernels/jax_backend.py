@@ -22,22 +22,35 @@ devices itself) the layer's ``axis_name`` names the axis whose triples are all-g
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import keras
 from jax.sharding import NamedSharding, PartitionSpec
 
-from kerasbn.kernels import Plan
-from kerasbn.statistics import Moments, merge_moments, variance_from_moments
+from kerasbn.kernels import Request
+from kerasbn.kernels.portable import block_moments, normalize_blocks
+from kerasbn.statistics import Moments, merge_moments
 
-__all__ = ["training_plan", "local_statistics", "merge", "normalize", "normalize_one_pass",
-           "normalize_inference"]
+__all__ = ["JaxPlan", "training_plan", "local_statistics", "merge", "normalize", "normalize_one_pass"]
 
-# The shift that keeps the one-pass sums precise comes from at least this many values per
-# channel of each block's first examples (one example of a feature map; 16 rows of (N, C)).
-SAMPLE_VALUES = 16
+
+@dataclasses.dataclass(frozen=True)
+class JaxPlan:
+    """blocks: the per-device (or per-ghost-batch) blocks the statistics are first computed on.
+    groups: how many groups are normalized with their own statistics after the merge (1: one
+    set). synchronized: merged across devices; group_size: devices per group (None: all).
+    axis_name: the mapped axis to merge over. devices: the ``keras.distribution`` devices the
+    blocks are pinned to, found once per call (None when the blocks are not devices)."""
+
+    synchronized: bool = False
+    group_size: int | None = None
+    blocks: int = 1
+    groups: int = 1
+    axis_name: str | None = None
+    devices: object = None
+    one_pass = False
 
 
 class DataParallelDevices:
@@ -76,95 +89,46 @@ def backend_mesh(device_mesh):
     return convert(device_mesh)
 
 
-def training_plan(layer, inputs, mask) -> Plan:
-    if layer.fused:
+def training_plan(request: Request, inputs, mask) -> JaxPlan:
+    if request.fused:
         raise ValueError(
             "fused=True asks for TensorFlow's fused batch-norm kernels, which Keras' JAX backend "
             "does not have (XLA fuses kerasbn's element-wise ops there); use fused=None.")
     batch = inputs.shape[0]
-    if layer.virtual_batch_size:
-        if batch % layer.virtual_batch_size:
-            raise ValueError(f"`virtual_batch_size`={layer.virtual_batch_size} must divide the "
+    if request.virtual_batch_size:
+        if batch % request.virtual_batch_size:
+            raise ValueError(f"`virtual_batch_size`={request.virtual_batch_size} must divide the "
                              f"batch size; received a batch of {batch}.")
-        ghosts = batch // layer.virtual_batch_size
-        return Plan(virtual_batch_size=layer.virtual_batch_size, blocks=ghosts, groups=ghosts)
-    if layer.axis_name is not None:
-        return Plan(synchronized=True, axis_name=layer.axis_name)
+        ghosts = batch // request.virtual_batch_size
+        return JaxPlan(blocks=ghosts, groups=ghosts)
+    if request.axis_name is not None:
+        return JaxPlan(synchronized=True, axis_name=request.axis_name)
     found = DataParallelDevices()
     devices = found.count
-    if devices == 1 or layer._positive_axis == 0:  # axis 0: each example is a channel, on its device
-        return Plan()
+    if devices == 1 or request.channel_axis == 0:  # axis 0: each example is a channel, on its device
+        return JaxPlan()
     if batch % devices:
         raise ValueError(
-            f"{type(layer).__name__} under keras.distribution splits the batch over {devices} "
+            f"BatchNormalization under keras.distribution splits the batch over {devices} "
             f"devices; received a batch of {batch}, which {devices} does not divide.")
-    if not layer.synchronized:
-        return Plan(blocks=devices, groups=devices, devices=found)
-    group_size = layer.sync_group_size or devices
+    if not request.synchronized:
+        return JaxPlan(blocks=devices, groups=devices, devices=found)
+    group_size = request.sync_group_size or devices
     if devices % group_size:
         raise ValueError(
             f"sync_group_size={group_size} must divide the number of devices of the batch axis "
             f"({devices}); use a divisor of {devices} or None for all devices.")
-    return Plan(synchronized=True, group_size=layer.sync_group_size, blocks=devices,
-                groups=devices // group_size, devices=found)
+    return JaxPlan(synchronized=True, group_size=request.sync_group_size, blocks=devices,
+                   groups=devices // group_size, devices=found)
 
 
-def _blocks(x, mask, blocks: int):
-    """``x`` (and the mask) viewed as ``(blocks, B / blocks, ...)``."""
-    shape = (blocks, x.shape[0] // blocks) + tuple(x.shape[1:])
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, (x.shape[0],) + tuple(mask.shape[1:]))
-        mask = jnp.reshape(mask, (blocks, x.shape[0] // blocks) + tuple(mask.shape[1:]))
-    return jnp.reshape(x, shape), mask
-
-
-def local_statistics(x, channel_axis: int, mask, plan: Plan) -> Moments:
+def local_statistics(x, channel_axis: int, mask, plan: JaxPlan) -> Moments:
     """Each block's ``(count, mean, m2)``, each ``(blocks, C)``; differentiable in ``x``."""
-    xb, mask = _blocks(jnp.asarray(x, jnp.float32), mask, plan.blocks)
-    if plan.devices is not None:
-        xb = plan.devices.pin(xb)
-    axis = channel_axis + 1
-    axes = tuple(a for a in range(xb.ndim) if a not in (0, axis))
-    moments = _moments(xb, axes, axis) if mask is None else _masked_moments(xb, axes, mask)
-    channels = x.shape[channel_axis]
-    return Moments(*(jnp.reshape(t, (plan.blocks, channels)) for t in moments))
+    pin = plan.devices.pin if plan.devices is not None else (lambda blocked: blocked)
+    return block_moments(x, channel_axis, mask, plan.blocks, pin)
 
 
-def _moments(xb, axes, axis):
-    """One pass over shifted data: ``sum(x - s)`` and ``sum((x - s)^2)`` with ``s`` a sample's
-    mean, so nothing cancels when a channel's mean is large against its spread."""
-    values = math.prod(xb.shape[a] for a in axes)
-    stat_shape = tuple(1 if a in axes else d for a, d in enumerate(xb.shape))
-    if values == 0:
-        zeros = jnp.zeros(stat_shape, jnp.float32)
-        return zeros, zeros, zeros
-    per_example = math.prod(xb.shape[2:]) // max(xb.shape[axis], 1)
-    examples = max(1, -(-SAMPLE_VALUES // max(per_example, 1)))
-    shift = jax.lax.stop_gradient(jnp.mean(xb[:, :examples], axes, keepdims=True))
-    shifted = xb - shift
-    s1 = jnp.sum(shifted, axes, keepdims=True)
-    s2 = jnp.sum(jnp.square(shifted), axes, keepdims=True)
-    shifted_mean = s1 / values
-    m2 = jnp.maximum(s2 - s1 * shifted_mean, 0.0)
-    count = jnp.full(stat_shape, float(values), jnp.float32)
-    return count, shift + shifted_mean, m2
-
-
-def _masked_moments(xb, axes, mask):
-    """Two passes over the kept positions (padded ones may hold inf or NaN: never read)."""
-    broadcast_factor = math.prod(xb.shape[a] // max(mask.shape[a], 1) for a in axes)
-    count = jnp.sum(mask, axes, keepdims=True, dtype=jnp.float32) * broadcast_factor
-    safe_count = jnp.maximum(count, 1.0)
-    first = jnp.sum(jnp.where(mask, xb, 0.0), axes, keepdims=True) / safe_count
-    centred = jnp.where(mask, xb - first, 0.0)
-    correction = jax.lax.stop_gradient(jnp.sum(centred, axes, keepdims=True) / safe_count)
-    m2 = jnp.maximum(jnp.sum(jnp.square(centred), axes, keepdims=True)
-                     - count * jnp.square(correction), 0.0)
-    mean = first + correction
-    return jnp.broadcast_to(count, mean.shape), mean, m2
-
-
-def merge(statistics: Moments, plan: Plan) -> Moments:
+def merge(statistics: Moments, plan: JaxPlan) -> Moments:
     """``(blocks, C)`` triples merged into each group's: ``(C,)`` for one group, else ``(G, C)``."""
     table = jnp.stack(statistics, 1)  # (blocks, 3, C)
     if plan.axis_name is not None:
@@ -183,45 +147,12 @@ def merge(statistics: Moments, plan: Plan) -> Moments:
     return merged
 
 
-def normalize(x, channel_axis, statistics, gamma, beta, epsilon, mask, plan: Plan):
+def normalize(x, channel_axis, statistics, gamma, beta, epsilon, mask, plan: JaxPlan):
     """``gamma * (x - mean) / sqrt(variance + epsilon) + beta`` per group, float32."""
-    count, mean, m2 = statistics
-    scale = gamma * jax.lax.rsqrt(variance_from_moments(count, m2) + epsilon)
-    x = jnp.asarray(x, jnp.float32)
-    if mean.ndim == 1 and scale.ndim == 1 and beta.ndim == 1:
-        return _affine(x, channel_axis, mean, scale, beta)
-    groups = max(t.shape[0] for t in (mean, scale, beta) if t.ndim == 2)
-    xb, _ = _blocks(x, None, groups)
-    if plan.devices is not None and groups == plan.blocks:
-        xb = plan.devices.pin(xb)
-    axis = channel_axis + 1
-    shape = [1] * xb.ndim
-    shape[axis] = x.shape[channel_axis]
-
-    def per_group(t):
-        return jnp.reshape(t, [t.shape[0] if t.ndim == 2 else 1] + shape[1:])
-
-    y = (xb - per_group(mean)) * per_group(scale) + per_group(beta)
-    return jnp.reshape(y, x.shape)
-
-
-def _affine(x, channel_axis, mean, scale, beta):
-    if channel_axis != x.ndim - 1:
-        shape = [1] * x.ndim
-        shape[channel_axis] = -1
-        mean, scale, beta = (jnp.reshape(t, shape) for t in (mean, scale, beta))
-    return (x - mean) * scale + beta
+    # Per-device groups stay on their devices.
+    pin = plan.devices.pin if plan.devices is not None and plan.groups == plan.blocks else None
+    return normalize_blocks(x, channel_axis, statistics, gamma, beta, epsilon, pin)
 
 
 def normalize_one_pass(x, channel_axis, gamma, beta, epsilon):
     raise NotImplementedError("JAX plans never ask for TensorFlow's one-pass kernel.")
-
-
-def normalize_inference(x, channel_axis, mean, variance, gamma, beta, epsilon):
-    """``gamma * (x - mean) / sqrt(variance + epsilon) + beta`` in float32, centred first."""
-    mean, variance = (jnp.asarray(keras.ops.convert_to_tensor(t)) for t in (mean, variance))
-    scale = jax.lax.rsqrt(variance + epsilon)
-    if gamma is not None:
-        scale = scale * gamma
-    beta = jnp.zeros_like(mean) if beta is None else beta
-    return _affine(jnp.asarray(x, jnp.float32), channel_axis, mean, scale, beta)

@@ -7,57 +7,71 @@ batch; a synchronized layer merges the replicas' triples with one all-reduce for
 
 from __future__ import annotations
 
+import dataclasses
+
 import tensorflow as tf
 
-from kerasbn.kernels import Plan
+from kerasbn.kernels import Request
 from kerasbn.kernels import tf_cross_replica as cross_replica
 from kerasbn.kernels import tf_fused as fused
 from kerasbn.kernels.tf_moments import fused_statistics, local_moments, split_ghost_batches
-from kerasbn.kernels.tf_normalize import normalize_inference, normalize_with_batch_statistics
+from kerasbn.kernels.tf_normalize import normalize_with_batch_statistics
 from kerasbn.statistics import Moments, merge_moments
 
-__all__ = ["training_plan", "local_statistics", "merge", "normalize", "normalize_one_pass",
-           "normalize_inference"]
+__all__ = ["TFPlan", "training_plan", "local_statistics", "merge", "normalize", "normalize_one_pass"]
 
 # Below this many values per call, fused=None keeps to the element-wise path.
 FUSED_MIN_ELEMENTS = 2**17
 
 
-def training_plan(layer, inputs, mask) -> Plan:
+@dataclasses.dataclass(frozen=True)
+class TFPlan:
+    """one_pass: the fused kernel computes statistics and output in one call. fused: the fused
+    kernels, split (statistics, merge, normalization). virtual_batch_size: ghost batches' size.
+    synchronized: merged across replicas; group_size: replicas per group (None: all)."""
+
+    one_pass: bool = False
+    fused: bool = False
+    virtual_batch_size: int | None = None
+    synchronized: bool = False
+    group_size: int | None = None
+
+
+def training_plan(request: Request, inputs, mask) -> TFPlan:
     """Which kernels run, and what is merged across replicas: decided once per call."""
-    if layer.axis_name is not None:
+    if request.axis_name is not None:
         raise ValueError(
-            f"`axis_name`={layer.axis_name!r} names a JAX mapped axis (shard_map, pmap); on "
+            f"`axis_name`={request.axis_name!r} names a JAX mapped axis (shard_map, pmap); on "
             "TensorFlow, replicas of a tf.distribute strategy synchronize with synchronized=True.")
     replicas = cross_replica.num_replicas_in_sync()
-    synchronized = layer.synchronized and replicas > 1
+    synchronized = request.synchronized and replicas > 1
     if synchronized:
-        cross_replica.check_group_size(layer.sync_group_size, replicas)
-    use_fused = _use_fused(layer, inputs)
+        cross_replica.check_group_size(request.sync_group_size, replicas)
+    use_fused = _use_fused(request, inputs)
     # The one-pass kernel computes the local statistics and normalizes with them at once;
     # merged statistics, masked statistics and renorm's corrections must exist before
     # anything is normalized.
-    one_pass = use_fused and not (synchronized or mask is not None or layer.renorm)
-    return Plan(one_pass=one_pass, fused=use_fused and not one_pass,
-                virtual_batch_size=layer.virtual_batch_size, synchronized=synchronized,
-                group_size=layer.sync_group_size)
+    one_pass = use_fused and not (synchronized or mask is not None or request.renorm)
+    return TFPlan(one_pass=one_pass, fused=use_fused and not one_pass,
+                  virtual_batch_size=request.virtual_batch_size, synchronized=synchronized,
+                  group_size=request.sync_group_size)
 
 
-def _use_fused(layer, inputs) -> bool:
-    if layer.fused is False or layer.virtual_batch_size:
+def _use_fused(request: Request, inputs) -> bool:
+    if request.fused is False or request.virtual_batch_size:
         return False
-    if not fused.fusable(inputs.dtype, inputs.shape.rank, layer._positive_axis):
-        if layer.fused:
+    if not fused.fusable(inputs.dtype, inputs.shape.rank, request.channel_axis):
+        if request.fused:
             raise TypeError(
                 f"fused=True needs float16, bfloat16 or float32 inputs; received {inputs.dtype.name}.")
         return False
     # fused=None: on small inputs the kernels' fixed cost loses against element-wise ops
-    # (measured in benchmarks/bench_layer.py).
-    return not (layer.fused is None and inputs.shape.is_fully_defined()
+    # (measured in benchmarks/bench_request.py).
+    return not (request.fused is None and inputs.shape.is_fully_defined()
                 and inputs.shape.num_elements() < FUSED_MIN_ELEMENTS)
 
 
-def local_statistics(x, channel_axis: int, mask, plan: Plan) -> Moments:
+def local_statistics(x, channel_axis: int, mask, plan: TFPlan) -> Moments:
     """This replica's ``(count, mean, m2)``, each ``(C,)`` (``(G, C)`` for ghost batches).
 
     No gradient flows through them: :func:`normalize`'s backward pass accounts for them.
@@ -74,7 +88,7 @@ def local_statistics(x, channel_axis: int, mask, plan: Plan) -> Moments:
     return Moments(*(tf.reshape(t, [channels]) for t in local_moments(x, axes, mask)))
 
 
-def merge(statistics: Moments, plan: Plan) -> Moments:
+def merge(statistics: Moments, plan: TFPlan) -> Moments:
     """The statistics of this replica's group: one all-reduce gathers every replica's triple."""
     if not plan.synchronized:
         return statistics
@@ -82,7 +96,7 @@ def merge(statistics: Moments, plan: Plan) -> Moments:
     return merge_moments(table[:, 0], table[:, 1], table[:, 2])
 
 
-def normalize(x, channel_axis, statistics, gamma, beta, epsilon, mask, plan: Plan):
+def normalize(x, channel_axis, statistics, gamma, beta, epsilon, mask, plan: TFPlan):
     """``x`` normalized with ``statistics``; its gradient is the paper's, merged like them."""
     return normalize_with_batch_statistics(
         x, channel_axis, statistics, gamma, beta, epsilon, mask=mask,

@@ -1,5 +1,5 @@
-"""The JAX session: ``KERAS_BACKEND=jax pytest tests/jax -n 0`` (tests/library/test_jax_backend.py
-starts it within ``make test``). Four XLA host devices, set before JAX initializes its backends:
+"""The JAX session: ``KERAS_BACKEND=jax pytest tests/jax tests/shared -n 0`` (``make test`` starts it
+beside the TensorFlow and PyTorch sessions). Four XLA host devices, set before JAX initializes its backends:
 keras.distribution's data parallelism runs on them as on four accelerators."""
 
 import os

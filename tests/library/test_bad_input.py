@@ -84,45 +84,61 @@ def test_bad_input_leaves_moving_statistics_untouched():
     np.testing.assert_array_equal(layer.moving_mean.numpy(), before)
 
 
-OTHER_BACKEND_SCRIPT = """
+INFERENCE_BACKEND_SCRIPT = """
+import sys
 import keras, numpy as np
 import kerasbn
 assert keras.backend.backend() == {backend!r}
+model = keras.saving.load_model(sys.argv[1])
+data = np.load(sys.argv[2])
+np.testing.assert_allclose(model.predict(data["x"], verbose=0), data["expected"], rtol=1e-5, atol=1e-5)
+folded = kerasbn.fold_batch_norm(model)
+np.testing.assert_allclose(folded.predict(data["x"], verbose=0), data["expected"], rtol=1e-4, atol=1e-4)
+print("predicts")
 checks = {{
-    "layer": lambda: kerasbn.BatchNormalization(),
-    "sync layer": lambda: kerasbn.SyncBatchNormalization(),
-    "model": lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), kerasbn.BatchNormalization()]),
-    "fold": lambda: kerasbn.fold_batch_norm(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])),
-    "convert": lambda: kerasbn.convert_sync_batchnorm(keras.Sequential([keras.Input((4,))])),
-    "recalibrate": lambda: kerasbn.recalibrate_statistics(keras.Sequential([keras.Input((4,))]), [np.zeros((1, 4))]),
-    "export": lambda: kerasbn.export_for_serving(keras.Sequential([keras.Input((4,))]), "unused"),
+    "train": lambda: model.layers[1](data["x"][:, :3], training=True),
+    "convert": lambda: kerasbn.convert_sync_batchnorm(model),
+    "recalibrate": lambda: kerasbn.recalibrate_statistics(model, [data["x"]]),
+    "export": lambda: kerasbn.export_for_serving(model, "unused"),
 }}
 for name, use in checks.items():
     try:
         use()
     except kerasbn.BackendError as error:
-        print(name, "->", error)
+        print(name, "->", " ".join(str(error).split()))  # Keras wraps errors raised in call()
     else:
         raise SystemExit(name + " did not fail")
 """
 
 
 @pytest.mark.parametrize("backend", ["numpy"])
-def test_another_keras_backend_is_named_at_first_use(backend):
+def test_a_trained_model_predicts_on_an_inference_backend_where_training_is_a_clear_error(backend, tmp_path):
     import importlib.util
     import subprocess
     import sys
 
+    import keras
+
+    import kerasbn
     from tests.helpers.distributed import _env
 
     missing = [m for m in ("jax", "scipy") if importlib.util.find_spec(m) is None]
     if missing:  # Keras' numpy backend imports both too
         pytest.skip(f"Keras' {backend} backend needs {', '.join(missing)} (the `test` extra)")
-    result = subprocess.run([sys.executable, "-c", OTHER_BACKEND_SCRIPT.format(backend=backend)],
+    rng = np.random.RandomState(0)
+    x = rng.normal(4.0, 3.0, (32, 4)).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), kerasbn.BatchNormalization(momentum=0.5),
+                              keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    model.fit(x, rng.normal(size=(32, 2)), epochs=2, batch_size=8, verbose=0)
+    model.save(tmp_path / "trained.keras")
+    np.savez(tmp_path / "data.npz", x=x, expected=model.predict(x, verbose=0))
+    result = subprocess.run([sys.executable, "-c", INFERENCE_BACKEND_SCRIPT.format(backend=backend),
+                             str(tmp_path / "trained.keras"), str(tmp_path / "data.npz")],
                             capture_output=True, text=True, timeout=300, env=_env({"KERAS_BACKEND": backend}))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert len(lines) == 7
-    for line in lines:
-        assert f"runs on Keras' 'tensorflow' and 'jax' backends; Keras is running on {backend!r}" in line
+    assert lines[0] == "predicts" and len(lines) == 5, lines
+    for line in lines[1:]:
+        assert f"Keras' 'tensorflow', 'jax' and 'torch' backends; Keras is running on {backend!r}" in line
         assert "KERAS_BACKEND=tensorflow" in line

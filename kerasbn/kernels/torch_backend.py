@@ -1,0 +1,132 @@
+"""PyTorch's kernels: element-wise statistics that autograd differentiates, ``torch.distributed``'s
+collectives.
+
+Under ``torch.distributed`` (one process per device, the model wrapped in
+``DistributedDataParallel`` as Keras' torch guide does) each rank runs its own call on its
+share of the batch, as a ``tf.distribute`` replica does. A synchronized layer then merges the
+ranks' ``(count, mean, M2)`` triples, as PyTorch's ``SyncBatchNorm`` merges its
+``(mean, invstd, count)``: one all-gather of a ``(3, C)`` table forward, on every rank of the
+group (``sync_group_size`` ranks at a time, or all). The all-gather is an autograd function
+(:class:`_AllGather`): backward, one all-reduce sums every rank's gradient with respect to the
+gathered table, and each rank keeps its own triple's row, so the input gradients equal one
+process's on the concatenated batch (the optimizer's all-reduce, DDP's, then averages the weights'
+gradients). Unequal and empty shares are
+exact (an empty share's triple has count 0). Every rank merges the same table, so every rank
+takes the same branch of the non-finite guard and holds the same moving statistics.
+
+Without a process group, or with ``synchronized=False``, each process normalizes its own batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from kerasbn.kernels import Request
+from kerasbn.kernels.portable import block_moments, normalize_blocks
+from kerasbn.statistics import Moments, merge_moments
+
+__all__ = ["TorchPlan", "training_plan", "local_statistics", "merge", "normalize", "normalize_one_pass"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchPlan:
+    """``blocks``: ghost batches normalized separately (1: the whole batch); ``group``: the
+    process group whose ranks' statistics are merged (None: this process's own)."""
+
+    blocks: int = 1
+    group: object = None
+    one_pass = False
+
+
+def _world():
+    """This process's default process group's size (1 without ``torch.distributed``)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+# Subgroups of ``sync_group_size`` consecutive ranks, made once per default group: every rank
+# makes every subgroup (torch.distributed.new_subgroups), in the same order, at its first call.
+_SUBGROUPS: dict = {}
+
+
+def _process_group(group_size: int | None, world: int):
+    if group_size is None or group_size == world:
+        return dist.group.WORLD
+    key = (id(dist.group.WORLD), group_size)
+    if key not in _SUBGROUPS:
+        _SUBGROUPS[key] = dist.new_subgroups(group_size)[0]
+    return _SUBGROUPS[key]
+
+
+def training_plan(request: Request, inputs, mask) -> TorchPlan:
+    if request.fused:
+        raise ValueError(
+            "fused=True asks for TensorFlow's fused batch-norm kernels, which Keras' torch backend "
+            "does not have; use fused=None.")
+    if request.axis_name is not None:
+        raise ValueError(
+            f"`axis_name`={request.axis_name!r} names a JAX mapped axis (shard_map, pmap); on torch, "
+            "ranks of torch.distributed synchronize with synchronized=True.")
+    if request.virtual_batch_size:
+        batch = inputs.shape[0]
+        if batch % request.virtual_batch_size:
+            raise ValueError(f"`virtual_batch_size`={request.virtual_batch_size} must divide the "
+                             f"batch size; received a batch of {batch}.")
+        return TorchPlan(blocks=batch // request.virtual_batch_size)
+    world = _world()
+    if not request.synchronized or world == 1:
+        return TorchPlan()
+    group_size = request.sync_group_size or world
+    if world % group_size:
+        raise ValueError(
+            f"sync_group_size={group_size} must divide the number of torch.distributed ranks "
+            f"({world}); use a divisor of {world} or None for all ranks.")
+    return TorchPlan(group=_process_group(request.sync_group_size, world))
+
+
+def local_statistics(x, channel_axis: int, mask, plan: TorchPlan) -> Moments:
+    """This rank's ``(count, mean, m2)``, each ``(C,)`` (``(G, C)`` for ghost batches)."""
+    moments = block_moments(x, channel_axis, mask, plan.blocks)
+    if plan.blocks == 1:
+        return Moments(*(t[0] for t in moments))
+    return moments
+
+
+def merge(statistics: Moments, plan: TorchPlan) -> Moments:
+    """The statistics of this rank's group: every rank's triple, all-gathered, merged."""
+    if plan.group is None:
+        return statistics
+    table = _AllGather.apply(torch.stack(tuple(statistics)), plan.group)  # (ranks, 3, C)
+    return merge_moments(table[:, 0], table[:, 1], table[:, 2])
+
+
+class _AllGather(torch.autograd.Function):
+    """Every rank's ``(3, C)`` table, stacked; backward, the gradients of all ranks' uses of the
+    stack summed (one all-reduce) and this rank's row returned. Every rank of the group runs both
+    (an empty share's table still depends on its input: kerasbn.kernels.portable)."""
+
+    @staticmethod
+    def forward(ctx, table, group):
+        ctx.group = group
+        parts = [torch.empty_like(table) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, table.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+def normalize(x, channel_axis, statistics, gamma, beta, epsilon, mask, plan: TorchPlan):
+    """``x`` normalized with ``statistics`` (per ghost batch if ``(G, C)``); autograd's gradient."""
+    return normalize_blocks(x, channel_axis, statistics, gamma, beta, epsilon)
+
+
+def normalize_one_pass(x, channel_axis, gamma, beta, epsilon):
+    raise NotImplementedError("torch plans never ask for TensorFlow's one-pass kernel.")
