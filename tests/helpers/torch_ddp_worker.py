@@ -82,7 +82,9 @@ def train(model, x, targets, parameters_of):
     optimizer = torch.optim.SGD(parameters_of.parameters(), lr=0.1)
     for step in range(3):
         optimizer.zero_grad()
-        loss = torch.nn.functional.mse_loss(parameters_of(torch.tensor(x + step)), torch.tensor(targets))
+        # Keras layers ignore torch's module.train(): training=True reaches every BN through DDP's forward.
+        outputs = parameters_of(torch.tensor(x + step), training=True)
+        loss = torch.nn.functional.mse_loss(outputs, torch.tensor(targets))
         loss.backward()
         optimizer.step()
 
@@ -95,7 +97,7 @@ def run_ddp(rank, out):
     model(x[:1], training=False)  # built
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     train(model, share(x, shares, rank), share(targets, shares, rank), ddp)
-    np.savez(out, **{f"w{i}": w.numpy() for i, w in enumerate(model.weights)})
+    np.savez(out, **{f"w{i}": w.numpy() for i, w in enumerate(model.weights)})  # moving statistics included
 
 
 def run_groups(rank, out):
