@@ -1,5 +1,6 @@
 """One rank of a torch.distributed (gloo, loopback) run: ``python -m tests.helpers.torch_ddp_worker
-RANK WORLD DIRECTORY SCENARIO``. Writes ``DIRECTORY/rank{RANK}.npz``; tests/torch/test_distributed.py
+RANK WORLD DIRECTORY SCENARIO...``, the scenarios in turn in one process group (one interpreter start
+per rank for all of them). Writes ``DIRECTORY/{SCENARIO}-rank{RANK}.npz``; tests/torch/test_distributed.py
 compares the ranks with one process on the concatenated batch (float64 ground truth, or the same
 model trained in one process).
 
@@ -117,22 +118,25 @@ def run_recalibrate(rank, out):
              moving_variance=model.layers[0].moving_variance.numpy())
 
 
-def main(rank, world, directory, scenario):
+RUNS = {"shares": run_shares, "empty": run_shares, "poisoned": run_shares, "ddp": run_ddp,
+        "recalibrate": run_recalibrate, "groups": run_groups}
+
+
+def main(rank, world, directory, scenarios):
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
-    out = os.path.join(directory, f"rank{rank}.npz")
-    if scenario == "ddp":
-        run_ddp(rank, out)
-    elif scenario == "recalibrate":
-        run_recalibrate(rank, out)
-    elif scenario == "groups":
-        run_groups(rank, out)
-    else:
-        run_shares(rank, scenario, out)
+    for scenario in scenarios:
+        out = os.path.join(directory, f"{scenario}-rank{rank}.npz")
+        if RUNS[scenario] is run_shares:
+            run_shares(rank, scenario, out)
+        else:
+            RUNS[scenario](rank, out)
+        # Training and inference on torch import no TensorFlow (recalibration calls Keras' get_config,
+        # which imports it where installed: it comes last).
+        print(f"rank {rank} {scenario} done; imported tensorflow: {'tensorflow' in sys.modules}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    print(f"rank {rank} done; imported tensorflow: {'tensorflow' in sys.modules}", flush=True)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:])

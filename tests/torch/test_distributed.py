@@ -18,31 +18,36 @@ ROOT = Path(__file__).resolve().parents[2]
 EPS = 1e-3
 
 
-_RUNS: dict = {}
+# Every 2-rank scenario in one pair of processes (recalibration last: it imports TensorFlow), and the
+# 4-rank one: two interpreter starts per rank in all, not one per scenario.
+RUNS = {2: ("shares", "empty", "poisoned", "ddp", "recalibrate"), 4: ("groups",)}
+_DONE: dict = {}
 
 
 @pytest.fixture(scope="module")
 def ranks_of(tmp_path_factory):
-    """Each scenario's ranks run once per session; the tests read their files."""
+    """The ranks' files of one scenario (``{name: array}`` per rank); each run happens once."""
     def ranks(scenario, world):
-        if scenario not in _RUNS:
-            _RUNS[scenario] = run_ranks(tmp_path_factory.mktemp(scenario), scenario, world)
-        return _RUNS[scenario]
+        if world not in _DONE:
+            _DONE[world] = run_ranks(tmp_path_factory.mktemp(f"world{world}"), RUNS[world], world)
+        directory = _DONE[world]
+        return [dict(np.load(directory / f"{scenario}-rank{rank}.npz")) for rank in range(world)]
     return ranks
 
 
-def run_ranks(tmp_path, scenario, world):
+def run_ranks(tmp_path, scenarios, world):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env.update(KERAS_BACKEND="torch", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     ranks = [subprocess.Popen([sys.executable, "-m", "tests.helpers.torch_ddp_worker", str(rank), str(world),
-                               str(tmp_path), scenario], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               str(tmp_path), *scenarios], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in range(world)]
     outputs = [rank.communicate(timeout=600) for rank in ranks]  # a hang guard, not a schedule
     for rank, (stdout, stderr) in enumerate(outputs):
         assert ranks[rank].returncode == 0, f"rank {rank}:\n{stderr[-3000:]}"
-        if scenario != "recalibrate":  # Keras' get_config imports TensorFlow where it is installed
-            assert "imported tensorflow: False" in stdout, stdout  # training on torch does not
-    return [dict(np.load(tmp_path / f"rank{rank}.npz")) for rank in range(world)]
+        for scenario in scenarios:  # recalibration may import it (Keras' get_config): not asserted
+            done = f"rank {rank} {scenario} done; imported tensorflow: "
+            assert done + "False" in stdout or (scenario == "recalibrate" and done in stdout), stdout
+    return tmp_path
 
 
 def moving_after_two_steps(mean, unbiased_variance):
@@ -87,8 +92,8 @@ def test_local_layers_keep_each_ranks_own_statistics(ranks_of):
     assert np.abs(ranks[0]["local_moving_mean"] - ranks[1]["local_moving_mean"]).min() > 0.5
 
 
-def test_one_ranks_non_finite_batch_leaves_every_ranks_statistics_and_nothing_hangs(tmp_path):
-    ranks = run_ranks(tmp_path, "poisoned", 2)  # rank 1's share holds an inf at both steps
+def test_one_ranks_non_finite_batch_leaves_every_ranks_statistics_and_nothing_hangs(ranks_of):
+    ranks = ranks_of("poisoned", 2)  # rank 1's share holds an inf at both steps
     for r in ranks:  # the merged statistics are non-finite on every rank: every rank skips, alike
         np.testing.assert_array_equal(r["sync_moving_mean"], np.zeros(4))
         np.testing.assert_array_equal(r["sync_moving_variance"], np.ones(4))
@@ -99,8 +104,8 @@ def test_one_ranks_non_finite_batch_leaves_every_ranks_statistics_and_nothing_ha
     np.testing.assert_allclose(ranks[0]["local_moving_mean"], expected_mean, rtol=1e-5)
 
 
-def test_ddp_training_equals_one_process_on_the_global_batch(tmp_path):
-    ranks = run_ranks(tmp_path, "ddp", 2)
+def test_ddp_training_equals_one_process_on_the_global_batch(ranks_of):
+    ranks = ranks_of("ddp", 2)
     x, _ = global_data()
     targets = np.random.RandomState(2).normal(size=(x.shape[0], 2)).astype("float32")
     model = build_model()
@@ -111,8 +116,8 @@ def test_ddp_training_equals_one_process_on_the_global_batch(tmp_path):
             np.testing.assert_allclose(r[f"w{i}"], weight.numpy(), rtol=2e-4, atol=2e-5, err_msg=weight.path)
 
 
-def test_sync_group_size_merges_within_each_group_of_ranks(tmp_path):
-    ranks = run_ranks(tmp_path, "groups", 4)
+def test_sync_group_size_merges_within_each_group_of_ranks(ranks_of):
+    ranks = ranks_of("groups", 4)
     x, dy = global_data()
     for group in (0, 1):
         members = ranks[2 * group:2 * group + 2]
