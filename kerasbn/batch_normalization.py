@@ -469,7 +469,7 @@ class BatchNormalization(keras.layers.Layer):
             d = ops.clip(d, -dmax, dmax)
         r, d = ops.stop_gradient(r), ops.stop_gradient(d)
         update = (count > 0.0) & finite
-        if len(mean.shape) == 2:  # devices each with their own statistics (JAX): averaged
+        if len(mean.shape) == 2:  # groups (devices with their own statistics): averaged
             mean, stddev, update = ops.mean(mean, 0), ops.mean(stddev, 0), ops.all(update, 0)
         rate = 1.0 - self.renorm_momentum
         move_average(self.renorm_mean, mean, rate, update)

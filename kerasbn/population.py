@@ -33,15 +33,14 @@ import warnings
 import keras
 import numpy as np
 
-from kerasbn import model_walk
-from kerasbn.backend import require_backend
+from kerasbn import kernels, model_walk
 from kerasbn.batch_normalization import BatchNormalization
 from kerasbn.construction import kerasbn_config
 
 
 def _population_twin(layer, every_rank: bool):
     """A built kerasbn layer that averages ``layer``'s batch statistics exactly (over every
-    ``torch.distributed`` rank's batches when ``every_rank``)."""
+    process's batches when ``every_rank``: each step's batches merged over the processes)."""
     config = kerasbn_config(layer, momentum=None, unbiased_variance=True, renorm=False,
                             trainable=True, name=f"{layer.name}_population")
     if every_rank:
@@ -98,18 +97,18 @@ def recalibrate_statistics(model, data, steps: int | None = None, verbose: int |
     True
     """
     tool = "recalibrate_statistics"
-    backend = require_backend(tool)
+    backend = kernels.current(tool)
     model_walk.check_model(model, tool)
     if steps is not None and (not isinstance(steps, int) or steps <= 0):
         raise ValueError(f"`steps` must be a positive int or None; received steps={steps!r}.")
     layers = model_walk.batch_norm_layers(model)
     if not layers:
         return model_walk.warn_no_batch_norm(model, tool)
-    run = _run_tensorflow if backend == "tensorflow" else _run_eagerly
-    with _strategy_scope(model, backend) as strategy:
-        twins = [_population_twin(layer, _torch_distributed(backend)) for layer in layers]
+    with backend.population_scope(model):  # where the twins' variables belong (a strategy's scope)
+        twins = [_population_twin(layer, backend.merges_every_rank()) for layer in layers]
+    step, batches = backend.population_pass(model, data)
     with _calls_by_twins(layers, twins):
-        seen = run(model, data, steps, strategy, verbose)
+        seen = _loop(step, batches, steps, verbose)
     if seen == 0:
         raise ValueError("recalibrate_statistics: `data` yielded no batches.")
     for layer, twin in zip(layers, twins, strict=True):
@@ -125,29 +124,6 @@ def recalibrate_statistics(model, data, steps: int | None = None, verbose: int |
             # Renorm layers (Keras' and kerasbn's) derive moving_variance from moving_stddev.
             layer.moving_stddev.assign(np.sqrt(variance + layer.epsilon))
     return model
-
-
-def _torch_distributed(backend) -> bool:
-    """Under torch.distributed, every rank's batches count: each batch's statistics are merged
-    over the ranks (so every rank must pass the same number of batches)."""
-    if backend != "torch":
-        return False
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@contextlib.contextmanager
-def _strategy_scope(model, backend):
-    """The model's ``tf.distribute`` strategy's scope (its twins' variables belong there)."""
-    if backend != "tensorflow":
-        yield None
-        return
-    import tensorflow as tf
-
-    strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
-    with strategy.scope():
-        yield strategy
 
 
 @contextlib.contextmanager
@@ -173,27 +149,6 @@ def _progress(steps, verbose):
     if verbose == "auto":
         verbose = 1 if steps is None or steps >= 50 else 0
     return keras.utils.Progbar(steps, unit_name="batch") if verbose else None
-
-
-def _run_tensorflow(model, data, steps, strategy, verbose) -> int:
-    """Runs ``model`` in inference mode over ``data`` in a tf.function; returns the batches seen."""
-    import tensorflow as tf
-
-    step = tf.function(lambda x: model(x, training=False))
-    if strategy.num_replicas_in_sync > 1:
-        if isinstance(data, tf.data.Dataset):
-            data = strategy.experimental_distribute_dataset(data)
-        run = tf.function(lambda x: strategy.run(step, (x,)))
-    else:
-        run = step
-    return _loop(run, data, steps, verbose)
-
-
-def _run_eagerly(model, data, steps, strategy, verbose) -> int:
-    """Runs ``model`` in inference mode over ``data`` (numpy batches from a tf.data.Dataset)."""
-    if hasattr(data, "as_numpy_iterator"):
-        data = data.as_numpy_iterator()
-    return _loop(lambda x: model(x, training=False), data, steps, verbose)
 
 
 def _loop(run, data, steps, verbose) -> int:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import os
 import warnings
 from pathlib import Path
 
-from kerasbn import model_walk
+from kerasbn import kernels, model_walk
 from kerasbn._files import ensure_writable_directory
-from kerasbn.backend import BackendError, require_backend
+from kerasbn.backend import BackendError
 from kerasbn.folding import fold_batch_norm, unfoldable
 
 
@@ -51,19 +50,9 @@ def export_for_serving(model, path: str | os.PathLike, fold: bool = True):
         OSError: ``path`` cannot be written.
     """
     tool = "export_for_serving"
-    backend = require_backend(tool)
-    if backend == "torch":
-        # Keras' SavedModel export on torch goes through torch.export, which fails even on a
-        # Dense-BN model (Keras 3.15, torch 2.13); the .keras file carries everything instead.
-        raise BackendError(
-            f"{tool} writes a TensorFlow SavedModel, which Keras' torch backend cannot export. Save the "
-            "model (model.save('model.keras')) and export it under KERAS_BACKEND=tensorflow: "
-            "kerasbn.export_for_serving(keras.saving.load_model('model.keras'), path) - the file "
-            "loads there with the same outputs.")
-    if backend != "tensorflow" and importlib.util.find_spec("tensorflow") is None:
-        raise BackendError(f"{tool} writes a TensorFlow SavedModel, which needs TensorFlow installed "
-                           "on every backend (Keras' JAX export converts through it): "
-                           "pip install tensorflow.")
+    refusal = kernels.current(tool).export_refusal()
+    if refusal:
+        raise BackendError(f"{tool} {refusal}")
     model_walk.check_model(model, tool)
     path = Path(path)
     if path.exists() and not path.is_dir():

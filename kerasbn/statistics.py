@@ -3,7 +3,7 @@
 Every partial result -- one device's share, one ghost batch, one worker -- is a triple
 ``(count, mean, M2)`` with ``M2 = sum((x - mean)^2)``. Triples merge exactly and stably
 (Chan, Golub & LeVeque 1979), so synchronized BN is local BN plus one merge, on every
-backend. What follows is written in ``keras.ops`` and runs on TensorFlow and JAX alike:
+backend. What follows is written in ``keras.ops`` and runs on every backend alike:
 the merge, the guard against non-finite batches, and the moving averages. Computing a
 batch's triples and normalizing with them (input-sized work) is each backend's
 (:mod:`kerasbn.kernels`).

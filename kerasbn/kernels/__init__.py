@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
 from kerasbn.backend import require_backend
@@ -85,6 +87,21 @@ class Kernels(Protocol):
     def normalize_one_pass(self, x: Any, channel_axis: int, gamma: Any, beta: Any,
                            epsilon: float) -> tuple[Any, Moments]:
         """``(y, statistics)`` in one call, where ``plan.one_pass`` asks for it."""
+
+    # What the tools need of a backend (kerasbn.population, kerasbn.serving).
+    def population_scope(self, model: Any) -> AbstractContextManager:
+        """Where variables used beside ``model`` are created (its ``tf.distribute`` strategy's scope)."""
+
+    def population_pass(self, model: Any, data: Iterable) -> tuple[Callable[[Any], Any], Iterable]:
+        """``(step, batches)``: ``step(batch)`` runs ``model`` in inference mode on one of ``batches``
+        (``data`` as this backend iterates it: distributed over a strategy's replicas, as numpy)."""
+
+    def merges_every_rank(self) -> bool:
+        """Whether this process is one of several whose batches a recalibration merges (each step's
+        batches over every process: torch.distributed)."""
+
+    def export_refusal(self) -> str | None:
+        """Why a TensorFlow SavedModel cannot be exported from this backend (what to do), or None."""
 
 
 def current(what: str = "kerasbn") -> Kernels:

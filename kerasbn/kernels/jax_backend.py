@@ -22,7 +22,9 @@ devices itself) the layer's ``axis_name`` names the axis whose triples are all-g
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +32,11 @@ import keras
 from jax.sharding import NamedSharding, PartitionSpec
 
 from kerasbn.kernels import Request
-from kerasbn.kernels.portable import block_moments, normalize_blocks
+from kerasbn.kernels.portable import block_moments, eager_population_pass, normalize_blocks
 from kerasbn.statistics import Moments, merge_moments
 
-__all__ = ["JaxPlan", "training_plan", "local_statistics", "merge", "normalize", "normalize_one_pass"]
+__all__ = ["JaxPlan", "training_plan", "local_statistics", "merge", "normalize", "normalize_one_pass",
+           "population_scope", "population_pass", "merges_every_rank", "export_refusal"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,3 +159,22 @@ def normalize(x, channel_axis, statistics, gamma, beta, epsilon, mask, plan: Jax
 
 def normalize_one_pass(x, channel_axis, gamma, beta, epsilon):
     raise NotImplementedError("JAX plans never ask for TensorFlow's one-pass kernel.")
+
+
+def population_scope(model):
+    return contextlib.nullcontext()
+
+
+# Under keras.distribution each device's share is what an unsynchronized layer averages.
+population_pass = eager_population_pass
+
+
+def merges_every_rank() -> bool:
+    return False
+
+
+def export_refusal() -> str | None:
+    if importlib.util.find_spec("tensorflow") is None:
+        return ("writes a TensorFlow SavedModel, which needs TensorFlow installed on every backend "
+                "(Keras' JAX export converts through it): pip install tensorflow.")
+    return None

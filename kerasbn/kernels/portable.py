@@ -8,6 +8,8 @@
   statistics (JAX, PyTorch). TensorFlow has fused kernels and a hand-written backward
   (:mod:`kerasbn.kernels.tf_normalize`).
 
+- :func:`eager_population_pass`: a recalibration's pass over the data, eagerly (JAX, PyTorch).
+
 A backend passes ``pin`` (a function of a blocked tensor) where blocks must stay on their
 devices (JAX's sharding constraint); it is the identity elsewhere.
 """
@@ -136,3 +138,14 @@ def _affine(x, channel_axis, mean, scale, beta):
         shape[channel_axis] = -1
         mean, scale, beta = (ops.reshape(t, shape) for t in (mean, scale, beta))
     return (x - mean) * scale + beta
+
+
+def eager_population_pass(model, data):
+    """``(step, batches)``: ``model`` in inference mode, eagerly, on numpy batches (a
+    ``tf.data.Dataset`` is read as numpy)."""
+    if hasattr(data, "as_numpy_iterator"):
+        data = data.as_numpy_iterator()
+
+    def step(batch):
+        return model(batch, training=False)
+    return step, data

@@ -7,6 +7,7 @@ batch; a synchronized layer merges the replicas' triples with one all-reduce for
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import tensorflow as tf
@@ -18,7 +19,8 @@ from kerasbn.kernels.tf_moments import fused_statistics, local_moments, split_gh
 from kerasbn.kernels.tf_normalize import normalize_with_batch_statistics
 from kerasbn.statistics import Moments, merge_moments
 
-__all__ = ["TFPlan", "training_plan", "local_statistics", "merge", "normalize", "normalize_one_pass"]
+__all__ = ["TFPlan", "training_plan", "local_statistics", "merge", "normalize", "normalize_one_pass",
+           "population_scope", "population_pass", "merges_every_rank", "export_refusal"]
 
 # Below this many values per call, fused=None keeps to the element-wise path.
 FUSED_MIN_ELEMENTS = 2**17
@@ -108,3 +110,34 @@ def normalize_one_pass(x, channel_axis, gamma, beta, epsilon):
     """``(y, statistics)`` from one fused kernel call (and one gradient call backward)."""
     statistics, y = fused_statistics(x, channel_axis, affine=(gamma, beta, epsilon))
     return y, statistics
+
+
+def _strategy(model):
+    return getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+
+
+@contextlib.contextmanager
+def population_scope(model):
+    """The model's ``tf.distribute`` strategy's scope (variables beside it belong there)."""
+    with _strategy(model).scope():
+        yield
+
+
+def population_pass(model, data):
+    """The model in inference mode in a ``tf.function``, batches split across the replicas of the
+    model's strategy."""
+    strategy = _strategy(model)
+    step = tf.function(lambda x: model(x, training=False))
+    if strategy.num_replicas_in_sync == 1:
+        return step, data
+    if isinstance(data, tf.data.Dataset):
+        data = strategy.experimental_distribute_dataset(data)
+    return tf.function(lambda x: strategy.run(step, (x,))), data
+
+
+def merges_every_rank() -> bool:
+    return False  # replicas and workers: the strategy splits each batch (population_pass)
+
+
+def export_refusal() -> str | None:
+    return None

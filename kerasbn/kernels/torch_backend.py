@@ -19,16 +19,18 @@ Without a process group, or with ``synchronized=False``, each process normalizes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
 import torch.distributed as dist
 
 from kerasbn.kernels import Request
-from kerasbn.kernels.portable import block_moments, normalize_blocks
+from kerasbn.kernels.portable import block_moments, eager_population_pass, normalize_blocks
 from kerasbn.statistics import Moments, merge_moments
 
-__all__ = ["TorchPlan", "training_plan", "local_statistics", "merge", "normalize", "normalize_one_pass"]
+__all__ = ["TorchPlan", "training_plan", "local_statistics", "merge", "normalize", "normalize_one_pass",
+           "population_scope", "population_pass", "merges_every_rank", "export_refusal"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,3 +146,33 @@ def normalize(x, channel_axis, statistics, gamma, beta, epsilon, mask, plan: Tor
 
 def normalize_one_pass(x, channel_axis, gamma, beta, epsilon):
     raise NotImplementedError("torch plans never ask for TensorFlow's one-pass kernel.")
+
+
+def population_scope(model):
+    return contextlib.nullcontext()
+
+
+def population_pass(model, data):
+    """Eager inference passes, without autograd's graph (nothing is differentiated)."""
+    step, batches = eager_population_pass(model, data)
+
+    def without_autograd(batch):
+        with torch.no_grad():
+            return step(batch)
+    return without_autograd, batches
+
+
+def merges_every_rank() -> bool:
+    """Under torch.distributed every rank's batches count: each step's batches are merged over the
+    ranks (so every rank passes the same number of batches) and every rank ends with the same
+    statistics."""
+    return _world() > 1
+
+
+def export_refusal() -> str | None:
+    # Keras' SavedModel export on torch goes through torch.export, which fails even on a Dense-BN
+    # model (Keras 3.15, torch 2.13); the .keras file carries everything instead.
+    return ("writes a TensorFlow SavedModel, which Keras' torch backend cannot export. Save the model "
+            "(model.save('model.keras')) and export it under KERAS_BACKEND=tensorflow: "
+            "kerasbn.export_for_serving(keras.saving.load_model('model.keras'), path) - the file loads "
+            "there with the same outputs.")
