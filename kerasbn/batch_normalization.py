@@ -11,7 +11,13 @@ from kerasbn import kernels
 from kerasbn.backend import INFERENCE_BACKENDS, SUPPORTED_BACKENDS, require_backend
 from kerasbn.kernels.portable import normalize_inference
 from kerasbn.scopes import applies_open_scope
-from kerasbn.statistics import all_finite, move_average, population_estimate, variance_from_moments
+from kerasbn.statistics import (
+    Moments,
+    all_finite,
+    move_average,
+    population_estimate,
+    variance_from_moments,
+)
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
@@ -399,10 +405,13 @@ class BatchNormalization(keras.layers.Layer):
         else:
             statistics = backend.local_statistics(inputs, axis, mask, plan)
             statistics = backend.merge(statistics, plan)
-        finite = all_finite(statistics)
+        # The guard, renorm's corrections and the averages read the statistics as values: no
+        # gradient flows through them (autograd on torch then records none of their small ops).
+        observed = Moments(*(ops.stop_gradient(t) for t in statistics))
+        finite = all_finite(observed)
         if self.renorm:
-            gamma, beta = self._renormalize(statistics, gamma, beta, finite)
-        self._update_moving_statistics(statistics, finite)
+            gamma, beta = self._renormalize(observed, gamma, beta, finite)
+        self._update_moving_statistics(observed, finite)
         if not plan.one_pass:
             y = backend.normalize(inputs, axis, statistics, gamma, beta, self.epsilon, mask, plan)
         return ops.cast(y, self.compute_dtype)

@@ -107,4 +107,10 @@ class Kernels(Protocol):
 def current(what: str = "kerasbn") -> Kernels:
     """The training kernels of Keras' current backend; :class:`kerasbn.backend.BackendError` for a
     backend kerasbn cannot train on (naming those it can)."""
-    return importlib.import_module(TRAINING_MODULES[require_backend(what)])
+    backend = require_backend(what)
+    if backend not in _LOADED:  # imported once: the layer asks at every training call
+        _LOADED[backend] = importlib.import_module(TRAINING_MODULES[backend])
+    return _LOADED[backend]
+
+
+_LOADED: dict = {}

@@ -92,13 +92,6 @@ def training_plan(request: Request, inputs, mask) -> TorchPlan:
 
 def local_statistics(x, channel_axis: int, mask, plan: TorchPlan) -> Moments:
     """This rank's ``(count, mean, m2)``, each ``(C,)`` (``(G, C)`` for ghost batches)."""
-    values = x.numel() // max(x.shape[channel_axis], 1)
-    if mask is None and plan.blocks == 1 and values > 0:
-        # torch's fused one-pass kernel (Welford's update: exact at large channel means).
-        axes = tuple(a for a in range(x.ndim) if a != channel_axis)
-        variance, mean = torch.var_mean(x.float(), dim=axes, correction=0)
-        count = torch.full_like(mean, float(values))
-        return Moments(count, mean, variance * values)
     moments = block_moments(x, channel_axis, mask, plan.blocks)
     if plan.blocks == 1:
         return Moments(*(t[0] for t in moments))
