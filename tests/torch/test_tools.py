@@ -68,14 +68,19 @@ with warnings.catch_warnings():  # first: a training call below moves the statis
 served = tf.saved_model.load(d + "/export/1")  # held: its variables live as long as it does
 np.save(d + "/served.npy", served.serve(x).numpy())
 np.save(d + "/tf_outputs.npy", np.stack([np.asarray(loaded(x, training=t)) for t in (False, True)]))
+model, _ = zoo_models.custom_layer()
+model = kerasbn.convert_sync_batchnorm(zoo_models.trained(model, seed=5), momentum=0.5)
+model.save(d + "/from_tf.keras")
+np.save(d + "/tf_model_outputs.npy", np.stack([np.asarray(model(x, training=t)) for t in (False, True)]))
 print(sorted({type(l).__name__ for l in loaded._flatten_layers() if "BatchNorm" in type(l).__name__}))
 """
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="TensorFlow is not installed")
-def test_a_keras_file_from_torch_loads_converted_on_tensorflow_and_serves_there(tmp_path):
+def test_keras_files_cross_between_torch_and_tensorflow_and_serve_there(tmp_path):
     """A model converted and trained on PyTorch: its .keras file loads converted on TensorFlow with
-    its outputs in both modes, and exports and serves there (what export_for_serving's error says)."""
+    its outputs in both modes, and exports and serves there (what export_for_serving's error says);
+    a file converted and saved on TensorFlow loads here converted, with its outputs."""
     model, _ = zoo_models.custom_layer()
     model = kerasbn.convert_sync_batchnorm(zoo_models.trained(model), momentum=0.8)
     x = zoo_models.input_batch(model)
@@ -94,3 +99,10 @@ def test_a_keras_file_from_torch_loads_converted_on_tensorflow_and_serves_there(
     for i in range(2):
         np.testing.assert_allclose(on_tf[i], expected[i], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.load(tmp_path / "served.npy"), expected[0], rtol=1e-4, atol=1e-5)
+    from_tf = keras.saving.load_model(tmp_path / "from_tf.keras")
+    bns = zoo_models.bn_layers(from_tf)
+    assert bns and all(isinstance(bn, kerasbn.SyncBatchNormalization) and bn.momentum == 0.5 for bn in bns)
+    on_tf_model = np.load(tmp_path / "tf_model_outputs.npy")
+    for i, training in enumerate((False, True)):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(from_tf(x, training=training)), on_tf_model[i],
+                                   rtol=1e-4, atol=1e-5)
