@@ -114,3 +114,7 @@ package-check: $(STAMP)
 	$(PYTHON) -m venv $(PACKAGE_DIR)/venv-jax
 	$(PACKAGE_DIR)/venv-jax/bin/python -m pip install -q "$$(ls $(PACKAGE_DIR)/dist/*.whl)[jax]"
 	cd $(PACKAGE_DIR) && KERAS_BACKEND=jax venv-jax/bin/python ../../tests/helpers/installed_wheel_check.py
+	# A PyTorch user's install: kerasbn[torch] (torch's CPU build, as `make venv` takes it), no TensorFlow.
+	$(PYTHON) -m venv $(PACKAGE_DIR)/venv-torch
+	$(PACKAGE_DIR)/venv-torch/bin/python -m pip install -q "$$(ls $(PACKAGE_DIR)/dist/*.whl)[torch]" "torch==$(TORCH_CPU)"
+	cd $(PACKAGE_DIR) && KERAS_BACKEND=torch venv-torch/bin/python ../../tests/helpers/installed_wheel_check.py

@@ -16,7 +16,7 @@ installed = pathlib.Path(kerasbn.__file__).resolve()
 assert "site-packages" in installed.parts, f"kerasbn imported from {installed}, not from the wheel"
 x = np.random.RandomState(0).normal(3.0, 2.0, (64, 5)).astype("float32")
 layer = kerasbn.BatchNormalization(momentum=None)
-y = np.asarray(layer(x, training=True))
+y = keras.ops.convert_to_numpy(layer(x, training=True))
 np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-4)
 np.testing.assert_allclose(layer.moving_mean.numpy(), x.mean(0), rtol=1e-5)
 np.testing.assert_allclose(layer.moving_variance.numpy(), x.var(0, ddof=1), rtol=1e-4)
@@ -27,7 +27,7 @@ except ImportError:
 else:
     raise AssertionError("the wheel installed a top-level `recipes` package")
 backend = keras.backend.backend()
-if backend == "jax":  # kerasbn[jax] installs no TensorFlow, and nothing imported one
-    assert importlib.util.find_spec("tensorflow") is None, "kerasbn[jax] installed TensorFlow"
+if backend in ("jax", "torch"):  # kerasbn[jax] and kerasbn[torch] install no TensorFlow; nothing imported one
+    assert importlib.util.find_spec("tensorflow") is None, f"kerasbn[{backend}] installed TensorFlow"
     assert "tensorflow" not in sys.modules
 print(f"kerasbn {kerasbn.__version__} from the wheel on {backend}: one layer trained and checked")
