@@ -30,6 +30,7 @@ def _moving_statistics(z, per_device=False):
 
 
 def test_data_parallel_block(tmp_path, monkeypatch):
+    keras.utils.set_random_seed(0)  # the convolution's kernel: the last check below depends on it
     x, y = _data()
     # Each device's share of a batch (2 consecutive examples of 8) is off-centre by its own amount, so the
     # global batch's variance is far from the mean of the devices' own variances.
@@ -61,6 +62,8 @@ def test_data_parallel_block(tmp_path, monkeypatch):
     mean, variance = _moving_statistics(z)
     np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(bn.moving_variance.numpy(), variance, rtol=1e-5)
-    # The check tells the global batch from the devices' own shares: per-device statistics would be far off.
+    # The check tells the global batch from the devices' own shares: per-device statistics would be far off
+    # (on the channels the devices' offsets reach; a channel whose kernel cancels them cannot tell).
     _, per_device_variance = _moving_statistics(z, per_device=True)
-    assert np.all(np.abs(per_device_variance - variance) > 1e-3 * variance)
+    relative = np.abs(per_device_variance - variance) / variance
+    assert relative.max() > 0.1 and np.sum(relative > 1e-2) >= 2, relative
