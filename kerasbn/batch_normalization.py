@@ -316,6 +316,11 @@ class BatchNormalization(keras.layers.Layer):
         return axis
 
     def build(self, input_shape):
+        variable_dtype = keras.backend.standardize_dtype(self.dtype_policy.variable_dtype)
+        if "float" not in variable_dtype:
+            # Before any weight exists: torch refuses an integer trainable weight with its own error.
+            raise TypeError(f"{type(self).__name__} needs a floating-point `dtype` (its weights are "
+                            f"trained); received dtype={variable_dtype!r}.")
         input_shape = tuple(input_shape)
         rank = len(input_shape)
         axis = self._channel_axis(rank)
