@@ -1,7 +1,8 @@
 """kerasbn: batch normalization for Keras done right.
 
 Local and synchronized batch normalization with the paper's population
-statistics, and the tools around it, on Keras' TensorFlow and JAX backends.
+statistics, and the tools around it, on Keras' TensorFlow, JAX and PyTorch backends
+(inference on its numpy and OpenVINO backends too).
 The statistics every backend shares live in :mod:`kerasbn.statistics`, each
 backend's kernels in :mod:`kerasbn.kernels`; work-arounds for Keras itself
 (TensorFlow) in :mod:`kerasbn.compat`.

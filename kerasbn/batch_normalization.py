@@ -147,9 +147,11 @@ class BatchNormalization(keras.layers.Layer):
         synchronized: if True, the batch statistics are those of the global
             batch across devices: the replicas of a ``tf.distribute`` strategy
             (one collective per layer forward, one backward; see
-            ``SyncBatchNormalization``), or on JAX the devices of
-            ``keras.distribution.DataParallel``. If False, each device
-            normalizes its own share of the batch, on both backends.
+            ``SyncBatchNormalization``), on JAX the devices of
+            ``keras.distribution.DataParallel``, on PyTorch the ranks of
+            ``torch.distributed`` (under ``DistributedDataParallel`` too; a
+            Keras model there is called with ``training=True``). If False, each
+            device normalizes its own share of the batch, on every backend.
         sync_group_size: int or None; with ``synchronized=True``, devices
             share statistics within consecutive groups of this many devices
             (it must divide the device count); None means all devices.
@@ -157,8 +159,8 @@ class BatchNormalization(keras.layers.Layer):
             (``jax.shard_map``, ``jax.pmap`` around ``stateless_call``): the
             mapped axis to synchronize over, as Flax's ``axis_name``; needs
             ``synchronized=True``. Not needed under ``keras.distribution``.
-        fused: TensorFlow only (on JAX, XLA fuses the element-wise ops and
-            ``fused=True`` is refused). None (default) uses TensorFlow's fused batch-norm kernels
+        fused: TensorFlow only (on JAX and PyTorch the element-wise ops run
+            and ``fused=True`` is refused). None (default) uses TensorFlow's fused batch-norm kernels
             (oneDNN on CPU, cuDNN on GPU) whenever the case allows it
             (float16/bfloat16/float32 input, channel axis 1 or last, no ghost
             batches) and the input has at least 2**17 values (below that the
