@@ -43,12 +43,10 @@ __all__ = ["JaxPlan", "training_plan", "local_statistics", "merge", "normalize",
 class JaxPlan:
     """blocks: the per-device (or per-ghost-batch) blocks the statistics are first computed on.
     groups: how many groups are normalized with their own statistics after the merge (1: one
-    set). synchronized: merged across devices; group_size: devices per group (None: all).
+    set; fewer groups than blocks: the blocks' statistics are merged within each group).
     axis_name: the mapped axis to merge over. devices: the ``keras.distribution`` devices the
     blocks are pinned to, found once per call (None when the blocks are not devices)."""
 
-    synchronized: bool = False
-    group_size: int | None = None
     blocks: int = 1
     groups: int = 1
     axis_name: str | None = None
@@ -105,7 +103,7 @@ def training_plan(request: Request, inputs, mask) -> JaxPlan:
         ghosts = batch // request.virtual_batch_size
         return JaxPlan(blocks=ghosts, groups=ghosts)
     if request.axis_name is not None:
-        return JaxPlan(synchronized=True, axis_name=request.axis_name)
+        return JaxPlan(axis_name=request.axis_name)
     found = DataParallelDevices()
     devices = found.count
     if devices == 1 or request.channel_axis == 0:  # axis 0: each example is a channel, on its device
@@ -121,13 +119,12 @@ def training_plan(request: Request, inputs, mask) -> JaxPlan:
         raise ValueError(
             f"sync_group_size={group_size} must divide the number of devices of the batch axis "
             f"({devices}); use a divisor of {devices} or None for all devices.")
-    return JaxPlan(synchronized=True, group_size=request.sync_group_size, blocks=devices,
-                   groups=devices // group_size, devices=found)
+    return JaxPlan(blocks=devices, groups=devices // group_size, devices=found)
 
 
 def local_statistics(x, channel_axis: int, mask, plan: JaxPlan) -> Moments:
     """Each block's ``(count, mean, m2)``, each ``(blocks, C)``; differentiable in ``x``."""
-    pin = plan.devices.pin if plan.devices is not None else (lambda blocked: blocked)
+    pin = None if plan.devices is None else plan.devices.pin
     return block_moments(x, channel_axis, mask, plan.blocks, pin)
 
 

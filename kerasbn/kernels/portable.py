@@ -11,7 +11,7 @@
 - :func:`eager_population_pass`: a recalibration's pass over the data, eagerly (JAX, PyTorch).
 
 A backend passes ``pin`` (a function of a blocked tensor) where blocks must stay on their
-devices (JAX's sharding constraint); it is the identity elsewhere.
+devices (JAX's sharding constraint); None elsewhere.
 """
 
 from __future__ import annotations
@@ -25,10 +25,6 @@ from kerasbn.statistics import Moments, variance_from_moments
 # The shift that keeps the one-pass sums precise comes from at least this many values per
 # channel of each block's first examples (one example of a feature map; 16 rows of (N, C)).
 SAMPLE_VALUES = 16
-
-
-def _identity(x):
-    return x
 
 
 def normalize_inference(x, channel_axis: int, mean, variance, gamma, beta, epsilon):
@@ -62,10 +58,11 @@ def as_blocks(x, mask, blocks: int):
     return x, mask
 
 
-def block_moments(x, channel_axis: int, mask, blocks: int, pin=_identity) -> Moments:
+def block_moments(x, channel_axis: int, mask, blocks: int, pin=None) -> Moments:
     """Each block's ``(count, mean, m2)``, each ``(blocks, C)``; differentiable in ``x``."""
     xb, mask = as_blocks(ops.cast(x, "float32"), mask, blocks)
-    xb = pin(xb)
+    if pin is not None:
+        xb = pin(xb)
     axis = channel_axis + 1
     axes = tuple(a for a in range(len(xb.shape)) if a not in (0, axis))
     moments = _moments(xb, axes, axis) if mask is None else _masked_moments(xb, axes, mask)

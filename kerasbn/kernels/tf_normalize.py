@@ -31,26 +31,6 @@ from kerasbn.kernels.tf_moments import split_ghost_batches
 from kerasbn.statistics import Moments, variance_from_moments
 
 
-def normalize_inference(x, channel_axis, mean, variance, gamma, beta, epsilon) -> tf.Tensor:
-    """``gamma * (x - mean) / sqrt(variance + epsilon) + beta`` in float32.
-
-    Centred first: ``x * a + (beta - mean * a)`` rounds away the output when a
-    channel's mean is large against its spread. Element-wise: at serving batch
-    sizes the fused kernel's fixed cost exceeds two broadcast ops.
-    """
-    rank = x.shape.rank
-    multiplier = tf.math.rsqrt(variance + epsilon)
-    if gamma is not None:
-        multiplier = multiplier * gamma
-    if channel_axis != rank - 1:
-        shape = [1] * rank
-        shape[channel_axis] = -1
-        mean, multiplier = tf.reshape(mean, shape), tf.reshape(multiplier, shape)
-        beta = None if beta is None else tf.reshape(beta, shape)
-    y = (tf.cast(x, tf.float32) - mean) * multiplier
-    return y if beta is None else y + beta
-
-
 def normalize_with_batch_statistics(
     x: tf.Tensor,
     channel_axis: int,
