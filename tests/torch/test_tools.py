@@ -17,20 +17,7 @@ import pytest
 
 import kerasbn
 from tests.helpers import forkserver, zoo_models
-from tests.library.test_after_training import (  # noqa: F401  (collected here, on PyTorch)
-    test_bn_affine_matches_the_paper,
-    test_folding_keeps_the_inference_function,
-    test_recalibration_is_algorithm_2,
-)
-from tests.library.test_convert import (  # noqa: F401
-    test_conversion_is_complete_and_keeps_arguments_weights_and_outputs,
-)
-from tests.library.test_other_models import (  # noqa: F401
-    test_a_scope_builds_kerasbn_layers_everywhere_and_only_inside_it,
-    test_converted_models_load_back_converted_with_no_scope,
-    test_models_built_in_the_scope_load_back_as_built,
-    test_recalibration_covers_every_bn_with_algorithm_2,
-)
+from tests.helpers.backend_neutral import *  # noqa: F403  (the library's tests, collected here on PyTorch)
 
 ROOT = Path(__file__).resolve().parents[2]
 
