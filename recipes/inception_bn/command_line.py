@@ -6,6 +6,7 @@ import argparse
 
 from recipes.inception_bn import cluster, failures, plateau
 from recipes.inception_bn.data import DEFAULT_IMAGE_SIZE, SOURCES
+from recipes.inception_bn.model import STEMS
 from recipes.inception_bn.variants import VARIANTS, variants_help
 
 
@@ -28,6 +29,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=32, help="per replica (default 32, the paper's)")
     parser.add_argument("--image-size", type=int,
                         help="input size (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_IMAGE_SIZE.items()) + ")")
+    parser.add_argument("--stem", choices=STEMS,
+                        help="the layers before the first inception module: the paper's (imagenet: 8x "
+                        "downsampling) or one for 28-32 px images (small: 2x) (default: small for fashion_mnist, "
+                        "imagenet otherwise); see docs/recipes.md")
     parser.add_argument("--width-multiplier", type=float, default=1.0, help="scales every layer's filters")
     parser.add_argument("--bn-momentum", type=float, default=0.99,
                         help="BN moving-average momentum (0.99; 0.9 suits runs of a few thousand steps)")
@@ -82,6 +87,8 @@ def parse_args(argv=None):
                         "to the uninterrupted run (same machine); not with --data-service")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.stem is None:
+        args.stem = "small" if args.dataset == "fashion_mnist" else "imagenet"
     if args.recalibrate_steps < 0:
         parser.error("--recalibrate-steps must be at least 0")
     for name in ("batch_size", "eval_every", "cpu_replicas", "steps_per_loop"):

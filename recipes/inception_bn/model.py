@@ -127,7 +127,13 @@ class _Builder:
         return keras.layers.Concatenate(name=prefix)(branches)
 
 
-def _network(num_classes, input_shape, build: _Builder, lrn: bool, dropout: float, name: str):
+# The layers before the first inception module: the paper's for 224 px images (downsampling 8x: the
+# inception stages at 28, 14 and 7) or one for 28-32 px images (2x: at 14, 7 and 4 from 28 px).
+STEMS = ("imagenet", "small")
+
+
+def _network(num_classes, input_shape, build: _Builder, lrn: bool, dropout: float, name: str,
+             stem: str = "imagenet"):
     if num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes}.")
     if build.width_multiplier <= 0:
@@ -136,15 +142,22 @@ def _network(num_classes, input_shape, build: _Builder, lrn: bool, dropout: floa
         raise ValueError(f"input_shape must be (height, width, channels), got {input_shape}.")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}.")
     batch_norm, kernel_initializer = build.batch_norm is not None, build.kernel_initializer
     inputs = keras.Input(input_shape, name="images")
-    # Separable first convolution, depth multiplier 8 (TF-slim: min(depth(64) // 3, 8)).
-    stem = build.depth(64)
-    x = keras.layers.SeparableConv2D(stem, 7, 2, padding="same", depth_multiplier=max(1, min(stem // 3, 8)),
-                                     use_bias=not batch_norm, depthwise_initializer=kernel_initializer,
-                                     pointwise_initializer=kernel_initializer, name="conv1_7x7_s2")(inputs)
-    x = build.finish(x, "conv1_7x7_s2")
-    x = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool1_3x3_s2")(x)
+    if stem == "imagenet":
+        # Separable first convolution, depth multiplier 8 (TF-slim: min(depth(64) // 3, 8)).
+        depth = build.depth(64)
+        x = keras.layers.SeparableConv2D(depth, 7, 2, padding="same", depth_multiplier=max(1, min(depth // 3, 8)),
+                                         use_bias=not batch_norm, depthwise_initializer=kernel_initializer,
+                                         pointwise_initializer=kernel_initializer, name="conv1_7x7_s2")(inputs)
+        x = build.finish(x, "conv1_7x7_s2")
+        x = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool1_3x3_s2")(x)
+    else:
+        # As CIFAR-scale versions of ImageNet networks: the first convolution a 3x3 at full
+        # resolution and no first pooling, so the stem downsamples 2x instead of 8x.
+        x = build.conv(inputs, 64, 3, "conv1_3x3")
     if lrn:
         x = LocalResponseNormalization(name="pool1_lrn")(x)
     x = build.conv(x, 64, 1, "conv2_1x1")
@@ -168,14 +181,15 @@ def _network(num_classes, input_shape, build: _Builder, lrn: bool, dropout: floa
 def bn_inception(num_classes: int = 1000, input_shape=(224, 224, 3), activation: str = "relu",
                  batch_norm: bool = True, synchronized: bool = False, width_multiplier: float = 1.0,
                  dropout: float = 0.0, min_depth: int = 8, kernel_initializer="glorot_uniform",
-                 bn_momentum: float = 0.99, bn_epsilon: float = 1e-3,
+                 bn_momentum: float = 0.99, bn_epsilon: float = 1e-3, stem: str = "imagenet",
                  name: str = "bn_inception") -> keras.Model:
     """The paper's BN-Inception: BN before every non-linearity, no LRN, no dropout.
 
     Args:
         num_classes: classifier outputs (logits).
         input_shape: ``(height, width, channels)``; any size from 28 up (the
-            network downsamples 32x; global average pooling follows).
+            network downsamples 32x with the paper's stem, 8x with the small
+            one; global average pooling follows).
         activation: the non-linearity (``"relu"``; ``"sigmoid"`` for BN-x5-Sigmoid).
         batch_norm: False builds the same network without BN (convolutions get
             biases back); see :func:`inception` for the paper's no-BN baseline.
@@ -188,6 +202,12 @@ def bn_inception(num_classes: int = 1000, input_shape=(224, 224, 3), activation:
         kernel_initializer: for every convolution (GoogLeNet's Xavier,
             ``"glorot_uniform"``; the no-BN network depends on it, BN does not).
         bn_momentum, bn_epsilon: the BN layers' ``momentum`` and ``epsilon``.
+        stem: the layers before the first inception module (``STEMS``):
+            ``"imagenet"``, the paper's (a separable 7x7 convolution of stride 2
+            and two 3x3 poolings of stride 2: the stages see 28, 14 and 7 px
+            maps of a 224 px image), or ``"small"`` for 28-32 px images (a 3x3
+            convolution of stride 1 and one pooling, as CIFAR-scale versions of
+            ImageNet networks: 14, 7 and 4 px maps of a 28 px image).
         name: the model's name.
 
     Example:
@@ -198,25 +218,25 @@ def bn_inception(num_classes: int = 1000, input_shape=(224, 224, 3), activation:
     """
     bn = {"momentum": bn_momentum, "epsilon": bn_epsilon, "synchronized": synchronized} if batch_norm else None
     build = _Builder(activation, bn, width_multiplier, min_depth, kernel_initializer)
-    return _network(num_classes, tuple(input_shape), build, lrn=False, dropout=dropout, name=name)
+    return _network(num_classes, tuple(input_shape), build, lrn=False, dropout=dropout, name=name, stem=stem)
 
 
 def inception(num_classes: int = 1000, input_shape=(224, 224, 3), activation: str = "relu",
               width_multiplier: float = 1.0, dropout: float = 0.4, lrn: bool = True, min_depth: int = 8,
-              kernel_initializer="glorot_uniform", name: str = "inception") -> keras.Model:
+              kernel_initializer="glorot_uniform", stem: str = "imagenet", name: str = "inception") -> keras.Model:
     """The no-BN baseline: BN-Inception's layers with LRN and dropout, as GoogLeNet.
 
     Args:
         num_classes, input_shape, activation, width_multiplier, min_depth,
-        kernel_initializer, name: as :func:`bn_inception`.
+        kernel_initializer, stem, name: as :func:`bn_inception`.
         dropout: dropout rate before the classifier (GoogLeNet: 0.4).
         lrn: local response normalization after the first pooling and the
             second convolution, as GoogLeNet.
 
     Example:
 
-    >>> inception(10, input_shape=(32, 32, 1), width_multiplier=0.25).output_shape
+    >>> inception(10, input_shape=(28, 28, 1), width_multiplier=0.25, stem="small").output_shape
     (None, 10)
     """
     build = _Builder(activation, None, width_multiplier, min_depth, kernel_initializer)
-    return _network(num_classes, tuple(input_shape), build, lrn=lrn, dropout=dropout, name=name)
+    return _network(num_classes, tuple(input_shape), build, lrn=lrn, dropout=dropout, name=name, stem=stem)

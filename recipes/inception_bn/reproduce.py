@@ -35,11 +35,12 @@ BASELINE = "inception"
 # The paper's ImageNet results (Table 2): steps to reach Inception's 72.2%, and maximum accuracy.
 PAPER = {"inception": ("31.0M", "72.2%"), "bn-baseline": ("13.3M", "72.7%"), "bn-x5": ("2.1M", "73.0%"),
          "bn-x30": ("2.7M", "74.8%"), "bn-x5-sigmoid": ("-", "69.8%")}
-# The budget measured to fit about an hour on 2 cores (docs/recipes.md).
-BUDGET = {"--image-size": "32", "--width-multiplier": "0.25", "--batch-size": "32", "--eval-every": "250",
-          "--validation-examples": "5000", "--plateau-window": "4000", "--plateau-min-delta": "0.002",
-          "--steps-per-loop": "10"}
-DEFAULT_MAX_STEPS = 40000
+# The network and budget chosen by short measured runs (docs/recipes.md): Fashion-MNIST's own 28 px
+# through the small stem (inception stages at 14, 7 and 4), width x0.25, the paper's batch of 32.
+BUDGET = {"--image-size": "28", "--stem": "small", "--width-multiplier": "0.25", "--batch-size": "32",
+          "--eval-every": "500", "--validation-examples": "5000", "--plateau-window": "3000",
+          "--plateau-min-delta": "0.002", "--steps-per-loop": "10"}
+DEFAULT_MAX_STEPS = 30000
 PROGRESS_SECONDS = 60.0
 
 
@@ -132,6 +133,7 @@ def run_all(run_dir: Path, names, seeds, train_args, jobs: int, train_module: st
 
     def report_progress():
         while not stop_progress.wait(PROGRESS_SECONDS):
+            print(f"-- {progress_summary(run_dir, names, seeds, running, jobs)}", flush=True)
             for (name, seed), directory in list(running.items()):
                 print(f"   {name} seed {seed}: {progress_line(read_history(RunFiles(directory).history))}",
                       flush=True)
@@ -152,6 +154,36 @@ def progress_line(history) -> str:
     step, accuracy = plateau.chosen(*plateau.from_history(history))
     return f"step {history[-1]['step']}, validation {float(history[-1]['eval_accuracy']):.4f}; " \
            f"best {accuracy:.4f} at step {step}"
+
+
+def training_seconds(history) -> float:
+    """The wall time a run has trained (its evaluations included), summed over its resumes."""
+    return sum(float(row["wall_seconds"] or 0) for row in history)
+
+
+def progress_summary(run_dir: Path, names, seeds, running, jobs: int) -> str:
+    """Runs done of all, and the time left: each unfinished run is expected to take as long as the
+    finished runs of its network (of any network while none of its own has finished), less what it
+    has trained already, ``jobs`` at a time. No estimate before a run has finished."""
+    done, left = {}, []
+    for name in names:
+        for seed in seeds:
+            history = read_history(RunFiles(run_directory(run_dir, seed) / name).history)
+            if finished(run_dir, name, seed) is not None:
+                done.setdefault(name, []).append(training_seconds(history))
+            else:
+                left.append((name, training_seconds(history)))
+    total = len(names) * len(seeds)
+    line = f"{total - len(left)} of {total} runs done, {len(running)} running"
+    if not left:
+        return line
+    if not done:
+        return line + "; time left: estimated once a run has finished"
+    every = [t for times in done.values() for t in times]
+    expected = {name: statistics.fmean(done.get(name) or every) for name in names}
+    remaining = [max(expected[name] - trained, 0.0) for name, trained in left]
+    seconds = max(sum(remaining) / max(1, jobs), max(remaining))
+    return line + f"; about {seconds / 60:.0f} min left"
 
 
 # Reporting -----------------------------------------------------------------------------------------
@@ -183,6 +215,49 @@ def _spread(values, fmt) -> str:
         return "-"
     middle = statistics.median(values)
     return f"{fmt(middle)} [{fmt(min(values))}-{fmt(max(values))}]" if len(values) > 1 else fmt(middle)
+
+
+# Student's t, two-sided 95%, by degrees of freedom (a paired comparison over n seeds has n - 1).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired(differences) -> dict:
+    """The mean of per-seed differences, its 95% interval (Student's t over the seeds) and whether
+    the seeds resolve it: the interval excludes zero."""
+    n = len(differences)
+    mean = statistics.fmean(differences)
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, "resolved": False}
+    half = _T95.get(n - 1, 1.96) * statistics.stdev(differences) / n ** 0.5
+    return {"mean": mean, "low": mean - half, "high": mean + half, "resolved": not mean - half <= 0 <= mean + half}
+
+
+def paired_table(numbers: dict, baseline: str) -> list[str]:
+    """Each network against the baseline seed by seed (same data order per seed): test accuracy
+    differences with their 95% interval, and in how many seeds it reached the baseline's maximum sooner."""
+    lines = [f"Paired by seed against {baseline} (each seed: same initial-weight seed, same data in the same "
+             "order). Test accuracy difference = network - baseline; the interval is Student's t over the "
+             "seeds' differences; *resolved* when it excludes zero.", "",
+             "| network | test accuracy difference per seed | mean [95% interval] | resolved | "
+             f"reached {baseline}'s maximum sooner than {baseline} itself |", "|---|---|---|---|---|"]
+    base = numbers[baseline]["per_seed"]
+    for name, entry in numbers.items():
+        if name == baseline:
+            continue
+        seeds = [s for s, run in entry["per_seed"].items()
+                 if run["test_accuracy"] is not None and base.get(s, {}).get("test_accuracy") is not None]
+        differences = [entry["per_seed"][s]["test_accuracy"] - base[s]["test_accuracy"] for s in seeds]
+        sooner = sum((entry["per_seed"][s]["speedup"] or 0) > 1 for s in entry["per_seed"])
+        if not differences:
+            lines.append(f"| {name} | - | - | - | {sooner} of {len(entry['per_seed'])} seeds |")
+            continue
+        comparison = paired(differences)
+        entry["paired_test_difference"] = comparison
+        interval = "" if comparison["low"] is None else f" [{comparison['low']:+.4f}, {comparison['high']:+.4f}]"
+        lines.append(f"| {name} | {', '.join(f'{d:+.4f}' for d in differences)} | {comparison['mean']:+.4f}"
+                     f"{interval} | {'yes' if comparison['resolved'] else 'no'} | "
+                     f"{sooner} of {len(entry['per_seed'])} seeds |")
+    return lines
 
 
 def summarize(runs: dict, max_steps: int) -> tuple[str, dict]:
@@ -242,6 +317,7 @@ def summarize(runs: dict, max_steps: int) -> tuple[str, dict]:
         lines.append(f"| {name} | {reach} | {reach_cells} | "
                      f"{_spread([s['speedup'] for s in per_seed.values()], lambda v: f'{v:.1f}x')} | {test_cell} | "
                      f"{tests_cells} | {stops} | {paper_steps} | {paper_max} |")
+    lines += ["", *paired_table(numbers, baseline)]
     lines += ["", f"Seeds: {', '.join(map(str, seeds))}. Every number comes from `seed-S/NETWORK/history.csv` "
               "(validation accuracy at each evaluation) and `seed-S/NETWORK/finished.json` (where the run stopped "
               "and why; its test accuracy with the weights of its best validation accuracy)."]

@@ -79,7 +79,7 @@ class Run:
         except ValueError as error:  # partitions the run's pipelines cannot share
             raise Refused(str(error)) from None
         self.model, self.optimizer, self.schedule = self.variant.build_for_training(
-            self.source, self.plan, args.width_multiplier, args.bn_momentum, args.warmup_epochs, self.strategy)
+            self.source, self.plan, args.width_multiplier, args.stem, args.bn_momentum, args.warmup_epochs, self.strategy)
         self.checkpoints = Checkpoints(
             tf.train.Checkpoint(model=self.model, optimizer=self.optimizer), self.files.root, self.is_chief,
             self.task_index, barrier=make_agreement(self.strategy, self.stop_flag) if self.multi_worker else None)

@@ -72,25 +72,26 @@ class Variant:
         return not self.batch_norm
 
     def build_model(self, num_classes, input_shape, width_multiplier=1.0, synchronized=False,
-                    bn_momentum=0.99):
+                    bn_momentum=0.99, stem="imagenet"):
         """The network this variant trains."""
         from recipes.inception_bn.model import bn_inception, inception
 
         if self.batch_norm:
             return bn_inception(num_classes, input_shape, activation=self.activation,
                                 synchronized=synchronized, width_multiplier=width_multiplier,
-                                dropout=self.dropout, bn_momentum=bn_momentum, name=self.name.replace("-", "_"))
+                                dropout=self.dropout, bn_momentum=bn_momentum, stem=stem,
+                                name=self.name.replace("-", "_"))
         return inception(num_classes, input_shape, activation=self.activation,
                          width_multiplier=width_multiplier, dropout=self.dropout, lrn=self.lrn,
-                         name=self.name.replace("-", "_"))
+                         stem=stem, name=self.name.replace("-", "_"))
 
-    def build_for_training(self, source, plan, width_multiplier, bn_momentum, warmup_epochs, strategy):
+    def build_for_training(self, source, plan, width_multiplier, stem, bn_momentum, warmup_epochs, strategy):
         """The network, its SGD optimizer (built: its slots exist before a checkpoint restores them)
         and the learning-rate schedule, created in ``strategy``'s scope for ``plan``'s global batch."""
         schedule = self.schedule(plan.global_batch, source.train_examples, warmup_epochs)
         with strategy.scope():
             model = self.build_model(source.num_classes, source.image_shape, width_multiplier,
-                                     plan.synchronized, bn_momentum)
+                                     plan.synchronized, bn_momentum, stem)
             optimizer = keras.optimizers.SGD(schedule, momentum=self.momentum)
             if keras.mixed_precision.global_policy().name == "mixed_float16":
                 optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)

@@ -45,7 +45,8 @@ def tiny_network(num_classes, input_shape, width_multiplier=1.0, synchronized=Fa
 
 
 class TinyVariant(variants.Variant):
-    def build_model(self, num_classes, input_shape, width_multiplier=1.0, synchronized=False, bn_momentum=0.99):
+    def build_model(self, num_classes, input_shape, width_multiplier=1.0, synchronized=False, bn_momentum=0.99,
+                    stem="imagenet"):
         return tiny_network(num_classes, input_shape, width_multiplier, synchronized, bn_momentum,
                             batch_norm=self.batch_norm, activation=self.activation)
 

@@ -105,9 +105,20 @@ def test_scaled_down_network_and_serialization(tmp_path):
                       LocalResponseNormalization)
 
 
+@pytest.mark.parametrize("stem, maps", [("imagenet", (28, 14, 7)), ("small", (14, 7, 4))])
+def test_the_stems_set_the_map_each_inception_stage_sees(stem, maps):
+    # The paper's stem at 224 px and the small stem at Fashion-MNIST's 28 px; the modules are the same.
+    size = 224 if stem == "imagenet" else 28
+    for build in (bn_inception, inception):
+        model = build(10, (size, size, 1), width_multiplier=0.125, stem=stem)
+        assert tuple(model.get_layer(f"mixed_{m}").output.shape[1] for m in ("3b", "4d", "5b")) == maps
+        first = model.get_layer("conv1_7x7_s2" if stem == "imagenet" else "conv1_3x3")
+        assert first.strides == ((2, 2) if stem == "imagenet" else (1, 1))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"num_classes": 0}, "num_classes"), ({"width_multiplier": 0}, "width_multiplier"),
-    ({"input_shape": (32, 32)}, "input_shape"), ({"dropout": 1.0}, "dropout")])
+    ({"input_shape": (32, 32)}, "input_shape"), ({"dropout": 1.0}, "dropout"), ({"stem": "cifar"}, "stem")])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bn_inception(**kwargs)

@@ -45,10 +45,12 @@ def test_the_chosen_evaluation_is_the_best_and_the_earliest_of_equals():
 
 # ------------------------------------------------------------------------- the table and figure
 
-def _record(run_dir, seed, name, accuracies, every=100, reason="plateau", test=None, chosen_step=None):
+def _record(run_dir, seed, name, accuracies, every=100, reason="plateau", test=None, chosen_step=None,
+            seconds_each=""):
     directory = reproduce.run_directory(run_dir, seed) / name
     directory.mkdir(parents=True)
-    rows = [dict.fromkeys(HISTORY_FIELDS, "") | {"step": str(every * (i + 1)), "eval_accuracy": str(a)}
+    rows = [dict.fromkeys(HISTORY_FIELDS, "") | {"step": str(every * (i + 1)), "eval_accuracy": str(a),
+                                                 "wall_seconds": str(seconds_each)}
             for i, a in enumerate(accuracies)]
     write_history(RunFiles(directory).history, rows)
     if reason is not None:
@@ -85,6 +87,40 @@ def test_table_two_from_recorded_curves(tmp_path):
     assert numbers["bn-x5"]["per_seed"][1] == {"reach": 100, "speedup": 3.0, "test_accuracy": 0.83,
                                                "stopped": 300, "reason": "plateau"}
     assert numbers["bn-x5"]["test_mean"] == pytest.approx(0.835)
+
+
+def test_each_network_is_paired_with_the_baseline_seed_by_seed(tmp_path):
+    table, numbers = reproduce.summarize(_curves(tmp_path), max_steps=1000)
+    # bn-x5 - inception: seed 0 0.84 - 0.79, seed 1 0.83 - 0.68; two seeds: t(1) = 12.706.
+    half = 12.706 * np.std([0.05, 0.15], ddof=1) / np.sqrt(2)
+    assert table_row(table, "bn-x5", section=1)[1:] == [
+        "+0.0500, +0.1500", f"+0.1000 [{0.1 - half:+.4f}, {0.1 + half:+.4f}]", "no", "2 of 2 seeds"]
+    assert numbers["bn-x5"]["paired_test_difference"]["resolved"] is False
+    # bn-x5-sigmoid: one seed tested (0.60 - 0.79), no interval; it never reached the target sooner.
+    assert table_row(table, "bn-x5-sigmoid", section=1)[1:] == ["-0.1900", "-0.1900", "no", "1 of 2 seeds"]
+
+
+def test_a_paired_difference_is_resolved_when_its_interval_excludes_zero():
+    differences = [0.05, 0.06, 0.055]
+    half = 4.303 * np.std(differences, ddof=1) / np.sqrt(3)
+    agree = reproduce.paired(differences)
+    assert agree["mean"] == pytest.approx(0.055) and agree["low"] == pytest.approx(0.055 - half)
+    assert agree["resolved"] is True
+    assert reproduce.paired([0.05, -0.01, 0.02])["resolved"] is False  # the seeds disagree
+
+
+def test_progress_says_the_runs_done_and_the_time_left(tmp_path):
+    names, seeds = ["inception", "bn-x5"], [0, 1]
+    assert reproduce.progress_summary(tmp_path, names, seeds, {}, jobs=2) == \
+        "0 of 4 runs done, 0 running; time left: estimated once a run has finished"
+    _record(tmp_path, 0, "inception", [0.5] * 10, seconds_each=60)           # 10 min
+    _record(tmp_path, 0, "bn-x5", [0.5] * 4, seconds_each=60)                # 4 min
+    _record(tmp_path, 1, "inception", [0.5] * 3, reason=None, seconds_each=60)  # 3 min of ~10 trained
+    running = {("inception", 1): tmp_path}
+    # Left: inception seed 1 ~7 min, bn-x5 seed 1 ~4 min; two at a time: the longer, 7 min.
+    assert reproduce.progress_summary(tmp_path, names, seeds, running, jobs=2) == \
+        "2 of 4 runs done, 1 running; about 7 min left"
+    assert reproduce.progress_summary(tmp_path, names, seeds, running, jobs=1).endswith("about 11 min left")
 
 
 def test_table_says_when_the_baseline_hit_the_cap(tmp_path):
