@@ -46,7 +46,7 @@ def test_debian_fashion_mnist():
 @pytest.mark.slow(cores=2)
 @pytest.mark.skipif(find_data_dir() is None, reason="Debian's dataset-fashion-mnist is not installed")
 def test_demo_runs_end_to_end_on_fashion_mnist(tmp_path):
-    # The main job (`make demo`), shortened: Figure 1 and the seven-variant comparison, outputs where it says.
+    # The main job (`make demo`), shortened: Figure 1 and the variants' comparison, outputs where it says.
     import subprocess  # noqa: F401
     import sys
     from pathlib import Path
@@ -54,7 +54,7 @@ def test_demo_runs_end_to_end_on_fashion_mnist(tmp_path):
     from tests.helpers import forkserver
 
     root = Path(__file__).resolve().parents[2]
-    # The baseline and BN-x30, two of the seven variants: the others run the same code.
+    # The baseline and BN-x30, two of the five variants: the others run the same code.
     variants = ("inception", "bn-x30")
     result = forkserver.run([sys.executable, "-m", "recipes.demo", "--run-dir", str(tmp_path), "--steps", "10",
                              "--figure1-steps", "100", "--variants", ",".join(variants)],
