@@ -8,8 +8,8 @@ checkpoints and workers, not the paper's network: BN-Inception's ~70
 convolution + BN layers cost ~10 s of tracing and graph optimization per
 process before the first step. ``tiny`` is BN-x5's row of the table with a
 two-convolution network (kerasbn BN, synchronized when asked, foldable); the
-rest of ``train.main`` is the recipe's own code. The end-to-end tests about the
-network itself (fake ImageNet, the demo) keep the real one.
+rest of ``train.main`` is the recipe's own code. The demo's end-to-end test keeps
+the real network (it trains it); the real network's folding is tested eagerly.
 """
 
 if __name__ == "__main__":

@@ -116,6 +116,23 @@ def test_the_stems_set_the_map_each_inception_stage_sees(stem, maps):
         assert first.strides == ((2, 2) if stem == "imagenet" else (1, 1))
 
 
+def test_the_real_network_folds_exactly():
+    # What the recipe's export serves: every BN folded into its convolution (the separable stem's
+    # pointwise kernel included), the same function in inference mode.
+    model = bn_inception(10, (32, 32, 3), width_multiplier=0.125)
+    rng = np.random.RandomState(0)
+    for layer in model.layers:
+        if isinstance(layer, kerasbn.BatchNormalization):
+            channels = layer.gamma.shape[0]
+            layer.moving_mean.assign(rng.normal(size=channels).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, channels).astype("float32"))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, channels).astype("float32"))
+    folded = kerasbn.fold_batch_norm(model)
+    assert not any(isinstance(layer, kerasbn.BatchNormalization) for layer in folded.layers)
+    x = rng.uniform(0, 1, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(folded(x), model(x, training=False), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"num_classes": 0}, "num_classes"), ({"width_multiplier": 0}, "width_multiplier"),
     ({"input_shape": (32, 32)}, "input_shape"), ({"dropout": 1.0}, "dropout"), ({"stem": "cifar"}, "stem")])
