@@ -159,8 +159,11 @@ class BatchNormalization(keras.layers.Layer):
             (``jax.shard_map``, ``jax.pmap`` around ``stateless_call``): the
             mapped axis to synchronize over, as Flax's ``axis_name``; needs
             ``synchronized=True``. Not needed under ``keras.distribution``.
-        fused: TensorFlow only (on JAX and PyTorch the element-wise ops run
-            and ``fused=True`` is refused). None (default) uses TensorFlow's fused batch-norm kernels
+        fused: the backend's own batch-norm kernel. On PyTorch, None (default)
+            runs ``torch.native_batch_norm`` (on the shifted input) for a local
+            float32 layer without mask, ghost batches or renorm, False the
+            element-wise ops; on JAX the element-wise ops always run; True is
+            refused on both. On TensorFlow, None uses its fused batch-norm kernels
             (oneDNN on CPU, cuDNN on GPU) whenever the case allows it
             (float16/bfloat16/float32 input, channel axis 1 or last, no ghost
             batches) and the input has at least 2**17 values (below that the
