@@ -12,7 +12,9 @@ code or script as ``__main__``, as ``python -m module args``, ``python -c code a
 :func:`popen` and :func:`run` take the same arguments as ``subprocess.Popen``/``run`` (argv
 ``[sys.executable, "-m", module, ...]``, ``[sys.executable, "-c", code, ...]`` or
 ``[sys.executable, script, ...]``) and fall back to
-a plain subprocess for anything else (another Keras backend, another interpreter). A child's own
+a plain subprocess for anything else (another Keras backend than the session's, JAX, another
+interpreter). In a PyTorch session the server imports torch and Keras on it, for the ranks of
+``tests/torch/test_distributed.py``. A child's own
 ``subprocess.run([sys.executable, ...])`` (the comparison's one process per variant) is forked by
 the same server, and :func:`run` can stand in for ``subprocess.run`` in the test process too.
 
@@ -35,6 +37,9 @@ import threading
 import time
 
 _HEADER = struct.Struct("!I")
+# JAX is not served: its processes (jax.distributed) start few, and a fork after importing jax is
+# not a fresh process for XLA's runtime.
+SERVED_BACKENDS = ("tensorflow", "torch")
 _server = None
 _server_lock = threading.Lock()
 
@@ -42,16 +47,23 @@ _server_lock = threading.Lock()
 # The server -------------------------------------------------------------------------------------
 
 def serve(path: str) -> None:
-    import keras  # noqa: F401  (after TensorFlow: the tensorflow backend)
+    import importlib
+
     import numpy  # noqa: F401
-    import tensorflow  # noqa: F401
 
-    # Most children train on Fashion-MNIST: decompressed once here (plain NumPy, no TensorFlow
-    # state), each child finds it in the loader's cache.
-    from recipes import fashion_mnist
+    # The session's backend only (KERAS_BACKEND: TensorFlow's recipe processes, PyTorch's ranks):
+    # imported, nothing initialized (no thread pool, no device), so a fork is a fresh process.
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    importlib.import_module(backend)
+    import keras  # noqa: F401  (after the framework: Keras on the session's backend)
 
-    if fashion_mnist.find_data_dir() is not None:
-        fashion_mnist.load_fashion_mnist()
+    if backend == "tensorflow":
+        # Most TensorFlow children train on Fashion-MNIST: decompressed once here (plain NumPy, no
+        # TensorFlow state), each child finds it in the loader's cache.
+        from recipes import fashion_mnist
+
+        if fashion_mnist.find_data_dir() is not None:
+            fashion_mnist.load_fashion_mnist()
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path + ".binding")
@@ -256,7 +268,9 @@ def _the_server(env) -> _Server:
 def _forkable(args, env) -> tuple[str, str, list] | None:
     if fresh_interpreters() or not isinstance(args, (list, tuple)) or len(args) < 2 or args[0] != sys.executable:
         return None
-    if (env or os.environ).get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+    # The server imports this session's backend (TensorFlow or PyTorch); any other runs plain.
+    session = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if session not in SERVED_BACKENDS or (env or os.environ).get("KERAS_BACKEND", "tensorflow") != session:
         return None
     if args[1] in ("-m", "-c") and len(args) >= 3:
         return {"-m": "module", "-c": "code"}[args[1]], args[2], list(args[3:])

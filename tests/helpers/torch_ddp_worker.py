@@ -123,6 +123,8 @@ RUNS = {"shares": run_shares, "empty": run_shares, "poisoned": run_shares, "ddp"
 
 
 def main(rank, world, directory, scenarios):
+    if os.environ.get("OMP_NUM_THREADS"):  # forked after torch started: its thread count is the server's
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
     for scenario in scenarios:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import reference
+from tests.helpers import forkserver, reference
 from tests.helpers.torch_ddp_worker import SHARES, build_model, global_data, share, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,8 @@ def ranks_of(tmp_path_factory):
 def run_ranks(tmp_path, scenarios, world):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env.update(KERAS_BACKEND="torch", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    ranks = [subprocess.Popen([sys.executable, "-m", "tests.helpers.torch_ddp_worker", str(rank), str(world),
+    # Forked from a server that imported torch and Keras once (tests/helpers/forkserver.py).
+    ranks = [forkserver.popen([sys.executable, "-m", "tests.helpers.torch_ddp_worker", str(rank), str(world),
                                str(tmp_path), *scenarios], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in range(world)]
     outputs = [rank.communicate(timeout=600) for rank in ranks]  # a hang guard, not a schedule
