@@ -9,7 +9,7 @@
    a Figure-2-style plot and the paper's table (steps to reach the no-BN
    baseline's best accuracy).
 
-    python -m recipes.demo [--run-dir runs/demo] [--steps 1000] [--data-dir DIR]
+    python -m recipes.demo [--run-dir runs/demo] [--steps 600] [--data-dir DIR]
 
 Rerunning resumes: finished runs are not trained again.
 """
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     require_recipe_extra()
     parser = argparse.ArgumentParser(prog="python -m recipes.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/demo")
-    parser.add_argument("--steps", type=int, default=1000, help="training steps per BN-Inception variant")
+    parser.add_argument("--steps", type=int, default=600, help="training steps per BN-Inception variant")
     parser.add_argument("--figure1-steps", type=int, default=5000)
     parser.add_argument("--data-dir", help="the Fashion-MNIST idx files (default: Debian's location)")
     parser.add_argument("--variants", default=",".join(DEMO_VARIANTS),
