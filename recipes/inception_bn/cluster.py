@@ -199,14 +199,16 @@ def make_strategy(cpu_replicas: int = 1, startup_timeout: float = DEFAULT_STARTU
 
 
 def worker_role(strategy):
-    """``(is_chief, task_index, task name)``; without TF_CONFIG the one process is the chief."""
+    """``(is_chief, task_index, task name, input pipelines)``: this worker's place in the cluster, and
+    the cluster's input pipelines (:func:`input_pipelines`); without TF_CONFIG the one process is the
+    chief."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
-        return True, 0, "trainer"
+        return True, 0, "trainer", input_pipelines(strategy)
     chief = resolver.task_type == "chief" or (
         resolver.task_type == "worker" and resolver.task_id == 0
         and "chief" not in resolver.cluster_spec().as_dict())
-    return chief, resolver.task_id, f"{resolver.task_type} {resolver.task_id}"
+    return chief, resolver.task_id, f"{resolver.task_type} {resolver.task_id}", input_pipelines(strategy)
 
 
 def input_pipelines(strategy) -> int:

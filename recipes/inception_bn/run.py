@@ -57,7 +57,7 @@ class Run:
         # Nothing trained yet, nothing to save: a stop request exits at once, the cluster's start-up included.
         stop.exit_now_when(lambda: f"interrupted before training started; {self.resume_message()}")
         self.strategy = cluster.make_strategy(args.cpu_replicas, args.startup_timeout, self.resume_message)
-        self.is_chief, self.task_index, self.own_task = cluster.worker_role(self.strategy)
+        self.is_chief, self.task_index, self.own_task, pipelines = cluster.worker_role(self.strategy)
         self.multi_worker = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
         if self.multi_worker:  # from here every worker stops at the same step (the stop votes)
             stop.exit_now_when(None)
@@ -75,7 +75,7 @@ class Run:
         self.plan = RunPlan(args, self.variant, self.source, self.strategy.num_replicas_in_sync)
         try:
             self.order = order.DataOrder(self.source, args.seed, self.plan.global_batch, self.plan.replicas,
-                                         cluster.input_pipelines(self.strategy))
+                                         pipelines)
         except ValueError as error:  # partitions the run's pipelines cannot share
             raise Refused(str(error)) from None
         self.model, self.optimizer, self.schedule = self.variant.build_for_training(
@@ -109,6 +109,9 @@ class Run:
         self.evaluate = make_evaluate(self.strategy, self.model, self.source, self.stop_flag,
                                       EvalSet(limit=args.eval_examples),
                                       on_batch=lambda: self.watchdog.progress(f"the evaluation at step {self.step}"))
+        # With a validation split, the test set is read once, at the end (test_chosen_weights).
+        self.evaluate_test = make_evaluate(self.strategy, self.model, self.source, self.stop_flag,
+                                           EvalSet(split="test")) if self.source.test else None
 
     def resume_message(self) -> str:
         return resume_message(self.files.checkpoints)
@@ -200,10 +203,6 @@ class Run:
         (Algorithm 2) if asked, the serving export, and the summary line."""
         self.watchdog.progress("the end of the run (test, recalibration, export)")
         tested = self.test_chosen_weights() if self.source.test else {}
-        if self.is_chief:
-            reason = "steps" if self.plateau_at is None else "plateau"
-            atomic_write(self.files.finished,
-                         json.dumps({"step": self.step, "reason": reason, **tested}, indent=1))
         args, log = self.args, self.log
         recalibrated = bool(args.recalibrate_steps and self.variant.batch_norm)
         if recalibrated:
@@ -217,10 +216,14 @@ class Run:
             after = self.evaluate()[1]
             log.say(f"Population statistics from {args.recalibrate_steps} training batches (Algorithm 2): "
                     f"eval accuracy {after:.4f} (moving averages: {before:.4f})")
-            if log.is_chief:
+        if self.is_chief:  # the record of the end, once what it records is done
+            if recalibrated:
                 atomic_write(self.files.recalibrated, json.dumps(
                     {"step": self.step, "batches": args.recalibrate_steps, "eval_accuracy": after,
                      "eval_accuracy_moving_averages": before}))
+            reason = "steps" if self.plateau_at is None else "plateau"
+            atomic_write(self.files.finished,
+                         json.dumps({"step": self.step, "reason": reason, **tested}, indent=1))
         if args.export and log.is_chief:
             export_dir = self.files.export
             exported = kerasbn.export_for_serving(self.model, export_dir)
@@ -241,8 +244,7 @@ class Run:
         if kept.exists() and json.loads(kept.read_text())["step"] == chosen_step:
             self.model.load_weights(self.files.best_weights)
             tested_step = chosen_step
-        _, test_accuracy, test_top5 = make_evaluate(self.strategy, self.model, self.source, self.stop_flag,
-                                                    EvalSet(split="test"))()
+        _, test_accuracy, test_top5 = self.evaluate_test()
         self.log.say(f"Test accuracy {test_accuracy:.4f} with the weights of step {tested_step} "
                      f"(best validation accuracy {validation_accuracy:.4f} at step {chosen_step})")
         return {"chosen_step": chosen_step, "validation_accuracy": validation_accuracy,
@@ -256,8 +258,9 @@ class Run:
         cluster = self.strategy.cluster_resolver.cluster_spec().as_dict()
         addresses = {address: f"{job} {index}" for job, tasks in cluster.items()
                      for index, address in enumerate(tasks)}
-        return failures.lost_peer_message(error, self.files.root, self.own_task, self.step, self.resume_message(),
-                                          addresses, since=self.started)
+        resume = self.resume_message()
+        return failures.lost_peer_message(error, self.files.root, self.own_task, self.step, resume, addresses,
+                                          since=self.started)
 
     # What the run says ----------------------------------------------------------------------------
     def announce(self) -> None:
