@@ -103,6 +103,14 @@ class Run:
         def prepare(images, factors):
             return network_input(images, factors, self.variant.distortion, self.model.compute_dtype)
 
+        # Algorithm 2's batches for --recalibrate-steps (finish), batched globally as tf.distribute
+        # expects: every replica sees --batch-size images.
+        self.recalibration_batches = None
+        if args.recalibrate_steps and self.variant.batch_norm:
+            self.recalibration_batches = self.source.train(
+                self.plan.global_batch, self.variant.distortion, args.seed + 1).map(
+                lambda images, factors, labels: (network_input(images, factors, self.variant.distortion), labels))
+
         objective = Objective(self.variant.weight_decay, self.plan.global_batch, self.plan.replicas)
         self.train_loop = make_train_loop(self.strategy, self.model, self.optimizer, objective, args.jit,
                                           self.stop_flag, prepare)
@@ -118,12 +126,13 @@ class Run:
 
     # Begin ------------------------------------------------------------------------------------------
     def begin(self) -> None:
-        """Every worker at the same step (the first collective); the run says what it trains."""
-        if self.multi_worker and self.plan.replicas > 1:
-            cluster.check_same_step(self.strategy, self.start_step)
+        """The run says what it trains (each worker the step it restored); then every worker at the
+        same step (the first collective: a refusal names the steps after each worker's own line)."""
         self.announce()
         if self.is_chief:
             self.write_settings()
+        if self.multi_worker and self.plan.replicas > 1:
+            cluster.check_same_step(self.strategy, self.start_step)
 
     # The loop ---------------------------------------------------------------------------------------
     def loop(self) -> None:
@@ -204,15 +213,12 @@ class Run:
         self.watchdog.progress("the end of the run (test, recalibration, export)")
         tested = self.test_chosen_weights() if self.source.test else {}
         args, log = self.args, self.log
-        recalibrated = bool(args.recalibrate_steps and self.variant.batch_norm)
+        recalibrated = self.recalibration_batches is not None
         if recalibrated:
             before = self.evaluate()[1]
             with self.strategy.scope():
-                # Batched globally, as tf.distribute expects: every replica sees --batch-size images.
-                batches = self.source.train(self.plan.global_batch, self.variant.distortion, args.seed + 1).map(
-                    lambda images, factors, labels: (network_input(images, factors, self.variant.distortion),
-                                                     labels))
-                kerasbn.recalibrate_statistics(self.model, batches, steps=args.recalibrate_steps, verbose=0)
+                kerasbn.recalibrate_statistics(self.model, self.recalibration_batches, steps=args.recalibrate_steps,
+                                               verbose=0)
             after = self.evaluate()[1]
             log.say(f"Population statistics from {args.recalibrate_steps} training batches (Algorithm 2): "
                     f"eval accuracy {after:.4f} (moving averages: {before:.4f})")
