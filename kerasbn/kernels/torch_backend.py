@@ -127,9 +127,7 @@ def _shifted_moments(x, channel_axis: int, values: int) -> Moments:
     torch pays it on every op: about half of a small layer's time, measured in benchmarks.md)."""
     axes = [a for a in range(x.ndim) if a != channel_axis]
     x = x.float()
-    per_example = values // max(x.shape[0], 1)
-    examples = max(1, -(-SAMPLE_VALUES // max(per_example, 1)))
-    shift = x[:examples].mean(dim=axes, keepdim=True).detach()
+    shift = _sample_shift(x, axes, values)
     shifted = x - shift
     s1 = shifted.sum(dim=axes)
     s2 = shifted.square().sum(dim=axes)
@@ -137,6 +135,15 @@ def _shifted_moments(x, channel_axis: int, values: int) -> Moments:
     m2 = torch.clamp(s2 - s1 * shifted_mean, min=0.0)
     mean = shift.reshape(-1) + shifted_mean
     return Moments(torch.full_like(mean, float(values)), mean, m2)
+
+
+def _sample_shift(x, axes, values: int):
+    """Each channel's mean over the first examples (at least :data:`SAMPLE_VALUES` values), kept
+    in ``x``'s rank and out of the gradient: subtracted first, it keeps float32 sums exact when a
+    channel's mean is large against its spread."""
+    per_example = values // max(x.shape[0], 1)
+    examples = max(1, -(-SAMPLE_VALUES // max(per_example, 1)))
+    return x[:examples].float().mean(dim=axes, keepdim=True).detach()
 
 
 def merge(statistics: Moments, plan: TorchPlan) -> Moments:
@@ -188,9 +195,7 @@ def normalize_one_pass(x, channel_axis, gamma, beta, epsilon):
     channels_first = torch.as_tensor(x).movedim(channel_axis, 1)
     reduced = [d for d in range(channels_first.ndim) if d != 1]
     values = channels_first.numel() // channels_first.shape[1]
-    per_example = values // max(channels_first.shape[0], 1)
-    examples = max(1, -(-SAMPLE_VALUES // max(per_example, 1)))
-    shift = channels_first[:examples].float().mean(dim=reduced, keepdim=True).detach()
+    shift = _sample_shift(channels_first, reduced, values)
     y, shifted_mean, inverse_stddev = torch.native_batch_norm(
         channels_first - shift, torch.as_tensor(gamma), torch.as_tensor(beta), None, None, True, 0.0, epsilon)
     variance = torch.clamp(inverse_stddev.detach().reciprocal().square() - epsilon, min=0.0)
