@@ -30,7 +30,8 @@ from common import markdown_table  # noqa: E402
 WORKER = """
 import json, sys, time
 import keras, tensorflow as tf
-from recipes.inception_bn.data import load_source, network_input
+from recipes.inception_bn.data import load_source
+from recipes.inception_bn.steps import network_input
 from recipes.inception_bn.steps import Objective, make_train_loop
 from recipes.inception_bn.variants import VARIANTS
 

@@ -1,7 +1,8 @@
-"""File-system checks the tools and the recipes share."""
+"""File-system helpers the tools and the recipes share: a writable-directory probe, whole-file writes."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -14,3 +15,11 @@ def ensure_writable_directory(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=path):
         pass
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole or keeps what it held: a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -5,7 +5,7 @@ the training one shuffled, augmented, repeated and prefetched; the evaluation on
 
 Host and device split the work. Per image, the host does only what it must - read, crop,
 decode, resize, flip - in uint8, and draws the image's photometric-distortion factors (four
-floats). :func:`network_input`, called inside the training step on the device and on the whole
+floats). :func:`recipes.inception_bn.steps.network_input`, called inside the training step on the device and on the whole
 batch, applies the distortion with those factors, scales to [-1, 1] and casts to the compute
 dtype: the per-pixel float arithmetic leaves the host, and the host sends a quarter of float32's
 bytes. Training elements are ``(images uint8 (B, H, W, C), factors float32 (B, 4), labels int32
@@ -149,15 +149,6 @@ def apply_distortion(images, factors):
     mean = tf.reduce_mean(images, axis=(1, 2), keepdims=True)
     images = (images - mean) * column(3)[..., None] + mean
     return tf.clip_by_value(images, 0.0, 1.0)
-
-
-def network_input(images, factors=None, strength: float = 0.0, dtype=tf.float32):
-    """The device's share of the pipeline: uint8 images (and their distortion factors) to the
-    network's input, in [-1, 1] and ``dtype``. Runs inside the training step, batched."""
-    images = tf.cast(images, tf.float32) / 255.0
-    if factors is not None and strength > 0:
-        images = apply_distortion(images, factors)
-    return tf.cast(to_signed_unit(images), dtype)
 
 
 def resize_to_uint8(images, size: int):

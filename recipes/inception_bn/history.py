@@ -1,12 +1,13 @@
-"""The run's record of training: the history (one row per evaluation; ``RunFiles.history``) and
-atomic writes. Written by ``train``, read by ``compare`` and ``reproduce``."""
+"""The run's record of training: the history (one row per evaluation; ``RunFiles.history``),
+written whole by ``train``, read by ``compare`` and ``reproduce``."""
 
 from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
+
+from kerasbn._files import atomic_write
 
 HISTORY_FIELDS = ("step", "epoch", "learning_rate", "train_loss", "train_accuracy",
                   "eval_loss", "eval_accuracy", "eval_top5", "images_per_second", "wall_seconds")
@@ -30,10 +31,3 @@ def write_history(path: Path, rows: list[dict]) -> None:
     writer.writerows(rows)
     atomic_write(path, text.getvalue())
 
-
-def atomic_write(path: Path, text: str) -> None:
-    """``path`` holds ``text`` whole or keeps what it held: a kill never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)

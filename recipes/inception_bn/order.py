@@ -25,7 +25,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from recipes.inception_bn.history import atomic_write
+from kerasbn._files import atomic_write
 from recipes.inception_bn.run_files import RunFiles
 
 # Names of the independent per-position draws (the hash's third key).

@@ -16,14 +16,7 @@ class RunPlan:
         self.total_steps = args.steps or int(round(30 * self.steps_per_epoch))
         self.eval_every = args.eval_every
         self.steps_per_loop = args.steps_per_loop
-        self.plateau_window = args.plateau_window
-        self.plateau_min_delta = args.plateau_min_delta
-
-    def plateau_step(self, history) -> int | None:
-        """The evaluation at which the run stopped improving (``--plateau-window``), or None."""
-        if self.plateau_window is None:
-            return None
-        return plateau.stopping_step(*plateau.from_history(history), self.plateau_window, self.plateau_min_delta)
+        self.plateau = plateau.Rule(args.plateau_window, args.plateau_min_delta)
 
     def evaluation_due(self, step: int) -> bool:
         return step % self.eval_every == 0 or step == self.total_steps

@@ -10,6 +10,7 @@ last improvement. The run's *chosen* evaluation is the one with the highest vali
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 DEFAULT_MIN_DELTA = 0.002
@@ -40,3 +41,16 @@ def chosen(steps: Sequence[int], accuracies: Sequence[float]) -> tuple[int, floa
 def from_history(rows) -> tuple[list[int], list[float]]:
     """The steps and validation (evaluation) accuracies of ``history.csv``'s rows."""
     return [int(row["step"]) for row in rows], [float(row["eval_accuracy"]) for row in rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A run's ``--plateau-window`` and ``--plateau-min-delta``; no window: it never stops early."""
+    window: int | None
+    min_delta: float = DEFAULT_MIN_DELTA
+
+    def stopping_step(self, history) -> int | None:
+        """The evaluation of ``history.csv``'s rows at which the run stopped improving, or None."""
+        if self.window is None:
+            return None
+        return stopping_step(*from_history(history), self.window, self.min_delta)

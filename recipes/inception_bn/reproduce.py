@@ -26,8 +26,9 @@ import threading
 import time
 from pathlib import Path
 
+from kerasbn._files import atomic_write
 from recipes.inception_bn import compare, ending, plateau
-from recipes.inception_bn.history import atomic_write, read_history
+from recipes.inception_bn.history import read_history
 from recipes.inception_bn.run_files import RunFiles
 from recipes.inception_bn.variants import PAPER_VARIANTS, VARIANTS
 

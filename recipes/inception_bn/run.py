@@ -15,12 +15,12 @@ import keras
 import tensorflow as tf
 
 import kerasbn
+from kerasbn._files import atomic_write
 from recipes.fashion_mnist import DatasetNotFoundError
 from recipes.inception_bn import cluster, failures, order, plateau
 from recipes.inception_bn.checkpoints import Checkpoints, resume_message
-from recipes.inception_bn.data import DataNotFoundError, load_source, network_input
+from recipes.inception_bn.data import DataNotFoundError, load_source
 from recipes.inception_bn.ending import Interrupted, Refused
-from recipes.inception_bn.history import atomic_write
 from recipes.inception_bn.plan import RunPlan
 from recipes.inception_bn.run_files import RunFiles
 from recipes.inception_bn.run_log import RunLog
@@ -30,6 +30,7 @@ from recipes.inception_bn.steps import (
     TrainMeter,
     make_evaluate,
     make_train_loop,
+    network_input,
 )
 from recipes.inception_bn.stopping import make_agreement
 from recipes.inception_bn.variants import VARIANTS
@@ -94,7 +95,7 @@ class Run:
         self.log = RunLog(self.files.root, self.is_chief, self.plan.total_steps, self.plan.steps_per_epoch,
                           args.quiet, resumed_at=self.start_step if self.resumed_from else None)
         # Where the run stopped improving (--plateau-window), or None: it changes only with a new evaluation.
-        self.plateau_at = self.plan.plateau_step(self.log.history)
+        self.plateau_at = self.plan.plateau.stopping_step(self.log.history)
         self.train_data = self.strategy.distribute_datasets_from_function(
             lambda context: self.order.training_input(context, self.variant.distortion, self.start_step,
                                                       args.data_service, self.files.root))
@@ -184,7 +185,7 @@ class Run:
         if result is None:
             raise _StopAgreed
         self.log.record(self.step, float(self.schedule(self.step)), result, train=trained)
-        self.plateau_at = self.plan.plateau_step(self.log.history)
+        self.plateau_at = self.plan.plateau.stopping_step(self.log.history)
         self.keep_if_best()
 
     def stop_if_diverged(self, meter, learning_rate) -> None:
@@ -274,7 +275,7 @@ class Run:
         start_step, latest = self.start_step, self.resumed_from
         if self.plateau_at is not None and latest:
             log.say(f"{self.files.root}: already stopped improving at step {self.plateau_at} "
-                    f"(--plateau-window {plan.plateau_window}); finishing.")
+                    f"(--plateau-window {plan.plateau.window}); finishing.")
         elif start_step >= plan.total_steps and latest:
             log.say(f"{self.files.root}: already trained {start_step} of {plan.total_steps} steps; exporting.")
         elif latest:

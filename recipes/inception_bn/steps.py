@@ -1,4 +1,5 @@
-"""The compiled parts of a run: the training loop, the evaluation, and what they measure.
+"""The compiled parts of a run: the device's share of the input, the training loop, the evaluation,
+and what they measure.
 
 ``make_train_loop`` runs up to N training steps in one ``tf.function`` call and carries every
 worker's stop vote in the step's one all-reduce; ``make_evaluate`` evaluates every example exactly
@@ -14,7 +15,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from recipes.inception_bn.data import network_input
+from recipes.inception_bn.data import apply_distortion, to_signed_unit
+
+
+def network_input(images, factors=None, strength: float = 0.0, dtype=tf.float32):
+    """The device's share of the pipeline: uint8 images (and their distortion factors) to the
+    network's input, in [-1, 1] and ``dtype``. Runs inside the training step, batched."""
+    images = tf.cast(images, tf.float32) / 255.0
+    if factors is not None and strength > 0:
+        images = apply_distortion(images, factors)
+    return tf.cast(to_signed_unit(images), dtype)
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ def main():
     import keras
     import tensorflow as tf
 
-    from recipes.inception_bn.data import load_source, network_input
-    from recipes.inception_bn.steps import EvalSet, make_evaluate
+    from recipes.inception_bn.data import load_source
+    from recipes.inception_bn.steps import EvalSet, make_evaluate, network_input
     from tests.helpers.tiny_train import TINY
 
     keras.utils.set_random_seed(0)

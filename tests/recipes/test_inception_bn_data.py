@@ -10,8 +10,8 @@ from recipes.inception_bn.data import (
     DataNotFoundError,
     check_imagenet_dir,
     load_source,
-    network_input,
 )
+from recipes.inception_bn.steps import network_input
 from tests.helpers import fake_imagenet as fake
 
 

@@ -245,7 +245,8 @@ def test_two_workers_stopped_inside_a_long_loop_save_the_same_step_and_the_rerun
     # evaluation of the checkpoint's weights on one device.
     import tensorflow as tf
 
-    from recipes.inception_bn.data import load_source, network_input
+    from recipes.inception_bn.data import load_source
+    from recipes.inception_bn.steps import network_input
     from tests.helpers.tiny_train import TINY as tiny
 
     model = tiny.build_model(10, (32, 32, 3))

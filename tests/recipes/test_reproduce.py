@@ -27,6 +27,14 @@ def test_the_rule_stops_a_window_after_the_last_improvement():
     assert plateau.stopping_step(steps[:3], accuracies[:3], window=100, min_delta=0.01) == 300
 
 
+def test_a_runs_rule_reads_its_history_rows_and_without_a_window_never_stops():
+    rows = [{"step": str(s), "eval_accuracy": str(a)} for s, a in
+            zip([100, 200, 300, 400, 500], [0.50, 0.60, 0.601, 0.605, 0.59], strict=True)]
+    assert plateau.Rule(window=300, min_delta=0.01).stopping_step(rows) == 500
+    assert plateau.Rule(window=300, min_delta=0.0).stopping_step(rows) is None  # 0.605 restarted it
+    assert plateau.Rule(window=None).stopping_step(rows) is None
+
+
 def test_the_rule_never_stops_a_run_that_keeps_improving():
     steps = list(range(250, 10001, 250))
     accuracies = [0.1 + 0.02 * i for i in range(len(steps))]
