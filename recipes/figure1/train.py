@@ -23,6 +23,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from recipes.plots import saved_figure  # noqa: E402
+
 PERCENTILES = (15, 50, 85)
 
 
@@ -84,12 +86,11 @@ def train_one(batch_norm, data, steps, batch_size, learning_rate, record_every, 
 
 
 def plot(path, results):
-    import matplotlib
+    with saved_figure(path, 1, 3, dpi=110, figsize=(13, 3.8)) as (_, axes):
+        _draw(axes, results)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+def _draw(axes, results) -> None:
     for name, rows in results.items():
         rows = np.array(rows)
         axes[0].plot(rows[:, 0], rows[:, 1], label=name)
@@ -103,9 +104,6 @@ def plot(path, results):
         ax.legend()
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:

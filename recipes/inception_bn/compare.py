@@ -29,6 +29,7 @@ from recipes.inception_bn.data import SOURCES
 from recipes.inception_bn.history import read_history
 from recipes.inception_bn.run_files import RunFiles
 from recipes.inception_bn.variants import PAPER_VARIANTS, VARIANTS, get_variant
+from recipes.plots import saved_figure
 
 BASELINE = "inception"
 
@@ -225,24 +226,14 @@ def summarize(run_dir: Path, names, outcomes) -> tuple[str, dict]:
 
 
 def plot(path: Path, histories, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, history in histories.items():
-        if history:
-            ax.plot([int(r["step"]) for r in history], [float(r["eval_accuracy"]) for r in history],
-                    marker=".", label=name)
-    ax.set_xlabel("training steps")
-    ax.set_ylabel("evaluation accuracy")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, figsize=(7, 4.5)) as (_, ax):
+        for name, history in histories.items():
+            if history:
+                ax.plot([int(r["step"]) for r in history], [float(r["eval_accuracy"]) for r in history],
+                        marker=".", label=name)
+        ax.set(xlabel="training steps", ylabel="evaluation accuracy", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
 
 
 def main(argv=None) -> int:

@@ -31,6 +31,7 @@ from recipes.inception_bn import compare, ending, plateau
 from recipes.inception_bn.history import read_history
 from recipes.inception_bn.run_files import RunFiles
 from recipes.inception_bn.variants import PAPER_VARIANTS, VARIANTS
+from recipes.plots import saved_figure
 
 BASELINE = "inception"
 # The paper's ImageNet results (Table 2): steps to reach Inception's 72.2%, and maximum accuracy.
@@ -328,13 +329,13 @@ def summarize(runs: dict, max_steps: int) -> tuple[str, dict]:
 def plot(path: Path, runs: dict, title: str) -> None:
     """Figure 2: validation accuracy against steps (log scale), the band between the seeds' lowest
     and highest curve and their median per network, the baseline's median maximum as a line."""
-    import matplotlib
+    with saved_figure(path, figsize=(7.5, 4.8)) as (_, ax):
+        _draw_figure2(ax, runs, title)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _draw_figure2(ax, runs: dict, title: str) -> None:
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     names = list(runs)
     for name in names:
         curves = [plateau.from_history(run["history"]) for run in runs[name].values() if run["history"]]
@@ -356,9 +357,6 @@ def plot(path: Path, runs: dict, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
