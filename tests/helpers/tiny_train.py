@@ -8,8 +8,8 @@ checkpoints and workers, not the paper's network: BN-Inception's ~70
 convolution + BN layers cost ~10 s of tracing and graph optimization per
 process before the first step. ``tiny`` is BN-x5's row of the table with a
 two-convolution network (kerasbn BN, synchronized when asked, foldable); the
-rest of ``train.main`` is the recipe's own code. The demo's end-to-end test keeps
-the real network (it trains it); the real network's folding is tested eagerly.
+rest of ``train.main`` is the recipe's own code. The real networks are trained and
+folded eagerly (tests/recipes/test_inception_bn_model.py).
 """
 
 if __name__ == "__main__":
@@ -57,6 +57,19 @@ TINY = TinyVariant(**{**dataclasses.asdict(variants.VARIANTS["bn-x5"]), "name": 
 
 def register() -> None:
     variants.VARIANTS.setdefault("tiny", TINY)
+
+
+def on_tiny_networks(run):
+    """``run`` (``subprocess.run``'s signature) with the recipe's training processes started as this
+    module on the tiny network: for a test of a command that starts them (``compare``, ``demo``)."""
+    def run_tiny(command, *args, **kwargs):
+        if "recipes.inception_bn.train" in command:
+            at = command.index("recipes.inception_bn.train")
+            command = [*command[:at], "tests.helpers.tiny_train",
+                       "--tiny-network", *command[at + 1:]]
+        return run(command, *args, **kwargs)
+
+    return run_tiny
 
 
 def tiny_networks() -> None:

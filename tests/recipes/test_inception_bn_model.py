@@ -116,6 +116,38 @@ def test_the_stems_set_the_map_each_inception_stage_sees(stem, maps):
         assert first.strides == ((2, 2) if stem == "imagenet" else (1, 1))
 
 
+@pytest.mark.parametrize("name", ["inception", "bn-x30"])
+def test_the_demos_networks_learn_a_batch(name):
+    # The networks `make demo` and `make reproduce` train (28 px, small stem, width 0.25), built by
+    # their variant and trained eagerly on one batch (the recipe's runs in tests use the tiny
+    # network): every weight gets a gradient; with BN the loss falls within a few steps and the moving
+    # statistics move (without BN it stays at chance for hundreds of steps: docs/recipes.md).
+    import tensorflow as tf
+
+    variant = V.VARIANTS[name]
+    model = variant.build_model(10, (28, 28, 1), 0.25, bn_momentum=0.9, stem="small")
+    rng = np.random.RandomState(0)
+    x = rng.uniform(-1, 1, (16, 28, 28, 1)).astype("float32")
+    y = np.arange(16) % 10
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
+    moving = [la.moving_mean for la in model.layers if isinstance(la, kerasbn.BatchNormalization)]
+    assert bool(moving) == variant.batch_norm
+    before = [m.numpy().copy() for m in moving]
+    losses = []
+    for _ in range(6 if variant.batch_norm else 2):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        gradients = tape.gradient(loss, model.trainable_weights)
+        assert all(g is not None and np.any(g.numpy() != 0) for g in gradients), name
+        optimizer.apply_gradients(zip(gradients, model.trainable_weights, strict=True))
+        losses.append(float(loss))
+    assert np.all(np.isfinite(losses)), losses
+    if variant.batch_norm:
+        assert losses[-1] < losses[0] - 0.05, losses
+        assert all(np.any(m.numpy() != b) for m, b in zip(moving, before, strict=True))
+
+
 def test_the_real_network_folds_exactly():
     # What the recipe's export serves: every BN folded into its convolution (the separable stem's
     # pointwise kernel included), the same function in inference mode.

@@ -1,6 +1,7 @@
 """The demo's Fashion-MNIST reader: real idx files, and a clear error when missing."""
 
 import gzip
+import json
 import struct
 
 import numpy as np
@@ -45,26 +46,25 @@ def test_debian_fashion_mnist():
 
 @pytest.mark.slow(cores=2)
 @pytest.mark.skipif(find_data_dir() is None, reason="Debian's dataset-fashion-mnist is not installed")
-def test_demo_runs_end_to_end_on_fashion_mnist(tmp_path):
-    # The main job (`make demo`), shortened: Figure 1 and the variants' comparison, outputs where it says.
-    import subprocess  # noqa: F401
-    import sys
-    from pathlib import Path
+def test_demo_runs_end_to_end_on_fashion_mnist(tmp_path, capsys, monkeypatch):
+    # The main job (`make demo`), shortened: Figure 1 and the variants' comparison, outputs where it
+    # says. Its training processes are the recipe's, forked from the tests' server, on the tiny
+    # network (each variant's schedule); the demo's own networks train in test_inception_bn_model.
+    from recipes.inception_bn import compare
+    from tests.helpers import forkserver, tiny_train
 
-    from tests.helpers import forkserver
-
-    root = Path(__file__).resolve().parents[2]
-    # The baseline and BN-x30, two of the five variants: the others run the same code.
-    variants = ("inception", "bn-x30")
-    result = forkserver.run([sys.executable, "-m", "recipes.demo", "--run-dir", str(tmp_path), "--steps", "10",
-                             "--figure1-steps", "100", "--variants", ",".join(variants)],
-                            capture_output=True, text=True, cwd=root, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.setattr(compare.subprocess, "run", tiny_train.on_tiny_networks(forkserver.run))
+    variants = ("inception", "bn-x30")  # the baseline and a BN variant: the others run the same code
+    assert demo.main(["--run-dir", str(tmp_path), "--steps", "10", "--figure1-steps", "100",
+                      "--variants", ",".join(variants)]) == 0
+    out = capsys.readouterr().out
     outputs = [tmp_path / "figure1" / "figure1.png", tmp_path / "inception_bn" / "compare.png",
                tmp_path / "inception_bn" / "compare.md"]
     for path in outputs:
-        assert path.exists() and str(path) in result.stdout
+        assert path.exists() and str(path) in out
     table = outputs[2].read_text()
     for name in variants:
         assert f"| {name} |" in table
+        settings = json.loads((tmp_path / "inception_bn" / name / "run.json").read_text())
+        assert settings["arguments"]["image_size"] == 28 and settings["arguments"]["stem"] == "small"
     assert "| bn-x30 | 0.045 |" in table  # the paper's learning rate at the demo's batch of 32
