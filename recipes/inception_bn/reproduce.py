@@ -163,27 +163,41 @@ def training_seconds(history) -> float:
     return sum(float(row["wall_seconds"] or 0) for row in history)
 
 
+def _recent_seconds_per_step(history) -> float | None:
+    """A run's pace now: its last evaluation interval's wall time per step (None without one)."""
+    if not history or not history[-1]["wall_seconds"]:
+        return None
+    steps = int(history[-1]["step"]) - (int(history[-2]["step"]) if len(history) > 1 else 0)
+    return float(history[-1]["wall_seconds"]) / steps if steps > 0 else None
+
+
 def progress_summary(run_dir: Path, names, seeds, running, jobs: int) -> str:
-    """Runs done of all, and the time left: each unfinished run is expected to take as long as the
-    finished runs of its network (of any network while none of its own has finished), less what it
-    has trained already, ``jobs`` at a time. No estimate before a run has finished."""
-    done, left = {}, []
+    """Runs done of all, and the time left: each unfinished run is expected to train as many steps
+    as the finished runs of its network (of any network while none of its own has finished), less
+    what it has trained, at the pace the running runs keep now (the finished runs' pace before one
+    has a recent evaluation), ``jobs`` at a time. No estimate before a run has finished."""
+    done, left, paces = {}, [], []
     for name in names:
         for seed in seeds:
             history = read_history(RunFiles(run_directory(run_dir, seed) / name).history)
+            steps = int(history[-1]["step"]) if history else 0
             if finished(run_dir, name, seed) is not None:
-                done.setdefault(name, []).append(training_seconds(history))
+                done.setdefault(name, []).append((steps, training_seconds(history)))
             else:
-                left.append((name, training_seconds(history)))
+                left.append((name, steps))
+                if (name, seed) in running and (pace := _recent_seconds_per_step(history)) is not None:
+                    paces.append(pace)
     total = len(names) * len(seeds)
     line = f"{total - len(left)} of {total} runs done, {len(running)} running"
     if not left:
         return line
     if not done:
         return line + "; time left: estimated once a run has finished"
-    every = [t for times in done.values() for t in times]
-    expected = {name: statistics.fmean(done.get(name) or every) for name in names}
-    remaining = [max(expected[name] - trained, 0.0) for name, trained in left]
+    every = [run for runs in done.values() for run in runs]
+    expected = {name: statistics.fmean(steps for steps, _ in done.get(name) or every) for name in names}
+    pace = (statistics.fmean(paces) if paces
+            else sum(seconds for _, seconds in every) / max(1, sum(steps for steps, _ in every)))
+    remaining = [max(expected[name] - trained, 0.0) * pace for name, trained in left]
     seconds = max(sum(remaining) / max(1, jobs), max(remaining))
     return line + f"; about {seconds / 60:.0f} min left"
 

@@ -129,6 +129,19 @@ def test_progress_says_the_runs_done_and_the_time_left(tmp_path):
     assert reproduce.progress_summary(tmp_path, names, seeds, running, jobs=2) == \
         "2 of 4 runs done, 1 running; about 7 min left"
     assert reproduce.progress_summary(tmp_path, names, seeds, running, jobs=1).endswith("about 11 min left")
+    # Nothing running: the finished runs' pace (0.6 s a step) for the same steps left.
+    assert reproduce.progress_summary(tmp_path, names, seeds, {}, jobs=2).endswith("about 7 min left")
+
+
+def test_the_time_left_follows_the_pace_the_runs_keep_now(tmp_path):
+    # The finished runs trained at 0.6 s a step; the running one now takes 1.2 s (a busier machine):
+    # inception seed 1 has 700 of its network's 1000 steps left, bn-x5 seed 1 all 400: 14 min, not 7.
+    names, seeds = ["inception", "bn-x5"], [0, 1]
+    _record(tmp_path, 0, "inception", [0.5] * 10, seconds_each=60)
+    _record(tmp_path, 0, "bn-x5", [0.5] * 4, seconds_each=60)
+    _record(tmp_path, 1, "inception", [0.5] * 3, reason=None, seconds_each=120)
+    assert reproduce.progress_summary(tmp_path, names, seeds, {("inception", 1): tmp_path}, jobs=2) == \
+        "2 of 4 runs done, 1 running; about 14 min left"
 
 
 def test_table_says_when_the_baseline_hit_the_cap(tmp_path):
