@@ -7,7 +7,7 @@ import contextlib
 
 @contextlib.contextmanager
 def saved_figure(path, *grid, dpi: int = 120, **figure_args):
-    """``with saved_figure(path, figsize=(7, 4)) as (fig, axes):`` draw; the figure is laid out,
+    """``with saved_figure(path, figsize=(7, 4)) as axes:`` draw; the figure is laid out,
     written to ``path`` when the block ends (nothing is written if it raises) and always closed.
     ``grid`` and ``figure_args`` go to ``plt.subplots``."""
     import matplotlib
@@ -17,7 +17,7 @@ def saved_figure(path, *grid, dpi: int = 120, **figure_args):
 
     fig, axes = plt.subplots(*grid, **figure_args)
     try:
-        yield fig, axes
+        yield axes
         fig.tight_layout()
         fig.savefig(path, dpi=dpi)
     finally:

@@ -86,7 +86,7 @@ def train_one(batch_norm, data, steps, batch_size, learning_rate, record_every, 
 
 
 def plot(path, results):
-    with saved_figure(path, 1, 3, dpi=110, figsize=(13, 3.8)) as (_, axes):
+    with saved_figure(path, 1, 3, dpi=110, figsize=(13, 3.8)) as axes:
         _draw(axes, results)
 
 

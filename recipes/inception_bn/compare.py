@@ -226,7 +226,7 @@ def summarize(run_dir: Path, names, outcomes) -> tuple[str, dict]:
 
 
 def plot(path: Path, histories, title):
-    with saved_figure(path, figsize=(7, 4.5)) as (_, ax):
+    with saved_figure(path, figsize=(7, 4.5)) as ax:
         for name, history in histories.items():
             if history:
                 ax.plot([int(r["step"]) for r in history], [float(r["eval_accuracy"]) for r in history],

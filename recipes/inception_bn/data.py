@@ -5,8 +5,8 @@ the training one shuffled, augmented, repeated and prefetched; the evaluation on
 
 Host and device split the work. Per image, the host does only what it must - read, crop,
 decode, resize, flip - in uint8, and draws the image's photometric-distortion factors (four
-floats). :func:`recipes.inception_bn.steps.network_input`, called inside the training step on the device and on the whole
-batch, applies the distortion with those factors, scales to [-1, 1] and casts to the compute
+floats). :func:`recipes.inception_bn.steps.network_input`, called inside the training step on the
+device and on the whole batch, applies the distortion with those factors, scales to [-1, 1] and casts to the compute
 dtype: the per-pixel float arithmetic leaves the host, and the host sends a quarter of float32's
 bytes. Training elements are ``(images uint8 (B, H, W, C), factors float32 (B, 4), labels int32
 (B,))``; evaluation elements, unbatched, ``(image uint8 (H, W, C), label int32)``.

@@ -343,7 +343,7 @@ def summarize(runs: dict, max_steps: int) -> tuple[str, dict]:
 def plot(path: Path, runs: dict, title: str) -> None:
     """Figure 2: validation accuracy against steps (log scale), the band between the seeds' lowest
     and highest curve and their median per network, the baseline's median maximum as a line."""
-    with saved_figure(path, figsize=(7.5, 4.8)) as (_, ax):
+    with saved_figure(path, figsize=(7.5, 4.8)) as ax:
         _draw_figure2(ax, runs, title)
 
 
