@@ -107,6 +107,8 @@ lint: $(STAMP)
 
 # The release artifacts as a user gets them: build the sdist and the wheel, check their metadata,
 # install the wheel (not the checkout) into a fresh virtualenv with each backend and run one layer there.
+# Each virtualenv goes once its check passed: three backends' installs at once would need ~4 GB of disk
+# beside .venv and the floor's (CI ran out of space with them all kept).
 PACKAGE_DIR := build/package-check
 package-check: $(STAMP)
 	$(PY) -m pip install -q build twine
@@ -116,11 +118,14 @@ package-check: $(STAMP)
 	$(PYTHON) -m venv $(PACKAGE_DIR)/venv
 	$(PACKAGE_DIR)/venv/bin/python -m pip install -q "$$(ls $(PACKAGE_DIR)/dist/*.whl)[tensorflow]"
 	cd $(PACKAGE_DIR) && venv/bin/python ../../tests/helpers/installed_wheel_check.py
+	rm -rf $(PACKAGE_DIR)/venv
 	# A JAX user's install: kerasbn[jax], no TensorFlow in the environment at all.
 	$(PYTHON) -m venv $(PACKAGE_DIR)/venv-jax
 	$(PACKAGE_DIR)/venv-jax/bin/python -m pip install -q "$$(ls $(PACKAGE_DIR)/dist/*.whl)[jax]"
 	cd $(PACKAGE_DIR) && KERAS_BACKEND=jax venv-jax/bin/python ../../tests/helpers/installed_wheel_check.py
+	rm -rf $(PACKAGE_DIR)/venv-jax
 	# A PyTorch user's install: kerasbn[torch] (torch's CPU build, as `make venv` takes it), no TensorFlow.
 	$(PYTHON) -m venv $(PACKAGE_DIR)/venv-torch
 	$(PACKAGE_DIR)/venv-torch/bin/python -m pip install -q "$$(ls $(PACKAGE_DIR)/dist/*.whl)[torch]" "torch==$(TORCH_CPU)"
 	cd $(PACKAGE_DIR) && KERAS_BACKEND=torch venv-torch/bin/python ../../tests/helpers/installed_wheel_check.py
+	rm -rf $(PACKAGE_DIR)/venv-torch
