@@ -11,13 +11,7 @@ from kerasbn import kernels
 from kerasbn.backend import INFERENCE_BACKENDS, SUPPORTED_BACKENDS, require_backend
 from kerasbn.kernels.portable import normalize_inference
 from kerasbn.scopes import applies_open_scope
-from kerasbn.statistics import (
-    Moments,
-    all_finite,
-    move_average,
-    population_estimate,
-    variance_from_moments,
-)
+from kerasbn.statistics import Averages, updated_averages
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
@@ -301,7 +295,8 @@ class BatchNormalization(keras.layers.Layer):
         self.beta = None
         self.moving_mean = None
         self.moving_variance = None
-        self.num_batches = None
+        self.num_batches = None  # momentum=None's count
+        self.moving_stddev = self.renorm_mean = self.renorm_stddev = None  # renorm's
 
     # ------------------------------------------------------------------ build
     def _channel_axis(self, rank: int) -> int:
@@ -401,8 +396,8 @@ class BatchNormalization(keras.layers.Layer):
         axis = self._positive_axis
         gamma, beta = self._affine_parameters()
         if not (training and self.trainable):
-            y = normalize_inference(inputs, axis, self.moving_mean, self.moving_variance,
-                                    gamma, beta, self.epsilon)
+            y = kernels.compiled(normalize_inference)(inputs, self.moving_mean.value, self.moving_variance.value,
+                                                      gamma, beta, self.epsilon, channel_axis=axis)
             return ops.cast(y, self.compute_dtype)
         backend = kernels.current(f"Training {type(self).__name__}")
 
@@ -415,13 +410,7 @@ class BatchNormalization(keras.layers.Layer):
         else:
             statistics = backend.local_statistics(inputs, axis, mask, plan)
             statistics = backend.merge(statistics, plan)
-        # The guard, renorm's corrections and the averages read the statistics as values: no
-        # gradient flows through them (autograd on torch then records none of their small ops).
-        observed = Moments(*(ops.stop_gradient(t) for t in statistics))
-        finite = all_finite(observed)
-        if self.renorm:
-            gamma, beta = self._renormalize(observed, gamma, beta, finite)
-        self._update_moving_statistics(observed, finite)
+        gamma, beta = self._move_averages(backend, statistics, gamma, beta)
         if not plan.one_pass:
             y = backend.normalize(inputs, axis, statistics, gamma, beta, self.epsilon, mask, plan)
         return ops.cast(y, self.compute_dtype)
@@ -470,60 +459,23 @@ class BatchNormalization(keras.layers.Layer):
         beta = ops.cast(self.beta, "float32") if self.center else None
         return gamma, beta
 
-    def _renormalize(self, statistics, gamma, beta, finite):
-        """Batch Renormalization (Ioffe, 2017), as Keras computes it: folds
-        ``(r, d)`` into gamma and beta, then updates the renorm statistics
-        (unless the batch statistics are not ``finite``)."""
-        count, mean, m2 = statistics
-        stddev = ops.sqrt(variance_from_moments(count, m2) + self.epsilon)
-        renorm_stddev = ops.maximum(self.renorm_stddev, self.epsilon ** 0.5)
-        r = stddev / renorm_stddev
-        d = (mean - self.renorm_mean) / renorm_stddev
-        rmin, rmax, dmax = (self.renorm_clipping.get(k) for k in ("rmin", "rmax", "dmax"))
-        if rmin is not None:
-            r = ops.maximum(r, rmin)
-        if rmax is not None:
-            r = ops.minimum(r, rmax)
-        if dmax is not None:
-            d = ops.clip(d, -dmax, dmax)
-        r, d = ops.stop_gradient(r), ops.stop_gradient(d)
-        update = (count > 0.0) & finite
-        if len(mean.shape) == 2:  # groups (devices with their own statistics): averaged
-            mean, stddev, update = ops.mean(mean, 0), ops.mean(stddev, 0), ops.all(update, 0)
-        rate = 1.0 - self.renorm_momentum
-        move_average(self.renorm_mean, mean, rate, update)
-        move_average(self.renorm_stddev, stddev, rate, update)
-        # gamma * (x_hat * r + d) + beta = x_hat * (gamma r) + (gamma d + beta)
-        return gamma * r, gamma * d + beta
+    def _move_averages(self, backend, statistics, gamma, beta):
+        """Feeds the batch statistics (``(C,)``, ``(G, C)`` for groups) to the averages
+        (:func:`kerasbn.statistics.updated_averages`: the guard, Algorithm 2's averages, renorm's
+        corrections) and returns the gamma and beta to normalize with."""
+        def value(variable):
+            return None if variable is None else variable.value
 
-    def _update_moving_statistics(self, statistics, finite):
-        """Feeds the batch statistics, ``(C,)`` (``(G, C)`` for ghost batches), to the averages.
-
-        A channel counts when it carries a variance estimate: at least two
-        values with ``unbiased_variance``, at least one without. Ghost batches
-        are averaged; a channel with no valid batch keeps its statistics, so
-        empty batches never write NaN. A batch whose statistics are not all
-        ``finite`` (an ``inf`` or NaN anywhere in the layer's input, an
-        overflowed float16 activation) changes nothing, not even the count of
-        ``momentum=None``: one select keeps every average as it was.
-        """
-        mean, variance, valid = population_estimate(statistics, self.unbiased_variance)
-        update = valid & finite
-        if self.momentum is None:
-            # Cumulative average: moving += (batch - moving) / (n + 1).
-            updated = ops.cast(ops.any(update), "float32")
-            seen = self.num_batches + updated
-            rate = updated / ops.maximum(seen, 1.0)
-            self.num_batches.assign(seen)
-        else:
-            rate = 1.0 - self.momentum
-        move_average(self.moving_mean, mean, rate, update)
-        if self.renorm:
-            moving_stddev = move_average(self.moving_stddev, ops.sqrt(variance + self.epsilon), rate,
-                                         update)
-            self.moving_variance.assign(ops.relu(ops.square(moving_stddev) - self.epsilon))
-        else:
-            move_average(self.moving_variance, variance, rate, update)
+        averages = Averages(value(self.moving_mean), value(self.moving_variance), value(self.num_batches),
+                            value(self.moving_stddev), value(self.renorm_mean), value(self.renorm_stddev))
+        clipping = tuple(self.renorm_clipping.get(k) for k in ("rmin", "rmax", "dmax"))
+        gamma, beta, moved = backend.compiled(updated_averages)(
+            statistics, gamma, beta, averages, self.momentum, self.epsilon, self.renorm_momentum, clipping,
+            unbiased=self.unbiased_variance)
+        for name, new in moved._asdict().items():
+            if new is not None:
+                getattr(self, name).assign(new)
+        return gamma, beta
 
     # ------------------------------------------------------------ the rest
     def compute_output_shape(self, input_shape):

@@ -53,13 +53,10 @@ def all_finite(statistics: Moments):
     return ops.all(ops.isfinite(ops.stack([statistics.mean, statistics.m2])))
 
 
-def move_average(variable, value, rate, update):
-    """``variable += rate * (value - variable)`` where ``update``; elsewhere it stays. Returned."""
-    moving = variable.value  # one read
+def moved(average, value, rate, update):
+    """``average + rate * (value - average)`` where ``update``; elsewhere ``average`` as it was."""
     # A select, not a zero rate: 0 * NaN is NaN.
-    moved = ops.where(update, moving + rate * (value - moving), moving)
-    variable.assign(moved)
-    return moved
+    return ops.where(update, average + rate * (value - average), average)
 
 
 def population_estimate(statistics: Moments, unbiased: bool):
@@ -86,3 +83,81 @@ def population_estimate(statistics: Moments, unbiased: bool):
         variance = variance_sum / ops.maximum(groups, 1.0)
         valid = groups > 0.0
     return mean, variance, valid
+
+
+class Averages(NamedTuple):
+    """A layer's averaged statistics as values: the moving mean and variance, the count of
+    ``momentum=None``, and Batch Renormalization's; None where the layer keeps none."""
+
+    moving_mean: Any
+    moving_variance: Any
+    num_batches: Any = None
+    moving_stddev: Any = None
+    renorm_mean: Any = None
+    renorm_stddev: Any = None
+
+
+def updated_averages(statistics: Moments, gamma, beta, averages: Averages, momentum, epsilon,
+                     renorm_momentum, renorm_clipping: tuple, *, unbiased: bool):
+    """``(gamma, beta, averages)`` after a training batch with ``statistics``: a pure function of
+    values (the layer assigns the averages), so a backend can compile it once per shape. The
+    numbers (``momentum``, ``epsilon``, ...) are arguments, not settings: layers that differ only
+    in them share one compiled function.
+
+    The averages move by ``1 - momentum`` (``momentum=None``: the cumulative average,
+    ``moving += (batch - moving) / (n + 1)``). A channel moves when it carries a variance
+    estimate: at least two values with ``unbiased``, at least one without; ghost batches (``(G, C)``
+    statistics) are averaged. A batch whose statistics are not all finite (an ``inf`` or NaN
+    anywhere in the layer's input, an overflowed float16 activation) moves nothing, not even the
+    count: one select keeps every average. With Batch Renormalization (Ioffe, 2017, as Keras
+    computes it) ``(r, d)`` fold into the returned gamma and beta, ``renorm_clipping`` is
+    ``(rmin, rmax, dmax)`` (None for no bound), and the variance is averaged as a standard
+    deviation. Nothing flows back through the statistics here: they are read as values.
+    """
+    statistics = Moments(*(ops.stop_gradient(t) for t in statistics))
+    finite = all_finite(statistics)
+    renorm_mean = renorm_stddev = None
+    if averages.renorm_mean is not None:
+        gamma, beta, renorm_mean, renorm_stddev = _renormalized(
+            statistics, gamma, beta, finite, averages, epsilon, renorm_momentum, renorm_clipping)
+    mean, variance, valid = population_estimate(statistics, unbiased)
+    update = valid & finite
+    num_batches = averages.num_batches
+    if momentum is None:
+        counted = ops.cast(ops.any(update), "float32")
+        num_batches = num_batches + counted
+        rate = counted / ops.maximum(num_batches, 1.0)
+    else:
+        rate = 1.0 - momentum
+    moving_mean = moved(averages.moving_mean, mean, rate, update)
+    moving_stddev = None
+    if averages.moving_stddev is not None:
+        moving_stddev = moved(averages.moving_stddev, ops.sqrt(variance + epsilon), rate, update)
+        moving_variance = ops.relu(ops.square(moving_stddev) - epsilon)
+    else:
+        moving_variance = moved(averages.moving_variance, variance, rate, update)
+    return gamma, beta, Averages(moving_mean, moving_variance, num_batches, moving_stddev, renorm_mean,
+                                 renorm_stddev)
+
+
+def _renormalized(statistics, gamma, beta, finite, averages, epsilon, renorm_momentum, renorm_clipping):
+    count, mean, m2 = statistics
+    stddev = ops.sqrt(variance_from_moments(count, m2) + epsilon)
+    renorm_stddev = ops.maximum(averages.renorm_stddev, epsilon ** 0.5)
+    r = stddev / renorm_stddev
+    d = (mean - averages.renorm_mean) / renorm_stddev
+    rmin, rmax, dmax = renorm_clipping
+    if rmin is not None:
+        r = ops.maximum(r, rmin)
+    if rmax is not None:
+        r = ops.minimum(r, rmax)
+    if dmax is not None:
+        d = ops.clip(d, -dmax, dmax)
+    r, d = ops.stop_gradient(r), ops.stop_gradient(d)
+    update = (count > 0.0) & finite
+    if len(mean.shape) == 2:  # groups (devices with their own statistics): averaged
+        mean, stddev, update = ops.mean(mean, 0), ops.mean(stddev, 0), ops.all(update, 0)
+    rate = 1.0 - renorm_momentum
+    # gamma * (x_hat * r + d) + beta = x_hat * (gamma r) + (gamma d + beta)
+    return (gamma * r, gamma * d + beta, moved(averages.renorm_mean, mean, rate, update),
+            moved(averages.renorm_stddev, stddev, rate, update))

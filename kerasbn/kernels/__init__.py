@@ -5,7 +5,7 @@ A training call of :class:`kerasbn.BatchNormalization` is one plan on every back
     plan = kernels.training_plan(request, inputs, mask)             # request: the layer's settings
     statistics = kernels.local_statistics(inputs, axis, mask, plan)  # this device's (count, mean, M2)
     statistics = kernels.merge(statistics, plan)                     # across devices, if synchronized
-    guard, update (kerasbn.statistics, keras.ops: shared)
+    gamma, beta, averages = kernels.compiled(updated_averages)(statistics, ...)  # the guard, the averages
     y = kernels.normalize(inputs, axis, statistics, gamma, beta, epsilon, mask, plan)
 
 ``plan.one_pass`` (TensorFlow's fused kernel, local layer) computes the statistics and the
@@ -88,6 +88,11 @@ class Kernels(Protocol):
                            epsilon: float) -> tuple[Any, Moments]:
         """``(y, statistics)`` in one call, where ``plan.one_pass`` asks for it."""
 
+    def compiled(self, function: Callable) -> Callable:
+        """``function`` (arrays positional, hashable settings keyword-only) as this backend runs
+        it best: JAX compiles it once per shape and settings when it is called eagerly (op by op,
+        every primitive would compile on its own); the others run it as it is."""
+
     # What the tools need of a backend (kerasbn.population, kerasbn.serving).
     def population_scope(self, model: Any) -> AbstractContextManager:
         """Where variables used beside ``model`` are created (its ``tf.distribute`` strategy's scope)."""
@@ -102,6 +107,14 @@ class Kernels(Protocol):
 
     def export_refusal(self) -> str | None:
         """Why a TensorFlow SavedModel cannot be exported from this backend (what to do), or None."""
+
+
+def compiled(function: Callable) -> Callable:
+    """:meth:`Kernels.compiled` of Keras' current backend: ``function`` as it is on the
+    inference-only backends, which have no kernels module."""
+    import keras
+
+    return function if keras.backend.backend() not in TRAINING_MODULES else current().compiled(function)
 
 
 def current(what: str = "kerasbn") -> Kernels:

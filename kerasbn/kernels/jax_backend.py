@@ -43,7 +43,7 @@ from kerasbn.kernels import Request
 from kerasbn.kernels.portable import block_moments, eager_population_pass, normalize_blocks
 from kerasbn.statistics import Moments, merge_moments
 
-__all__ = ["JaxPlan", "training_plan", "local_statistics", "merge", "normalize", "normalize_one_pass",
+__all__ = ["JaxPlan", "compiled", "training_plan", "local_statistics", "merge", "normalize", "normalize_one_pass",
            "population_scope", "population_pass", "merges_every_rank", "export_refusal"]
 
 
@@ -140,9 +140,10 @@ def training_plan(request: Request, inputs, mask) -> JaxPlan:
     return JaxPlan(blocks=devices, groups=devices // group_size, devices=found)
 
 
-def _compiled_when_eager(function):
-    """``function`` of arrays (positional) and static settings (keyword-only: the channel axis,
-    the plan, epsilon) run as one compiled function per shape when called outside a trace, and traced
+@functools.cache  # one wrapper per function: the layer asks at every training call
+def compiled(function):
+    """``function`` of arrays and numbers (positional) and settings (keyword-only: the channel axis,
+    the plan) run as one compiled function per shape when called outside a trace, and traced
     op by op into the caller's function inside one."""
     static = [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
     compiled = jax.jit(function, static_argnames=static)
@@ -155,7 +156,7 @@ def _compiled_when_eager(function):
     return run
 
 
-@_compiled_when_eager
+@compiled
 def _local_statistics(x, mask, *, channel_axis: int, plan: JaxPlan) -> Moments:
     pin = None if plan.devices is None else plan.devices.pin
     return block_moments(x, channel_axis, mask, plan.blocks, pin)
@@ -166,7 +167,7 @@ def local_statistics(x, channel_axis: int, mask, plan: JaxPlan) -> Moments:
     return _local_statistics(x, mask, channel_axis=channel_axis, plan=plan)
 
 
-@_compiled_when_eager
+@compiled
 def _merge(statistics, *, plan: JaxPlan) -> Moments:
     """``(blocks, C)`` triples merged into each group's: ``(C,)`` for one group, else ``(G, C)``."""
     table = jnp.stack(statistics, 1)  # (blocks, 3, C)
@@ -191,8 +192,8 @@ def merge(statistics: Moments, plan: JaxPlan) -> Moments:
     return Moments(*_merge(tuple(statistics), plan=plan))
 
 
-@_compiled_when_eager
-def _normalize(x, statistics, gamma, beta, *, channel_axis: int, epsilon: float, plan: JaxPlan):
+@compiled
+def _normalize(x, statistics, gamma, beta, epsilon, *, channel_axis: int, plan: JaxPlan):
     # Per-device groups stay on their devices.
     pin = plan.devices.pin if plan.devices is not None and plan.groups == plan.blocks else None
     return normalize_blocks(x, channel_axis, Moments(*statistics), gamma, beta, epsilon, pin)
@@ -200,8 +201,7 @@ def _normalize(x, statistics, gamma, beta, *, channel_axis: int, epsilon: float,
 
 def normalize(x, channel_axis, statistics, gamma, beta, epsilon, mask, plan: JaxPlan):
     """``gamma * (x - mean) / sqrt(variance + epsilon) + beta`` per group, float32."""
-    return _normalize(x, tuple(statistics), gamma, beta, channel_axis=channel_axis, epsilon=float(epsilon),
-                      plan=plan)
+    return _normalize(x, tuple(statistics), gamma, beta, epsilon, channel_axis=channel_axis, plan=plan)
 
 
 def normalize_one_pass(x, channel_axis, gamma, beta, epsilon):

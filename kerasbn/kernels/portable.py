@@ -27,7 +27,7 @@ from kerasbn.statistics import Moments, variance_from_moments
 SAMPLE_VALUES = 16
 
 
-def normalize_inference(x, channel_axis: int, mean, variance, gamma, beta, epsilon):
+def normalize_inference(x, mean, variance, gamma, beta, epsilon, *, channel_axis: int):
     """``gamma * (x - mean) / sqrt(variance + epsilon) + beta`` in float32.
 
     Centred first: ``x * a + (beta - mean * a)`` rounds away the output when a channel's mean

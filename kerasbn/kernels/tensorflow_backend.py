@@ -19,7 +19,7 @@ from kerasbn.kernels.tf_moments import fused_statistics, local_moments, split_gh
 from kerasbn.kernels.tf_normalize import normalize_with_batch_statistics
 from kerasbn.statistics import Moments, merge_moments
 
-__all__ = ["TFPlan", "training_plan", "local_statistics", "merge", "normalize", "normalize_one_pass",
+__all__ = ["compiled", "TFPlan", "training_plan", "local_statistics", "merge", "normalize", "normalize_one_pass",
            "population_scope", "population_pass", "merges_every_rank", "export_refusal"]
 
 # Below this many values per call, fused=None keeps to the element-wise path.
@@ -133,6 +133,12 @@ def population_pass(model, data):
     if isinstance(data, tf.data.Dataset):
         data = strategy.experimental_distribute_dataset(data)
     return tf.function(lambda x: strategy.run(step, (x,))), data
+
+
+def compiled(function):
+    """``function`` as it is: TensorFlow's eager ops are kernel calls (nothing compiles per shape), and tf.function traces
+    them into the caller's graph."""
+    return function
 
 
 def merges_every_rank() -> bool:
