@@ -1,5 +1,6 @@
-"""A training call made eagerly on JAX: the statistics, their merge and the normalization each
-compile once per shape (kerasbn/kernels/jax_backend.py), and compute what the traced call does."""
+"""A call made eagerly on JAX: the statistics, their merge, the normalization and the averages
+each compile once per shape (kerasbn/kernels/jax_backend.py: ``compiled``), inference once, and
+they compute what the traced call does."""
 
 import jax
 import keras
@@ -29,6 +30,11 @@ def test_an_eager_training_call_on_a_new_batch_shape_compiles_its_three_kernels_
     # before (Keras' own BN: 5); the statistics, the merge and the normalization: 3 at most.
     assert _compiles_during(lambda: layer(x, training=True)) <= 3
     assert _compiles_during(lambda: layer(x, training=True)) == 0
+    assert _compiles_during(lambda: layer(x, training=False)) <= 1  # inference: one function
+    # Another layer that differs in its numbers only (momentum, epsilon, renorm's) shares them all.
+    other = kerasbn.BatchNormalization(synchronized=True, momentum=0.5, epsilon=0.1)
+    other.build(x.shape)
+    assert _compiles_during(lambda: (other(x, training=True), other(x, training=False))) == 0
 
 
 def test_an_eager_training_call_computes_what_the_traced_one_does():
