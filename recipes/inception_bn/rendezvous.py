@@ -170,20 +170,36 @@ class Rendezvous:
                 conn.sendall(_greeting(self.cluster))
                 greeting = _read_greeting(conn)
         except ConnectionRefusedError:
-            self.trouble[peer.name] = "nothing listens there: not started yet, or another address"
+            self._failed(peer, "nothing listens there: not started yet, or another address")
             return
         except TimeoutError:
-            self.trouble[peer.name] = "no answer: a host that is down, or a firewall"
+            self._failed(peer, "no answer: a host that is down, or a firewall")
             return
         except OSError as error:
-            self.trouble[peer.name] = error.strerror or str(error)
+            self._failed(peer, error.strerror or str(error))
             return
         if greeting is None or (greeting[1], greeting[2]) != (peer.job, peer.index):
-            self.trouble[peer.name] = ("something else answers there: a process of an earlier attempt, or "
-                                       "another program, holds that port")
+            self._failed(peer, "something else answers there: a process of an earlier attempt, or another "
+                               "program, holds that port")
             return
         if self._record(peer.name, greeting[0], self.seen):
             self.trouble.pop(peer.name, None)
+
+    def _failed(self, peer: Task, why: str) -> None:
+        """A probe of ``peer`` that met no rendezvous. A peer that has reached this worker (alive,
+        with this cluster) and no longer answers on its port has ended its own rendezvous: it had
+        met every worker, this one included, and handed its port to TensorFlow. Its answer to this
+        worker's earlier probe was lost (a read that timed out on a busy machine; seen: a
+        3-worker start of `make test-processes` stuck until --startup-timeout); it counts as met.
+        Any other failure is ``why``."""
+        with self._lock:
+            moved_on = peer.name in self.seen_by
+            if moved_on:
+                self.seen.add(peer.name)
+        if moved_on:
+            self.trouble.pop(peer.name, None)
+        else:
+            self.trouble[peer.name] = why
 
     def wait(self, timeout: float, resume_fn) -> None:
         """Until every worker has met every other; :class:`NotFormed` after ``timeout`` s (0: never),

@@ -15,7 +15,7 @@ import pytest
 
 from recipes.inception_bn.cluster import parse_tf_config
 from recipes.inception_bn.ending import INTERRUPTED, REFUSED, RETRYABLE, Refused
-from recipes.inception_bn.rendezvous import Rendezvous, listen
+from recipes.inception_bn.rendezvous import NotFormed, Rendezvous, listen
 from tests.helpers import forkserver
 from tests.helpers.distributed import ROOT, TIMEOUT, _env, free_ports
 from tests.recipes.test_inception_bn_train import RECIPE, TINY, _main_in_process
@@ -138,6 +138,47 @@ def test_workers_started_with_different_clusters_are_told_so(tmp_path):
     assert lines == [f"error: {peer}'s TF_CONFIG gives another cluster than {own}'s: every worker needs the same "
                      '"cluster" (only "task" differs)' for peer, own in (("worker 1", "worker 0"),
                                                                           ("worker 0", "worker 1"))]
+
+
+@pytest.mark.parametrize("port_now", ["closed", "another server"])
+def test_a_peer_that_met_this_worker_and_moved_on_counts_as_met(port_now):
+    # Worker 0 probed worker 1 and was answered, then ended its rendezvous (its port: closed, then
+    # TensorFlow's server) while worker 1's own probe of it had gone unanswered - a read that timed
+    # out on a busy machine. Worker 1 goes on at once instead of waiting until --startup-timeout.
+    ports = free_ports(2)
+    workers = [f"127.0.0.1:{p}" for p in ports]
+    first, second = parse_tf_config(_config(workers, 0)), parse_tf_config(_config(workers, 1))
+    waiting = Rendezvous(second, listen(second.own))
+    done = Rendezvous(first, listen(first.own))
+    done.probe(first.peers[0])
+    done.close()
+    assert done.seen == {"worker 1"} and waiting.seen_by == {"worker 0"} and not waiting.seen
+    server = None
+    if port_now == "another server":  # something that does not speak the rendezvous: closes at once
+        server = socket.create_server(("127.0.0.1", ports[0]))
+        threading.Thread(target=lambda: [server.accept()[0].close() for _ in range(100)], daemon=True).start()
+    try:
+        started = time.monotonic()
+        waiting.wait(60, str)
+        assert time.monotonic() - started < 10
+        assert waiting.seen == {"worker 0"}
+    finally:
+        waiting.close()
+        if server is not None:
+            server.close()
+
+
+def test_a_peer_never_met_whose_port_is_closed_is_still_missing():
+    # The control: worker 0 never reached worker 1, and nothing listens on its port.
+    ports = free_ports(2)
+    workers = [f"127.0.0.1:{p}" for p in ports]
+    second = parse_tf_config(_config(workers, 1))
+    waiting = Rendezvous(second, listen(second.own))
+    try:
+        with pytest.raises(NotFormed, match="worker 0 at 127.0.0.1:.* never answered .nothing listens there"):
+            waiting.wait(0.5, str)
+    finally:
+        waiting.close()
 
 
 @pytest.mark.slow
