@@ -112,7 +112,8 @@ def updated_averages(statistics: Moments, gamma, beta, averages: Averages, momen
     count: one select keeps every average. With Batch Renormalization (Ioffe, 2017, as Keras
     computes it) ``(r, d)`` fold into the returned gamma and beta, ``renorm_clipping`` is
     ``(rmin, rmax, dmax)`` (None for no bound), and the variance is averaged as a standard
-    deviation. Nothing flows back through the statistics here: they are read as values.
+    deviation. Nothing flows back through the statistics here: they are read as values (autograd
+    on torch then records none of these small ops).
     """
     statistics = Moments(*(ops.stop_gradient(t) for t in statistics))
     finite = all_finite(statistics)

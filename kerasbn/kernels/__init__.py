@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
+import keras
+
 from kerasbn.backend import require_backend
 from kerasbn.statistics import Moments
 
@@ -112,8 +114,6 @@ class Kernels(Protocol):
 def compiled(function: Callable) -> Callable:
     """:meth:`Kernels.compiled` of Keras' current backend: ``function`` as it is on the
     inference-only backends, which have no kernels module."""
-    import keras
-
     return function if keras.backend.backend() not in TRAINING_MODULES else current().compiled(function)
 
 

@@ -20,10 +20,11 @@ forward ones. Inside ``shard_map``/``pmap`` (code that maps ``stateless_call`` o
 devices itself) the layer's ``axis_name`` names the axis whose triples are all-gathered.
 
 Called eagerly (outside any trace), the statistics, their merge and the normalization each run
-as one compiled function per shape: op by op, JAX compiles every primitive of every new shape on
-its own, which made a layer's first eager training call cost ~1 s (a dozen primitives, each one
-compile) where Keras' own BN paid ~0.3 s. Inside a trace (``model.fit``, ``jax.jit``,
-``shard_map``) the ops are traced as they come, into the caller's compiled step.
+as one compiled function per shape (:func:`compiled`, which the layer also applies to its guard and
+moving averages, and to inference): op by op, JAX compiles every primitive of every new shape on
+its own, which made a layer's first eager training call on new channels compile 16 functions
+(0.6 s; now 5, 0.25 s). Inside a trace (``model.fit``, ``jax.jit``, ``shard_map``) the ops are
+traced as they come, into the caller's compiled step.
 """
 
 from __future__ import annotations
@@ -145,14 +146,14 @@ def compiled(function):
     """``function`` of arrays and numbers (positional) and settings (keyword-only: the channel axis,
     the plan) run as one compiled function per shape when called outside a trace, and traced
     op by op into the caller's function inside one."""
-    static = [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    compiled = jax.jit(function, static_argnames=static)
+    keyword_only = [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    jitted = jax.jit(function, static_argnames=keyword_only)
 
     @functools.wraps(function)
-    def run(*arrays, **static):
+    def run(*arrays, **settings):
         if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(arrays)):
-            return function(*arrays, **static)
-        return compiled(*arrays, **static)
+            return function(*arrays, **settings)
+        return jitted(*arrays, **settings)
     return run
 
 
