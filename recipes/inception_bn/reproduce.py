@@ -163,12 +163,19 @@ def training_seconds(history) -> float:
     return sum(float(row["wall_seconds"] or 0) for row in history)
 
 
+RECENT_INTERVALS = 5
+
+
 def _recent_seconds_per_step(history) -> float | None:
-    """A run's pace now: its last evaluation interval's wall time per step (None without one)."""
-    if not history or not history[-1]["wall_seconds"]:
-        return None
-    steps = int(history[-1]["step"]) - (int(history[-2]["step"]) if len(history) > 1 else 0)
-    return float(history[-1]["wall_seconds"]) / steps if steps > 0 else None
+    """A run's pace now: the median wall time per step of its last few evaluation intervals (None
+    without one). The median, so that one interval stretched by a pause (the machine suspended, the
+    process stopped) does not multiply the estimate."""
+    paces = []
+    for i in range(len(history) - 1, max(len(history) - 1 - RECENT_INTERVALS, -1), -1):
+        steps = int(history[i]["step"]) - (int(history[i - 1]["step"]) if i > 0 else 0)
+        if history[i]["wall_seconds"] and steps > 0:
+            paces.append(float(history[i]["wall_seconds"]) / steps)
+    return statistics.median(paces) if paces else None
 
 
 def progress_summary(run_dir: Path, names, seeds, running, jobs: int) -> str:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from recipes.inception_bn import compare, plateau, reproduce
-from recipes.inception_bn.history import HISTORY_FIELDS, write_history
+from recipes.inception_bn.history import HISTORY_FIELDS, read_history, write_history
 from recipes.inception_bn.run_files import RunFiles
 from tests.helpers import figures
 from tests.helpers.tables import table_row
@@ -142,6 +142,21 @@ def test_the_time_left_follows_the_pace_the_runs_keep_now(tmp_path):
     _record(tmp_path, 1, "inception", [0.5] * 3, reason=None, seconds_each=120)
     assert reproduce.progress_summary(tmp_path, names, seeds, {("inception", 1): tmp_path}, jobs=2) == \
         "2 of 4 runs done, 1 running; about 14 min left"
+
+
+def test_one_interval_stretched_by_a_pause_does_not_multiply_the_time_left(tmp_path):
+    # The running run's last interval took 20 min (the machine suspended) where the others took 1:
+    # the estimate stays the 7 min of the steady pace (the last interval's pace alone: 140 min).
+    names, seeds = ["inception", "bn-x5"], [0, 1]
+    _record(tmp_path, 0, "inception", [0.5] * 10, seconds_each=60)
+    _record(tmp_path, 0, "bn-x5", [0.5] * 4, seconds_each=60)
+    _record(tmp_path, 1, "inception", [0.5] * 3, reason=None, seconds_each=60)
+    history = RunFiles(reproduce.run_directory(tmp_path, 1) / "inception").history
+    rows = read_history(history)
+    rows[-1]["wall_seconds"] = "1200"
+    write_history(history, rows)
+    assert reproduce.progress_summary(tmp_path, names, seeds, {("inception", 1): tmp_path}, jobs=2) == \
+        "2 of 4 runs done, 1 running; about 7 min left"
 
 
 def test_table_says_when_the_baseline_hit_the_cap(tmp_path):
