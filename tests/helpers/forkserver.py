@@ -74,6 +74,9 @@ def serve(path: str) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_write)
     children = {}  # pid -> the connection its status goes to
+    # Where the suite's CPU goes (docs/benchmarks.md#the-test-suite): each child's CPU seconds, its
+    # own children's included, and the test that started it, one line per child as it is reaped.
+    cpu_log, tests = os.environ.get(CPU_LOG), {}
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     selector.register(wake_read, selectors.EVENT_READ)
@@ -84,6 +87,8 @@ def serve(path: str) -> None:
                 connection, _ = listener.accept()
                 request, fds = _receive(connection)
                 pid = os.fork()
+                if pid != 0:
+                    tests[pid] = request["env"].get("PYTEST_CURRENT_TEST", "-")
                 if pid == 0:
                     os.close(wake_read)
                     os.close(wake_write)
@@ -98,11 +103,14 @@ def serve(path: str) -> None:
                 os.read(wake_read, 4096)
         while children:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
+            if cpu_log:
+                with open(cpu_log, "a") as log:
+                    log.write(f"{usage.ru_utime + usage.ru_stime:.2f}\t{tests.pop(pid, '-')}\n")
             connection = children.pop(pid, None)
             if connection is not None:
                 code = os.waitstatus_to_exitcode(status)  # -N when killed by signal N, as Popen
@@ -200,6 +208,8 @@ def _exit_code(value) -> int:
 # The client -------------------------------------------------------------------------------------
 
 SHARED = "KERASBN_TEST_FORKSERVER"  # the socket of a server shared by every process given it
+# A file the server appends each reaped child's CPU seconds and test to (unset: nothing written).
+CPU_LOG = "KERASBN_TEST_CHILD_CPU_LOG"
 # Set to 1: no fork server; every process is a fresh interpreter, started as a user starts it
 # (.ci/run runs the process scenarios so once, after the fast suite).
 FRESH = "KERASBN_TEST_FRESH_INTERPRETERS"
