@@ -108,9 +108,10 @@ def serve(path: str) -> None:
                 break
             if pid == 0:
                 break
+            test = tests.pop(pid, "-")
             if cpu_log:
                 with open(cpu_log, "a") as log:
-                    log.write(f"{usage.ru_utime + usage.ru_stime:.2f}\t{tests.pop(pid, '-')}\n")
+                    log.write(f"{usage.ru_utime + usage.ru_stime:.2f}\t{test}\n")
             connection = children.pop(pid, None)
             if connection is not None:
                 code = os.waitstatus_to_exitcode(status)  # -N when killed by signal N, as Popen
