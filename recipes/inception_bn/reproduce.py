@@ -171,7 +171,7 @@ def _recent_seconds_per_step(history) -> float | None:
     without one). The median, so that one interval stretched by a pause (the machine suspended, the
     process stopped) does not multiply the estimate."""
     paces = []
-    for i in range(len(history) - 1, max(len(history) - 1 - RECENT_INTERVALS, -1), -1):
+    for i in range(max(len(history) - RECENT_INTERVALS, 0), len(history)):
         steps = int(history[i]["step"]) - (int(history[i - 1]["step"]) if i > 0 else 0)
         if history[i]["wall_seconds"] and steps > 0:
             paces.append(float(history[i]["wall_seconds"]) / steps)
