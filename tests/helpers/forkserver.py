@@ -87,8 +87,6 @@ def serve(path: str) -> None:
                 connection, _ = listener.accept()
                 request, fds = _receive(connection)
                 pid = os.fork()
-                if pid != 0:
-                    tests[pid] = request["env"].get("PYTEST_CURRENT_TEST", "-")
                 if pid == 0:
                     os.close(wake_read)
                     os.close(wake_write)
@@ -99,6 +97,7 @@ def serve(path: str) -> None:
                     os.close(fd)
                 connection.sendall(_HEADER.pack(pid))
                 children[pid] = connection
+                tests[pid] = request["env"].get("PYTEST_CURRENT_TEST", "-")
             else:
                 os.read(wake_read, 4096)
         while children:
