@@ -134,13 +134,14 @@ def test_a_killed_or_frozen_worker_or_chief_ends_every_survivor_and_the_rerun_re
     # their survivors the same way and leave the first state; rerunning them too cost 6 more
     # processes, 12 s of CPU (measured), for a path already run.
     from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
 
+    no_rerun = partial(_lost, rerun=False)
     scenarios = [
-        (_lost, tmp_path / "worker-killed", 2, 1, signal.SIGKILL, "worker 1", None, False),
+        (no_rerun, tmp_path / "worker-killed", 2, 1, signal.SIGKILL, "worker 1"),
         (_chief_killed_as_a_checkpoint_appears, tmp_path / "chief-killed"),
-        (_lost, tmp_path / "worker-frozen", 2, 1, signal.SIGSTOP, "worker 1", None, False),
-        (_lost, tmp_path / "chief-frozen", 2, 0, signal.SIGSTOP, "worker 0 (its coordination service stopped answering)",
-         None, False),
+        (no_rerun, tmp_path / "worker-frozen", 2, 1, signal.SIGSTOP, "worker 1"),
+        (no_rerun, tmp_path / "chief-frozen", 2, 0, signal.SIGSTOP, "worker 0 (its coordination service stopped answering)"),
         (_lost, tmp_path / "of-three", 3, 1, signal.SIGKILL, "worker 1"),
     ]
     with ThreadPoolExecutor(len(scenarios)) as pool:
