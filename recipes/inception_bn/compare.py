@@ -14,6 +14,7 @@ and how long each run stalled (its last evaluation below twice chance).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -75,7 +76,7 @@ class RunInterrupted(Exception):
 def in_parallel(function, items, jobs: int) -> list:
     """``[function(item) for item in items]``, ``jobs`` at a time. Once one raises (a run
     interrupted) or Ctrl-C reaches this process, no further item starts; those under way end
-    (the terminal's signal reached them too) and the exception is raised."""
+    (``RUNS`` forwarded the signal to them) and the exception is raised."""
     halt = threading.Event()
 
     def guarded(item):
@@ -97,6 +98,66 @@ def in_parallel(function, items, jobs: int) -> list:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def start_process(command, **kwargs):
+    """A training process, in a session of its own: the stop signals this command receives reach it
+    once, forwarded by ``RUNS`` (a terminal's Ctrl-C would otherwise reach it twice)."""
+    return subprocess.Popen(command, start_new_session=True, **kwargs)
+
+
+class Runs:
+    """The training processes under way, so that a stop request reaches them whoever sent it: Ctrl-C,
+    ``kill PID`` or a scheduler signalling this process alone, or the terminal closing. Each run then
+    saves and exits 130, nothing more starts, and the command exits 130; rerunning it resumes."""
+
+    # SIGHUP (the terminal closed) asks a run to stop as SIGTERM does: train.py saves on SIGTERM.
+    FORWARDED = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
+
+    def __init__(self):
+        self._lock = threading.RLock()  # a second signal may arrive while the first one's handler holds it
+        self._running: set = set()
+        self.stopped_by: str | None = None
+
+    def run(self, name: str, command, **kwargs) -> int:
+        """``command``'s exit status, or RunInterrupted if a stop was requested before it started."""
+        with self._lock:
+            if self.stopped_by:
+                raise RunInterrupted(f"{name} was not started ({self.stopped_by})")
+            proc = start_process(command, **kwargs)
+            self._running.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+
+    def stop(self, signum: int) -> None:
+        with self._lock:
+            self.stopped_by = signal.Signals(signum).name
+            running = list(self._running)
+            for proc in running:
+                proc.send_signal(self.FORWARDED[signum])
+        if not running:  # between runs: stop here, as the runs would
+            raise RunInterrupted(f"stopped by {self.stopped_by}")
+
+    @contextlib.contextmanager
+    def forwarding_stop_signals(self):
+        """While in this block, this process's stop signals go to the runs (main thread only: where
+        Python runs signal handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {signum: signal.signal(signum, lambda s, _: self.stop(s)) for signum in self.FORWARDED}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.stopped_by = None
+
+
+RUNS = Runs()
+
+
 def run_variant(name, run_dir: Path, dataset, train_args, log_path: Path | None = None, env=None,
                 module="recipes.inception_bn.train") -> dict:
     """Trains one variant in a fresh process (``python -m module``), its output to the console or
@@ -106,16 +167,16 @@ def run_variant(name, run_dir: Path, dataset, train_args, log_path: Path | None 
                "--run-dir", str(run_dir / name), "--quiet", "--no-export", *train_args]
     start = time.perf_counter()
     if log_path is None:
-        result = subprocess.run(command, env=env)
+        returncode = RUNS.run(name, command, env=env)
     else:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a") as log:
-            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            returncode = RUNS.run(name, command, stdout=log, stderr=subprocess.STDOUT, env=env)
     seconds = time.perf_counter() - start
-    if result.returncode in INTERRUPTED:
+    if returncode in INTERRUPTED:
         raise RunInterrupted(f"{name} was interrupted ({run_dir / name})")
     diverged = RunFiles(run_dir / name).diverged
-    failed = result.returncode if result.returncode != 0 and not diverged.exists() else None
+    failed = returncode if returncode != 0 and not diverged.exists() else None
     return {"seconds": seconds, "diverged": json.loads(diverged.read_text()) if diverged.exists() else None,
             "failed": failed}
 
@@ -244,7 +305,8 @@ def main(argv=None) -> int:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        outcomes = run_variants(names, run_dir, args.dataset, train_args, args.jobs)
+        with RUNS.forwarding_stop_signals():
+            outcomes = run_variants(names, run_dir, args.dataset, train_args, args.jobs)
     except (RunInterrupted, KeyboardInterrupt) as stopped:
         print(f"\n{stopped or 'interrupted'}; rerun the same command to resume", file=sys.stderr)
         return ending.INTERRUPTED

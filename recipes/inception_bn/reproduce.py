@@ -398,7 +398,8 @@ def main(argv=None) -> int:
     print(f"== Table 2 and Figure 2 on Fashion-MNIST: {', '.join(names)}; seeds {', '.join(map(str, seeds))}; "
           f"train.py {' '.join(train_args)}", flush=True)
     try:
-        run_all(run_dir, names, seeds, train_args, args.jobs, args.train_module)
+        with compare.RUNS.forwarding_stop_signals():
+            run_all(run_dir, names, seeds, train_args, args.jobs, args.train_module)
     except (compare.RunInterrupted, KeyboardInterrupt) as stopped:
         print(f"\n{stopped or 'interrupted'}; rerun the same command to resume", file=sys.stderr)
         return ending.INTERRUPTED

@@ -59,17 +59,17 @@ def register() -> None:
     variants.VARIANTS.setdefault("tiny", TINY)
 
 
-def on_tiny_networks(run):
-    """``run`` (``subprocess.run``'s signature) with the recipe's training processes started as this
-    module on the tiny network: for a test of a command that starts them (``compare``, ``demo``)."""
-    def run_tiny(command, *args, **kwargs):
+def on_tiny_networks(start):
+    """``start`` (``subprocess.Popen``'s signature) with the recipe's training processes started as
+    this module on the tiny network: for a test of a command that starts them (``compare``, ``demo``)."""
+    def start_tiny(command, *args, **kwargs):
         if "recipes.inception_bn.train" in command:
             at = command.index("recipes.inception_bn.train")
             command = [*command[:at], "tests.helpers.tiny_train",
                        "--tiny-network", *command[at + 1:]]
-        return run(command, *args, **kwargs)
+        return start(command, *args, **kwargs)
 
-    return run_tiny
+    return start_tiny
 
 
 def tiny_networks() -> None:

@@ -82,7 +82,7 @@ def test_parallel_runs_name_every_failed_variant_and_its_log(tmp_path, capsys, m
     # fork server (TensorFlow imported once).
     from tests.helpers import forkserver
 
-    monkeypatch.setattr(compare.subprocess, "run", forkserver.run)
+    monkeypatch.setattr(compare, "start_process", forkserver.popen)
     with pytest.raises(SystemExit) as stopped:
         compare.main(["--run-dir", str(tmp_path), "--dataset", "synthetic", "--variants", "inception,bn-x5",
                       "--jobs", "2", "--batch-size", "0"])
@@ -120,11 +120,11 @@ def test_an_interrupted_variant_ends_the_comparison_with_130(tmp_path, capsys, m
 
     commands = []
 
-    def run(command, **kwargs):
+    def start(command, **kwargs):
         commands.append(command)
-        return forkserver.run([sys.executable, "-c", "import sys; sys.exit(130)"], **kwargs)
+        return forkserver.popen([sys.executable, "-c", "import sys; sys.exit(130)"], **kwargs)
 
-    monkeypatch.setattr(compare.subprocess, "run", run)
+    monkeypatch.setattr(compare, "start_process", start)
     status = compare.main(["--run-dir", str(tmp_path), "--dataset", "synthetic", "--variants", "inception,bn-x5"])
     assert status == 130 and len(commands) == 1
     assert "inception was interrupted" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def test_demo_runs_end_to_end_on_fashion_mnist(tmp_path, capsys, monkeypatch):
     from recipes.inception_bn import compare
     from tests.helpers import forkserver, tiny_train
 
-    monkeypatch.setattr(compare.subprocess, "run", tiny_train.on_tiny_networks(forkserver.run))
+    monkeypatch.setattr(compare, "start_process", tiny_train.on_tiny_networks(forkserver.popen))
     variants = ("inception", "bn-x30")  # the baseline and a BN variant: the others run the same code
     assert demo.main(["--run-dir", str(tmp_path), "--steps", "10", "--figure1-steps", "300",
                       "--variants", ",".join(variants)]) == 0

@@ -2,6 +2,10 @@
 the command end to end."""
 
 import json
+import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +14,7 @@ from recipes.inception_bn import compare, plateau, reproduce
 from recipes.inception_bn.history import HISTORY_FIELDS, read_history, write_history
 from recipes.inception_bn.run_files import RunFiles
 from tests.helpers import figures
+from tests.helpers.distributed import TIMEOUT
 from tests.helpers.tables import table_row
 
 # ------------------------------------------------------------------------------ the stopping rule
@@ -207,18 +212,49 @@ def test_the_budget_goes_to_train_and_the_user_overrides_it():
 @pytest.mark.slow
 def test_the_command_end_to_end_on_tiny_networks(tmp_path, capsys, monkeypatch):
     """Two networks (the tiny network with each one's schedule, with and without BN), two seeds, a
-    few dozen steps: every run stops by the rule or the cap, the table and figure are written, both
-    networks of a seed read the same stream, and a rerun trains nothing."""
+    few dozen steps. SIGTERM to the command alone (``kill PID``, a scheduler) as the first checkpoint
+    appears: it reaches the runs under way, which save and exit, nothing more starts, status 130.
+    Rerun: every run resumes or starts and stops by the rule or the cap, the table and figure are
+    written, both networks of a seed read the same stream, and a third run trains nothing."""
     from tests.helpers import forkserver
 
-    monkeypatch.setattr(compare.subprocess, "run", forkserver.run)
+    monkeypatch.setattr(compare, "start_process", forkserver.popen)
     names = ["inception", "bn-x30"]
     argv = ["--run-dir", str(tmp_path), "--seeds", "0,1", "--variants", ",".join(names),
             "--train-module", "tests.helpers.tiny_train",
             "--tiny-network", "--max-steps", "60", "--eval-every", "20", "--plateau-window", "20",
             "--plateau-min-delta", "0.05", "--image-size", "16", "--validation-examples", "500", "--jobs", "2"]
+    first = reproduce.run_directory(tmp_path, 0) / "inception" / "checkpoints"
+
+    def terminate_this_process_at_the_first_checkpoint():
+        deadline = time.time() + TIMEOUT  # a safety net: synchronized on the checkpoint
+        while not list(first.glob("ckpt-*.index")) and time.time() < deadline:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    # Should SIGTERM arrive after the command restored its handlers, it is recorded here, not fatal.
+    late = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: late.append(True))
+    try:
+        killer = threading.Thread(target=terminate_this_process_at_the_first_checkpoint)
+        killer.start()
+        assert reproduce.main(argv) == 130
+        killer.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not late
+    err = capsys.readouterr().err
+    assert "was interrupted" in err and err.rstrip().endswith("rerun the same command to resume"), err
+    console = RunFiles(reproduce.run_directory(tmp_path, 0) / "inception").console.read_text()
+    (line,) = [line for line in console.splitlines() if line.startswith("interrupted at step")]
+    stopped = int(line.split()[3].rstrip(";"))
+    assert stopped >= 20 and not any(reproduce.finished(tmp_path, name, seed) for name in names for seed in (0, 1))
+    assert not any((reproduce.run_directory(tmp_path, seed) / "bn-x30").exists() for seed in (0, 1))  # not started
+
     assert reproduce.main(argv) == 0
     out = capsys.readouterr().out
+    console = RunFiles(reproduce.run_directory(tmp_path, 0) / "inception").console.read_text()
+    assert f"Resuming {reproduce.run_directory(tmp_path, 0) / 'inception'} from step {stopped}" in console
     table = (tmp_path / "table2.md").read_text()
     for name in names:
         assert table_row(table, name)[0] == name
@@ -239,7 +275,7 @@ def test_the_command_end_to_end_on_tiny_networks(tmp_path, capsys, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(compare.subprocess, "run", no_training)
+    monkeypatch.setattr(compare, "start_process", no_training)
     assert reproduce.main(argv) == 0
     assert "== bn-x30 seed 1: finished at step" in capsys.readouterr().out
     assert (tmp_path / "table2.md").read_text() == table
