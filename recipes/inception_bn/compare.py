@@ -158,6 +158,32 @@ class Runs:
 RUNS = Runs()
 
 
+class RunDirBusy(Exception):
+    """Another command is training into the same run directory."""
+
+
+@contextlib.contextmanager
+def holding(run_dir: Path):
+    """This command alone trains into ``run_dir`` while in this block: a second one (another terminal,
+    a resubmitted job) would train the same runs twice into the same files. The lock is the kernel's
+    (``flock``): it ends with the process, however that ends."""
+    import fcntl
+
+    with open(run_dir / ".command.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise RunDirBusy(f"another command (pid {holder}) is training in {run_dir}; "
+                             "wait for it to end or stop it, then rerun") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+
+
 def run_variant(name, run_dir: Path, dataset, train_args, log_path: Path | None = None, env=None,
                 module="recipes.inception_bn.train") -> dict:
     """Trains one variant in a fresh process (``python -m module``), its output to the console or
@@ -305,8 +331,11 @@ def main(argv=None) -> int:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with RUNS.forwarding_stop_signals():
+        with holding(run_dir), RUNS.forwarding_stop_signals():
             outcomes = run_variants(names, run_dir, args.dataset, train_args, args.jobs)
+    except RunDirBusy as busy:
+        print(f"error: {busy}", file=sys.stderr)
+        return ending.REFUSED
     except (RunInterrupted, KeyboardInterrupt) as stopped:
         print(f"\n{stopped or 'interrupted'}; rerun the same command to resume", file=sys.stderr)
         return ending.INTERRUPTED

@@ -398,8 +398,11 @@ def main(argv=None) -> int:
     print(f"== Table 2 and Figure 2 on Fashion-MNIST: {', '.join(names)}; seeds {', '.join(map(str, seeds))}; "
           f"train.py {' '.join(train_args)}", flush=True)
     try:
-        with compare.RUNS.forwarding_stop_signals():
+        with compare.holding(run_dir), compare.RUNS.forwarding_stop_signals():
             run_all(run_dir, names, seeds, train_args, args.jobs, args.train_module)
+    except compare.RunDirBusy as busy:
+        print(f"error: {busy}", file=sys.stderr)
+        return ending.REFUSED
     except (compare.RunInterrupted, KeyboardInterrupt) as stopped:
         print(f"\n{stopped or 'interrupted'}; rerun the same command to resume", file=sys.stderr)
         return ending.INTERRUPTED

@@ -2,6 +2,7 @@
 histories written as train.py writes them, and its plot."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -128,3 +129,41 @@ def test_an_interrupted_variant_ends_the_comparison_with_130(tmp_path, capsys, m
     status = compare.main(["--run-dir", str(tmp_path), "--dataset", "synthetic", "--variants", "inception,bn-x5"])
     assert status == 130 and len(commands) == 1
     assert "inception was interrupted" in capsys.readouterr().err
+
+
+HOLD_THE_LOCK = """
+import sys
+from pathlib import Path
+from recipes.inception_bn import compare
+with compare.holding(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_command_on_the_same_run_dir_is_refused_in_one_line(tmp_path, capsys):
+    # Another terminal's `make reproduce` (a real process) holds the run directory: compare and
+    # reproduce refuse to train the same runs into the same files, naming its pid; once it is gone
+    # (killed: the kernel's lock goes with it) the directory is free.
+    import signal
+    import subprocess
+
+    from recipes.inception_bn import reproduce
+    from tests.helpers import forkserver
+    from tests.helpers.distributed import ROOT
+
+    holder = forkserver.popen([sys.executable, "-c", HOLD_THE_LOCK, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for command in (lambda: compare.main(["--run-dir", str(tmp_path), "--dataset", "synthetic"]),
+                        lambda: reproduce.main(["--run-dir", str(tmp_path), "--seeds", "0,1"])):
+            assert command() == 2
+            (line,) = capsys.readouterr().err.strip().splitlines()
+            assert line == (f"error: another command (pid {holder.pid}) is training in {tmp_path}; "
+                            "wait for it to end or stop it, then rerun")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with compare.holding(tmp_path):
+        assert (tmp_path / ".command.lock").read_text() == f"{os.getpid()}\n"
