@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from kerasbn._files import atomic_write
-from recipes.inception_bn import compare, ending, plateau
+from recipes.inception_bn import compare, ending, plateau, processes
 from recipes.inception_bn.history import read_history
 from recipes.inception_bn.run_files import RunFiles
 from recipes.inception_bn.variants import PAPER_VARIANTS, VARIANTS
@@ -143,7 +143,7 @@ def run_all(run_dir: Path, names, seeds, train_args, jobs: int, train_module: st
     reporter = threading.Thread(target=report_progress, daemon=True)
     reporter.start()
     try:
-        failures = [f for f in compare.in_parallel(train, pending, jobs) if f]
+        failures = [f for f in processes.in_parallel(train, pending, jobs) if f]
     finally:
         stop_progress.set()
     if failures:
@@ -398,12 +398,12 @@ def main(argv=None) -> int:
     print(f"== Table 2 and Figure 2 on Fashion-MNIST: {', '.join(names)}; seeds {', '.join(map(str, seeds))}; "
           f"train.py {' '.join(train_args)}", flush=True)
     try:
-        with compare.holding(run_dir), compare.RUNS.forwarding_stop_signals():
+        with processes.holding(run_dir), processes.RUNS.forwarding_stop_signals():
             run_all(run_dir, names, seeds, train_args, args.jobs, args.train_module)
-    except compare.RunDirBusy as busy:
+    except processes.RunDirBusy as busy:
         print(f"error: {busy}", file=sys.stderr)
         return ending.REFUSED
-    except (compare.RunInterrupted, KeyboardInterrupt) as stopped:
+    except (processes.RunInterrupted, KeyboardInterrupt) as stopped:
         print(f"\n{stopped or 'interrupted'}; rerun the same command to resume", file=sys.stderr)
         return ending.INTERRUPTED
     table, numbers = summarize(collect(run_dir, names, seeds), args.max_steps)

@@ -2,12 +2,11 @@
 histories written as train.py writes them, and its plot."""
 
 import json
-import os
 import sys
 
 import pytest
 
-from recipes.inception_bn import compare
+from recipes.inception_bn import compare, processes
 from recipes.inception_bn.history import HISTORY_FIELDS, write_history
 from tests.helpers import figures
 from tests.helpers.tables import table_row
@@ -83,7 +82,7 @@ def test_parallel_runs_name_every_failed_variant_and_its_log(tmp_path, capsys, m
     # fork server (TensorFlow imported once).
     from tests.helpers import forkserver
 
-    monkeypatch.setattr(compare, "start_process", forkserver.popen)
+    monkeypatch.setattr(processes, "start_process", forkserver.popen)
     with pytest.raises(SystemExit) as stopped:
         compare.main(["--run-dir", str(tmp_path), "--dataset", "synthetic", "--variants", "inception,bn-x5",
                       "--jobs", "2", "--batch-size", "0"])
@@ -97,24 +96,6 @@ def test_parallel_runs_name_every_failed_variant_and_its_log(tmp_path, capsys, m
     assert "== inception: failed in" in out and "== bn-x5: failed in" in out
 
 
-def test_nothing_new_starts_after_a_run_is_interrupted():
-    started = []
-
-    def run(item):
-        started.append(item)
-        if item == "b":
-            raise compare.RunInterrupted("b was interrupted")
-        return item
-
-    for jobs in (1, 2):
-        started.clear()
-        with pytest.raises(compare.RunInterrupted, match="b was interrupted"):
-            compare.in_parallel(run, ["a", "b", "c", "d", "e"], jobs)
-        # With two at a time, "c" may have started beside "b"; nothing after it.
-        assert started[:2] == ["a", "b"] and set(started) <= {"a", "b", "c"}, started
-    assert compare.in_parallel(run, ["a", "c"], 2) == ["a", "c"]
-
-
 def test_an_interrupted_variant_ends_the_comparison_with_130(tmp_path, capsys, monkeypatch):
     # The first variant's train.py stopped on SIGINT (exit 130): the second never starts.
     from tests.helpers import forkserver
@@ -125,45 +106,8 @@ def test_an_interrupted_variant_ends_the_comparison_with_130(tmp_path, capsys, m
         commands.append(command)
         return forkserver.popen([sys.executable, "-c", "import sys; sys.exit(130)"], **kwargs)
 
-    monkeypatch.setattr(compare, "start_process", start)
+    monkeypatch.setattr(processes, "start_process", start)
     status = compare.main(["--run-dir", str(tmp_path), "--dataset", "synthetic", "--variants", "inception,bn-x5"])
     assert status == 130 and len(commands) == 1
     assert "inception was interrupted" in capsys.readouterr().err
 
-
-HOLD_THE_LOCK = """
-import sys
-from pathlib import Path
-from recipes.inception_bn import compare
-with compare.holding(Path(sys.argv[1])):
-    print("held", flush=True)
-    sys.stdin.read()
-"""
-
-
-def test_a_second_command_on_the_same_run_dir_is_refused_in_one_line(tmp_path, capsys):
-    # Another terminal's `make reproduce` (a real process) holds the run directory: compare and
-    # reproduce refuse to train the same runs into the same files, naming its pid; once it is gone
-    # (killed: the kernel's lock goes with it) the directory is free.
-    import signal
-    import subprocess
-
-    from recipes.inception_bn import reproduce
-    from tests.helpers import forkserver
-    from tests.helpers.distributed import ROOT
-
-    holder = forkserver.popen([sys.executable, "-c", HOLD_THE_LOCK, str(tmp_path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        for command in (lambda: compare.main(["--run-dir", str(tmp_path), "--dataset", "synthetic"]),
-                        lambda: reproduce.main(["--run-dir", str(tmp_path), "--seeds", "0,1"])):
-            assert command() == 2
-            (line,) = capsys.readouterr().err.strip().splitlines()
-            assert line == (f"error: another command (pid {holder.pid}) is training in {tmp_path}; "
-                            "wait for it to end or stop it, then rerun")
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    with compare.holding(tmp_path):
-        assert (tmp_path / ".command.lock").read_text() == f"{os.getpid()}\n"

@@ -51,10 +51,10 @@ def test_demo_runs_end_to_end_on_fashion_mnist(tmp_path, capsys, monkeypatch):
     # The main job (`make demo`), shortened: Figure 1 and the variants' comparison, outputs where it
     # says. Its training processes are the recipe's, forked from the tests' server, on the tiny
     # network (each variant's schedule); the demo's own networks train in test_inception_bn_model.
-    from recipes.inception_bn import compare
+    from recipes.inception_bn import processes
     from tests.helpers import forkserver, tiny_train
 
-    monkeypatch.setattr(compare, "start_process", tiny_train.on_tiny_networks(forkserver.popen))
+    monkeypatch.setattr(processes, "start_process", tiny_train.on_tiny_networks(forkserver.popen))
     variants = ("inception", "bn-x30")  # the baseline and a BN variant: the others run the same code
     assert demo.main(["--run-dir", str(tmp_path), "--steps", "10", "--figure1-steps", "300",
                       "--variants", ",".join(variants)]) == 0

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from recipes.inception_bn import compare, plateau, reproduce
+from recipes.inception_bn import plateau, processes, reproduce
 from recipes.inception_bn.history import HISTORY_FIELDS, read_history, write_history
 from recipes.inception_bn.run_files import RunFiles
 from tests.helpers import figures
@@ -218,7 +218,7 @@ def test_the_command_end_to_end_on_tiny_networks(tmp_path, capsys, monkeypatch):
     written, both networks of a seed read the same stream, and a third run trains nothing."""
     from tests.helpers import forkserver
 
-    monkeypatch.setattr(compare, "start_process", forkserver.popen)
+    monkeypatch.setattr(processes, "start_process", forkserver.popen)
     names = ["inception", "bn-x30"]
     argv = ["--run-dir", str(tmp_path), "--seeds", "0,1", "--variants", ",".join(names),
             "--train-module", "tests.helpers.tiny_train",
@@ -275,7 +275,7 @@ def test_the_command_end_to_end_on_tiny_networks(tmp_path, capsys, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(compare, "start_process", no_training)
+    monkeypatch.setattr(processes, "start_process", no_training)
     assert reproduce.main(argv) == 0
     assert "== bn-x30 seed 1: finished at step" in capsys.readouterr().out
     assert (tmp_path / "table2.md").read_text() == table
