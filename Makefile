@@ -53,10 +53,11 @@ session-torch:
 	KERAS_BACKEND=torch $(PY) -m pytest tests/torch tests/shared -n 0
 
 # The process scenarios (stops and kills at any instant, lost and frozen machines, a cluster that never
-# forms, one run on any split) once more with every process a fresh interpreter, started as a user starts it: `make test`
+# forms, one run on any split, make reproduce stopped by a signal) once more with every process a fresh interpreter, started as a user starts it: `make test`
 # forks them from a server that imported TensorFlow once. CI runs both.
 PROCESS_TESTS := tests/recipes/test_inception_bn_train.py tests/recipes/test_lost_machine.py \
-	tests/recipes/test_one_run.py tests/recipes/test_orchestrators.py tests/recipes/test_cluster_startup.py
+	tests/recipes/test_one_run.py tests/recipes/test_orchestrators.py tests/recipes/test_cluster_startup.py \
+	tests/recipes/test_reproduce.py
 test-processes: $(STAMP) fashion-mnist
 	KERASBN_TEST_FRESH_INTERPRETERS=1 $(PY) -m pytest $(PROCESS_TESTS)
 

@@ -218,7 +218,8 @@ def test_the_command_end_to_end_on_tiny_networks(tmp_path, capsys, monkeypatch):
     written, both networks of a seed read the same stream, and a third run trains nothing."""
     from tests.helpers import forkserver
 
-    monkeypatch.setattr(processes, "start_process", forkserver.popen)
+    if not forkserver.fresh_interpreters():  # else each run starts as a user's does, in a session of its own
+        monkeypatch.setattr(processes, "start_process", forkserver.popen)
     names = ["inception", "bn-x30"]
     argv = ["--run-dir", str(tmp_path), "--seeds", "0,1", "--variants", ",".join(names),
             "--train-module", "tests.helpers.tiny_train",
