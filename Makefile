@@ -45,16 +45,19 @@ test-jax: $(STAMP)
 test-torch: $(STAMP)
 	@$(MAKE) --no-print-directory session-torch
 
+# The recipe's heaviest process scenarios (marker `processes`) are make test-processes' alone.
 session-tensorflow:
-	KERAS_BACKEND=tensorflow $(PY) -m pytest
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -m "not processes"
 session-jax:
 	KERAS_BACKEND=jax JAX_PLATFORMS=cpu $(PY) -m pytest tests/jax tests/shared -n 0
 session-torch:
 	KERAS_BACKEND=torch $(PY) -m pytest tests/torch tests/shared -n 0
 
-# The process scenarios (stops and kills at any instant, lost and frozen machines, a cluster that never
-# forms, one run on any split, make reproduce stopped by a signal) once more with every process a fresh interpreter, started as a user starts it: `make test`
-# forks them from a server that imported TensorFlow once. CI runs both.
+# The process scenarios, every process a fresh interpreter started as a user starts it: stops and kills
+# at any instant, a cluster that never forms and make reproduce stopped by a signal (which `make test`
+# also runs, forked from a server that imported TensorFlow once), and the heaviest, which only this
+# target runs (marker `processes`: one run on any split, lost and frozen machines, two workers stopped,
+# the data service's losses; about 75 s of CPU that would put `make test` over 3 minutes). CI runs both.
 PROCESS_TESTS := tests/recipes/test_inception_bn_train.py tests/recipes/test_lost_machine.py \
 	tests/recipes/test_one_run.py tests/recipes/test_orchestrators.py tests/recipes/test_cluster_startup.py \
 	tests/recipes/test_reproduce.py

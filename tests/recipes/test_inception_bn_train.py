@@ -200,6 +200,7 @@ def test_stops_and_kills_at_any_instant_resume_losing_nothing_and_export_a_servi
     assert float(redone["eval_loss"]) == pytest.approx(float(last["eval_loss"]), abs=1e-3)
 
 
+@pytest.mark.processes
 @pytest.mark.slow(cores=2)
 def test_two_workers_stopped_inside_a_long_loop_save_the_same_step_and_the_rerun_resumes(tmp_path):
     # A scheduler preempting one machine of a multi-worker run (SIGTERM to the non-chief) in the
@@ -471,6 +472,7 @@ def _stop_service_process(proc, signum, role):
     return seconds
 
 
+@pytest.mark.processes
 @pytest.mark.slow
 def test_training_through_a_data_service_survives_a_lost_worker_and_a_restarted_dispatcher(tmp_path):
     # One service run, every way its processes end: a worker SIGKILLed (training goes on with the

@@ -123,6 +123,7 @@ def _chief_killed_as_a_checkpoint_appears(run_dir):
     assert step >= EVERY
 
 
+@pytest.mark.processes
 @pytest.mark.slow(cores=2)
 def test_a_killed_or_frozen_worker_or_chief_ends_every_survivor_and_the_rerun_resumes(tmp_path):
     # Five runs side by side (the waits are TensorFlow's heartbeat, not work): a worker and the chief

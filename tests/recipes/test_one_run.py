@@ -329,6 +329,7 @@ def _stopped_killed_and_resumed(run_dir, steps):
 STEPS = 40
 
 
+@pytest.mark.processes
 @pytest.mark.slow(cores=2)
 def test_one_run_stopped_killed_or_split_ends_with_the_uninterrupted_weights(tmp_path, capsys, tiny_variant):
     # One global batch of 16 on every split, --deterministic, synchronized BN unless --no-sync-bn:
