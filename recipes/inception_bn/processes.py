@@ -130,6 +130,9 @@ def holding(run_dir: Path):
             holder = lock.read().strip() or "unknown"
             raise RunDirBusy(f"another command (pid {holder}) is training in {run_dir}; "
                              "wait for it to end or stop it, then rerun") from None
+        except OSError:  # a filesystem without locks (some network mounts): run unguarded, as before
+            yield
+            return
         lock.seek(0)
         lock.truncate()
         lock.write(f"{os.getpid()}\n")
