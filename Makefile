@@ -64,8 +64,8 @@ PROCESS_TESTS := tests/recipes/test_inception_bn_train.py tests/recipes/test_los
 test-processes: $(STAMP) fashion-mnist
 	KERASBN_TEST_FRESH_INTERPRETERS=1 $(PY) -m pytest $(PROCESS_TESTS)
 
-# The paper's Table 2 and Figure 2 on Fashion-MNIST, every network to its plateau, 3 seeds (5-6 hours
-# of 2 cores projected, docs/recipes.md; rerunning continues). runs/reproduce/table2.md and figure2.png.
+# The paper's Table 2 and Figure 2 on Fashion-MNIST, every network to its plateau, 3 seeds (4.4-4.8 hours
+# of 2 cores measured, docs/recipes.md; rerunning continues). runs/reproduce/table2.md and figure2.png.
 reproduce: $(STAMP) fashion-mnist
 	$(PY) -m recipes.inception_bn.reproduce
 
