@@ -24,7 +24,6 @@ from pathlib import Path
 from recipes.inception_bn import ending, processes
 from recipes.inception_bn.data import SOURCES
 from recipes.inception_bn.history import read_history
-from recipes.inception_bn.processes import RUNS, RunDirBusy, RunInterrupted, holding, in_parallel
 from recipes.inception_bn.run_files import RunFiles
 from recipes.inception_bn.variants import PAPER_VARIANTS, VARIANTS, get_variant
 from recipes.plots import saved_figure
@@ -71,14 +70,14 @@ def run_variant(name, run_dir: Path, dataset, train_args, log_path: Path | None 
                "--run-dir", str(run_dir / name), "--quiet", "--no-export", *train_args]
     start = time.perf_counter()
     if log_path is None:
-        returncode = RUNS.run(name, command, env=env)
+        returncode = processes.RUNS.run(name, command, env=env)
     else:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a") as log:
-            returncode = RUNS.run(name, command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            returncode = processes.RUNS.run(name, command, stdout=log, stderr=subprocess.STDOUT, env=env)
     seconds = time.perf_counter() - start
     if returncode in processes.INTERRUPTED:
-        raise RunInterrupted(f"{name} was interrupted ({run_dir / name})")
+        raise processes.RunInterrupted(f"{name} was interrupted ({run_dir / name})")
     diverged = RunFiles(run_dir / name).diverged
     failed = returncode if returncode != 0 and not diverged.exists() else None
     return {"seconds": seconds, "diverged": json.loads(diverged.read_text()) if diverged.exists() else None,
@@ -107,7 +106,7 @@ def run_variants(names, run_dir: Path, dataset, train_args, jobs: int) -> dict:
         print(f"== {name}: {status} in {outcome['seconds']:.0f} s{'; ' + done[-1] if done else ''}", flush=True)
         return outcome
 
-    outcomes = dict(zip(names, in_parallel(run, names, jobs), strict=True))
+    outcomes = dict(zip(names, processes.in_parallel(run, names, jobs), strict=True))
     failed = [f"{name} (exit {o['failed']}; its output: {RunFiles(run_dir / name).console})"
               for name, o in outcomes.items() if o["failed"] is not None]
     if failed:
@@ -209,14 +208,11 @@ def main(argv=None) -> int:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with holding(run_dir), RUNS.forwarding_stop_signals():
-            outcomes = run_variants(names, run_dir, args.dataset, train_args, args.jobs)
-    except RunDirBusy as busy:
-        print(f"error: {busy}", file=sys.stderr)
-        return ending.REFUSED
-    except (RunInterrupted, KeyboardInterrupt) as stopped:
-        print(f"\n{stopped or 'interrupted'}; rerun the same command to resume", file=sys.stderr)
-        return ending.INTERRUPTED
+        outcomes = processes.exclusively(
+            run_dir, lambda: run_variants(names, run_dir, args.dataset, train_args, args.jobs))
+    except ending.RunEnded as ended:
+        print(ended.line(), file=sys.stderr)
+        return ended.status
     table, histories = summarize(run_dir, names, outcomes)
     (run_dir / "compare.md").write_text(table)
     plot(run_dir / "compare.png", histories, args.title or f"BN-Inception variants on {args.dataset}")

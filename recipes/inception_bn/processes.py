@@ -22,7 +22,7 @@ from recipes.inception_bn import ending
 INTERRUPTED = (ending.INTERRUPTED, -signal.SIGINT, -signal.SIGTERM)
 
 
-class RunInterrupted(Exception):
+class RunInterrupted(ending.Interrupted):
     """A run was stopped by a signal: nothing more starts, and the command exits 130."""
 
 
@@ -111,8 +111,8 @@ class Runs:
 RUNS = Runs()
 
 
-class RunDirBusy(Exception):
-    """Another command is training into the same run directory."""
+class RunDirBusy(ending.Refused):
+    """Another command is training into the same run directory: one line, status 2."""
 
 
 @contextlib.contextmanager
@@ -138,3 +138,15 @@ def holding(run_dir: Path):
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         yield
+
+
+def exclusively(run_dir: Path, work):
+    """``work()``'s result, with this command alone on ``run_dir`` (:func:`holding`) and its stop
+    signals going to the runs (``RUNS``). An early end is an :class:`ending.RunEnded` (the directory
+    busy, the runs stopped; Ctrl-C before the signals were taken over too), for the command's
+    ``main`` to turn into its line and status."""
+    try:
+        with holding(run_dir), RUNS.forwarding_stop_signals():
+            return work()
+    except KeyboardInterrupt:
+        raise RunInterrupted("interrupted") from None

@@ -398,14 +398,11 @@ def main(argv=None) -> int:
     print(f"== Table 2 and Figure 2 on Fashion-MNIST: {', '.join(names)}; seeds {', '.join(map(str, seeds))}; "
           f"train.py {' '.join(train_args)}", flush=True)
     try:
-        with processes.holding(run_dir), processes.RUNS.forwarding_stop_signals():
-            run_all(run_dir, names, seeds, train_args, args.jobs, args.train_module)
-    except processes.RunDirBusy as busy:
-        print(f"error: {busy}", file=sys.stderr)
-        return ending.REFUSED
-    except (processes.RunInterrupted, KeyboardInterrupt) as stopped:
-        print(f"\n{stopped or 'interrupted'}; rerun the same command to resume", file=sys.stderr)
-        return ending.INTERRUPTED
+        processes.exclusively(run_dir, lambda: run_all(run_dir, names, seeds, train_args, args.jobs,
+                                                       args.train_module))
+    except ending.RunEnded as ended:
+        print(ended.line(), file=sys.stderr)
+        return ended.status
     table, numbers = summarize(collect(run_dir, names, seeds), args.max_steps)
     atomic_write(run_dir / "table2.md", table)
     atomic_write(run_dir / "table2.json", json.dumps(numbers, indent=1, default=str))

@@ -110,4 +110,3 @@ def test_an_interrupted_variant_ends_the_comparison_with_130(tmp_path, capsys, m
     status = compare.main(["--run-dir", str(tmp_path), "--dataset", "synthetic", "--variants", "inception,bn-x5"])
     assert status == 130 and len(commands) == 1
     assert "inception was interrupted" in capsys.readouterr().err
-
